@@ -1,0 +1,101 @@
+"""Argument checks shared by every primitive and method.
+
+Every message opens with the argument's name, then says what was expected and what came,
+as DESIGN.md asks: ``"imp_forget: expected float32 tensor of shape (1024,), got float64 (1024, 3)"``.
+Checks run before anything is modified, so a call that raises leaves all state as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def describe(t: Any) -> str:
+    """Short description of what came: dtype, shape and device for tensors, the type otherwise."""
+    if isinstance(t, torch.Tensor):
+        dev = "" if t.device.type == "cpu" else f" on {t.device}"
+        return f"{str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}{dev}"
+    if isinstance(t, np.ndarray):
+        return f"numpy {t.dtype} {t.shape}"
+    return type(t).__name__
+
+
+def tensor(
+    name: str,
+    t: Any,
+    *,
+    dtype: torch.dtype | Sequence[torch.dtype] | None = None,
+    shape: Sequence[int | None] | None = None,
+    ndim: int | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Check that ``t`` is a tensor with the given dtype(s), shape (None = any size), ndim and device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {describe(t)}")
+    if dtype is not None:
+        allowed = (dtype,) if isinstance(dtype, torch.dtype) else tuple(dtype)
+        if t.dtype not in allowed:
+            want = " or ".join(str(d).removeprefix("torch.") for d in allowed)
+            raise TypeError(f"{name}: expected {want} tensor, got {describe(t)}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got {describe(t)}")
+    if shape is not None:
+        ok = t.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, t.shape))
+        if not ok:
+            dims = ["*" if s is None else str(s) for s in shape]
+            want = "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+            raise ValueError(f"{name}: expected shape {want}, got {describe(t)}")
+    if device is not None and t.device != torch.device(device):
+        raise ValueError(f"{name}: expected a tensor on {torch.device(device)}, got {describe(t)}")
+    return t
+
+
+def finite(name: str, t: torch.Tensor) -> torch.Tensor:
+    """Raise ValueError if ``t`` holds NaN or inf (one reduction; a host sync on CUDA)."""
+    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name}: expected finite values, got {bad} NaN/inf of {t.numel()}")
+    return t
+
+
+def positive_int(name: str, v: Any, *, allow_zero: bool = False) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    lo = 0 if allow_zero else 1
+    if v < lo:
+        raise ValueError(f"{name}: expected an int >= {lo}, got {v}")
+    return int(v)
+
+
+def real(name: str, v: Any, *, low: float | None = None, high: float | None = None,
+         low_open: bool = False, high_open: bool = False) -> float:
+    """Check a finite real number within [low, high] (ends open where asked)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a real number, got {type(v).__name__}")
+    x = float(v)
+    if not math.isfinite(x):
+        raise ValueError(f"{name}: expected a finite number, got {x}")
+    if low is not None and (x < low or (low_open and x == low)):
+        raise ValueError(f"{name}: expected a number {'>' if low_open else '>='} {low}, got {x}")
+    if high is not None and (x > high or (high_open and x == high)):
+        raise ValueError(f"{name}: expected a number {'<' if high_open else '<='} {high}, got {x}")
+    return x
+
+
+def numpy_view(t: torch.Tensor) -> np.ndarray:
+    """Zero-copy numpy view of a contiguous CPU tensor (shares memory, so in-place kernels write through).
+
+    numpy has no bfloat16: such tensors travel as an int16 view and the kernel widens them.
+    """
+    if t.device.type != "cpu":
+        raise ValueError(f"internal: numpy_view needs a CPU tensor, got {describe(t)}")
+    if not t.is_contiguous():
+        raise ValueError(f"internal: numpy_view needs a contiguous tensor, got {describe(t)}")
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.detach().numpy()

@@ -1,0 +1,10 @@
+//! forgetcore's Rust core.
+//!
+//! One module per primitive family (see DESIGN.md): the kernel modules are pure Rust over
+//! slices and never import pyo3; everything Python-facing lives in `python/`, so `cargo test`
+//! and `cargo bench` exercise the kernels without an interpreter.
+
+pub mod error;
+pub mod python;
+
+pub use error::{Error, Result};

@@ -1,0 +1,50 @@
+//! PyO3 bindings: the only place that knows about Python.
+//!
+//! Each family has one file here with the same name as its kernel module. A binding converts
+//! arrays (zero-copy through numpy), releases the GIL around the kernel (`py.detach`) and maps
+//! `crate::Error` to a Python exception. Nothing here panics across the FFI boundary: every
+//! fallible step returns `PyResult`.
+
+use numpy::{PyReadonlyArrayDyn, PyReadwriteArrayDyn, Element};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+use crate::Error;
+
+impl From<Error> for PyErr {
+    fn from(e: Error) -> PyErr {
+        match e {
+            Error::Value { .. } => PyValueError::new_err(e.to_string()),
+            Error::Type { .. } => PyTypeError::new_err(e.to_string()),
+        }
+    }
+}
+
+/// Borrow a read-only numpy array as a contiguous slice, or say which argument is not.
+pub(crate) fn as_slice<'a, T: Element>(arr: &'a PyReadonlyArrayDyn<'_, T>, arg: &str) -> PyResult<&'a [T]> {
+    arr.as_slice()
+        .map_err(|_| Error::value(arg, "expected a C-contiguous array").into())
+}
+
+/// Borrow a writable numpy array as a contiguous mutable slice, or say which argument is not.
+pub(crate) fn as_slice_mut<'a, T: Element>(
+    arr: &'a mut PyReadwriteArrayDyn<'_, T>,
+    arg: &str,
+) -> PyResult<&'a mut [T]> {
+    arr.as_slice_mut()
+        .map_err(|_| Error::value(arg, "expected a C-contiguous writable array").into())
+}
+
+/// Number of threads rayon uses for the parallel kernels (set `RAYON_NUM_THREADS` to change it).
+#[pyfunction]
+fn num_threads() -> usize {
+    rayon::current_num_threads()
+}
+
+#[pymodule]
+#[pyo3(name = "_core")]
+fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    Ok(())
+}
