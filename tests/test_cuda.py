@@ -1,0 +1,338 @@
+"""The CUDA path (cuda/*.cu through NVRTC, rust/cuda/, forgetcore._cuda).
+
+Without a GPU: every source compiles with NVRTC for sm_80 and sm_90 whenever libnvrtc is
+present (it is, with torch's CUDA wheel), a missing library or driver is a clear Python error,
+and the argument checks name the argument. With a GPU (``benches/gpu_check.py`` runs these):
+every kernel against a float32 CPU oracle written out here in the reference's operation
+order, bit-identical where the math allows, else within the stated tolerance.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import forgetcore
+from forgetcore import _core, _cuda
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = sorted(p.stem for p in (ROOT / "cuda").glob("*.cu"))
+HAS_NVRTC = bool(os.environ.get("FORGETCORE_NVRTC")) or bool(_cuda.nvrtc_candidates())
+needs_nvrtc = pytest.mark.skipif(not HAS_NVRTC, reason="libnvrtc not installed (torch is not a CUDA wheel)")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(),
+                         reason="no CUDA device here: GPU tests run on a GPU machine (benches/gpu_check.py)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Without a GPU
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sources_are_embedded():
+    assert SOURCES == ["importance", "kvscore"]
+    with pytest.raises(ValueError, match="^source: expected one of"):
+        _core.cuda_compile("nope", 80)
+    with pytest.raises(ValueError, match="^arch: expected a compute capability"):
+        _core.cuda_compile("importance", 7)
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", [80, 90])
+def test_every_source_compiles_with_nvrtc(arch):
+    # What CI checks without a GPU: NVRTC accepts every kernel source for both targets.
+    got = dict(_cuda.compile_check(arch))
+    assert sorted(got) == SOURCES and all(n > 0 for n in got.values())
+
+
+@needs_nvrtc
+def test_ptx_defines_every_kernel():
+    ptx = "".join(_core.cuda_compile(s, 90).decode() for s in SOURCES)
+    assert ".target sm_90" in ptx
+    entries = set(re.findall(r"\.entry (\w+)\(", ptx))
+    assert entries == {"accumulate", "ssd_dampen", "kv_rowsum", "kv_accumulate", "kv_select_keep", "kv_evict_one"}
+
+
+@needs_nvrtc
+def test_cubin_for_h200_architecture():
+    # What a launch on sm_90 loads: SASS through ptxas, an ELF image.
+    assert _core.cuda_compile("importance", 90, cubin=True)[:4] == b"\x7fELF"
+
+
+@needs_nvrtc
+def test_nvrtc_comes_from_the_nvidia_wheels():
+    path = _cuda.load_nvrtc()
+    assert "libnvrtc" in Path(path).name or "nvrtc64" in Path(path).name
+    major, _ = _core.cuda_nvrtc_version()
+    assert major >= 12
+
+
+def test_bogus_nvrtc_path_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("FORGETCORE_NVRTC", "/nonexistent/libnvrtc.so.13")
+    monkeypatch.setattr(_cuda, "_loaded_nvrtc", None)
+    with pytest.raises(_cuda.CudaUnavailableError, match="^FORGETCORE_NVRTC: expected the path of libnvrtc"):
+        _cuda.compile_check(80)
+    assert isinstance(_cuda.CudaUnavailableError("x"), RuntimeError)
+
+
+def test_rust_loader_without_libraries_raises_not_panics(tmp_path):
+    # A fresh process that loads the extension alone (no torch, so nothing has loaded libnvrtc)
+    # with an empty loader path: both libraries missing must be RuntimeErrors, not panics.
+    script = textwrap.dedent(f"""
+        import ctypes, importlib.util, sys
+        spec = importlib.util.spec_from_file_location("forgetcore._core", {_core.__file__!r})
+        core = importlib.util.module_from_spec(spec); spec.loader.exec_module(core)
+        def loadable(name):
+            try:
+                ctypes.CDLL(name); return True
+            except OSError:
+                return False
+        for name, call in [("libnvrtc.so.13", lambda: core.cuda_compile_check(80)),
+                           ("libcuda.so.1", lambda: core.cuda_device_info(0))]:
+            if loadable(name):
+                print(name, "present"); continue
+            try:
+                call()
+            except RuntimeError as e:
+                print(name, type(e).__name__, str(e).split(":")[0])
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_LIBRARY_PATH", "FORGETCORE_NVRTC")}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "panic" not in (r.stdout + r.stderr).lower()
+    lines = r.stdout.split("\n")
+    assert lines[0] in ("libnvrtc.so.13 present", "libnvrtc.so.13 RuntimeError libnvrtc")
+    assert lines[1] in ("libcuda.so.1 present", "libcuda.so.1 RuntimeError CUDA driver")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_no_device_is_a_clear_error():
+    assert not _cuda.is_available()
+    with pytest.raises(_cuda.CudaUnavailableError, match="^CUDA driver"):
+        _cuda.device_info(0)
+
+
+def test_argument_checks_name_the_argument():
+    x = torch.zeros(8)
+    with pytest.raises(ValueError, match=r"^params\[0\]: expected a CUDA tensor, got float32 \(8,\)"):
+        _cuda.ssd_dampen_([x], [x], [x], 10.0, 1.0)
+    with pytest.raises(ValueError, match="^imp_forget: expected 1 tensors, got 0"):
+        _cuda.ssd_dampen_([x], [x], [], 10.0, 1.0)
+    with pytest.raises(ValueError, match="^alpha: expected a number >= 0"):
+        _cuda.ssd_dampen_([x], [x], [x], -1.0, 1.0)
+    with pytest.raises(ValueError, match="^mode: expected 'sq' or 'abs'"):
+        _cuda.accumulate_([x], [x], 1.0, mode="cube")
+    with pytest.raises(TypeError, match="^acc: expected a list of tensors"):
+        _cuda.accumulate_(x, [x], 1.0)
+    s = torch.zeros(1, 2, 8)
+    with pytest.raises(ValueError, match="^scores: expected a CUDA tensor"):
+        _cuda.kv_select_keep(s, 4, 1, 1)
+    with pytest.raises(TypeError, match="^scores: expected float32 tensor"):
+        _cuda.kv_accumulate_(s.double(), s, 0.5, 1)
+
+
+def test_empty_lists_need_no_device():
+    assert _cuda.ssd_dampen_([], [], [], 10.0, 1.0).numel() == 0
+    _cuda.accumulate_([], [], 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU oracles: the reference's float32 operations in the reference's order
+# ---------------------------------------------------------------------------------------------
+
+
+def ssd_oracle(theta, d, f, alpha, lam):
+    a, lm = torch.tensor(alpha, dtype=torch.float32), torch.tensor(lam, dtype=torch.float32)
+    sel = f > a * d
+    beta = (lm * d) / f
+    beta = torch.where(beta > 1, torch.ones_like(beta), beta)
+    return torch.where(sel, theta * beta, theta), int(sel.sum())
+
+
+def kv_accumulate_oracle(scores, attn, alpha, group, valid=None, renorm=False):
+    """The Rust kernel's recurrence: per query row, S *= alpha, then S += w * A per group head."""
+    s = scores.clone()
+    b, kvh, t = s.shape
+    a = attn.float().reshape(b, kvh, group, attn.shape[2], t)
+    v = torch.ones_like(s, dtype=torch.bool) if valid is None else valid
+    alpha = torch.tensor(alpha, dtype=torch.float32)
+    for i in range(a.shape[3]):
+        if float(alpha) == 0.0:
+            s = torch.where(torch.isfinite(s), torch.zeros_like(s), s)
+        elif float(alpha) != 1.0:
+            s = s * alpha
+        for g in range(group):
+            row = a[:, :, g, i, :]
+            if renorm:
+                tot = torch.where(v, row, torch.zeros_like(row)).double().sum(-1, keepdim=True).float()
+                w = torch.where(tot > 0, 1.0 / tot, torch.zeros_like(tot))
+            else:
+                w = torch.ones(b, kvh, 1)
+            s = torch.where(v, s + w * row, s)
+    return s
+
+
+def select_keep_oracle(scores, budget, n_sink, n_recent, positions, valid):
+    b, h, t = scores.shape
+    out = torch.empty(b, h, budget, dtype=torch.int64)
+    for r in range(b * h):
+        s, p, v = scores.reshape(-1, t)[r].tolist(), positions.reshape(-1, t)[r].tolist(), valid.reshape(-1, t)[r].tolist()
+        by_pos = sorted((j for j in range(t) if v[j]), key=lambda j: p[j])
+        ns = min(n_sink, len(by_pos))
+        rest = by_pos[ns:]
+        nr = min(n_recent, len(rest))
+        cand = rest[: len(rest) - nr]
+        keep = set(by_pos[:ns]) | set(rest[len(rest) - nr :])
+        keep |= set(sorted(cand, key=lambda j: (-s[j], -p[j]))[: budget - ns - nr])
+        keep |= set([j for j in range(t) if j not in keep][: budget - len(keep)])
+        out.view(-1, budget)[r] = torch.tensor(sorted(keep), dtype=torch.int64)
+    return out
+
+
+def evict_one_oracle(scores, n_sink, n_recent, positions, valid):
+    b, h, t = scores.shape
+    out = torch.empty(b * h, dtype=torch.int64)
+    for r in range(b * h):
+        s, p, v = scores.reshape(-1, t)[r].tolist(), positions.reshape(-1, t)[r].tolist(), valid.reshape(-1, t)[r].tolist()
+        by_pos = sorted((j for j in range(t) if v[j]), key=lambda j: p[j])
+        ns = min(n_sink, len(by_pos))
+        rest = by_pos[ns:]
+        cand = rest[: len(rest) - min(n_recent, len(rest))]
+        out[r] = min(cand, key=lambda j: (s[j], p[j])) if cand else -1
+    return out.view(b, h)
+
+
+def test_oracles_agree_with_the_spec_examples():
+    # The kvcache kernel's own examples: sinks/recent by position with slots out of order.
+    s = torch.tensor([[[0.0, 0.0, 9.0, 1.0, 2.0, 8.0]]])
+    p = torch.tensor([[[5, 0, 3, 1, 4, 2]]])
+    v = torch.ones(1, 1, 6, dtype=torch.bool)
+    assert select_keep_oracle(s, 3, 1, 1, p, v).tolist() == [[[0, 1, 2]]]
+    assert evict_one_oracle(s, 1, 1, p, v).tolist() == [[3]]
+    s = torch.tensor([[[100.0, 100.0, 0.0, 0.0]]])
+    v = torch.tensor([[[False, False, True, True]]])
+    assert select_keep_oracle(s, 3, 1, 1, torch.arange(4).view(1, 1, 4), v).tolist() == [[[0, 2, 3]]]
+    # recurrence: S = a^3 S0 + a^2 A0 + a A1 + A2
+    got = kv_accumulate_oracle(torch.tensor([[[1.0, 2.0]]]), torch.tensor([[[[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]]]), 0.5, 1)
+    assert torch.allclose(got, torch.tensor([[[0.875, 1.25]]]))
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU
+# ---------------------------------------------------------------------------------------------
+
+
+def _param_like_shapes():
+    # Real layer shapes (small), an empty tensor, one element, odd sizes, more than one chunk.
+    return [(64, 3, 3, 3), (64,), (0,), (1,), (7,), (3 * _cuda.CHUNK + 5,), (10, 33), (1001,)]
+
+
+@gpu
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ssd_dampen_bit_identical(seed):
+    g = torch.Generator().manual_seed(seed)
+    shapes = _param_like_shapes()
+    theta = [torch.randn(s, generator=g) for s in shapes]
+    d = [torch.rand(s, generator=g) * (torch.rand(s, generator=g) > 0.1) for s in shapes]
+    f = [torch.rand(s, generator=g) * 10 for s in shapes]
+    # A misaligned view (offset 1 float): the kernel's scalar path.
+    buf = torch.randn(1002, generator=g)
+    theta.append(buf[1:])
+    d.append(torch.rand(1001, generator=g))
+    f.append(torch.rand(1001, generator=g) * 10)
+    for alpha, lam in [(10.0, 1.0), (1.0, 0.5), (0.0, 3.0)]:
+        dev = [t.cuda() for t in theta]
+        counts = _cuda.ssd_dampen_(dev, [x.cuda() for x in d], [x.cuda() for x in f], alpha, lam)
+        assert counts.device.type == "cuda" and counts.dtype == torch.int64
+        for i, (t0, dd, ff) in enumerate(zip(theta, d, f)):
+            want, c = ssd_oracle(t0, dd, ff, alpha, lam)
+            assert torch.equal(dev[i].cpu().view(torch.int32), want.view(torch.int32)), (i, alpha, lam)
+            assert int(counts[i]) == c
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["sq", "abs"])
+def test_accumulate_bit_identical(dtype, mode):
+    g = torch.Generator().manual_seed(3)
+    shapes = _param_like_shapes()
+    acc = [torch.rand(s, generator=g) for s in shapes]
+    grads = [(torch.randn(s, generator=g) * 3).to(dtype) for s in shapes]
+    grads[1] = torch.randn(64, 2, generator=g).to(dtype)[:, 0]  # non-contiguous: copied first
+    dev = [a.cuda() for a in acc]
+    _cuda.accumulate_(dev, [x.cuda() for x in grads], 0.25, mode=mode)
+    for a0, gg, a in zip(acc, grads, dev):
+        x = gg.float()
+        want = a0 + ((x * x) if mode == "sq" else x.abs()) * torch.tensor(0.25)
+        assert torch.equal(a.cpu(), want)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("alpha,group,renorm", [(0.9, 1, False), (1.0, 4, False), (0.0, 2, False), (0.5, 2, True)])
+def test_kv_accumulate(dtype, alpha, group, renorm):
+    g = torch.Generator().manual_seed(4)
+    b, kvh, q, t = 2, 3, 5, 77
+    scores = torch.rand(b, kvh, t, generator=g)
+    scores[0, 0, 3] = float("inf")  # the step-wise simulation's "evicted" sentinel
+    attn = torch.softmax(torch.randn(b, kvh * group, t, q, generator=g), dim=2).to(dtype).transpose(2, 3)
+    valid = torch.rand(b, kvh, t, generator=g) > 0.2
+    want = kv_accumulate_oracle(scores, attn, alpha, group, valid=valid, renorm=renorm)
+    dev = scores.cuda()
+    _cuda.kv_accumulate_(dev, attn.cuda(), alpha, group, valid=valid.cuda(), renorm=renorm)
+    if renorm:  # row sums reduced in parallel: float32 rounding, not bit-identical
+        torch.testing.assert_close(dev.cpu(), want, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(dev.cpu(), want)
+
+
+@gpu
+@pytest.mark.parametrize("seed", range(4))
+def test_select_keep_and_evict_one_equal_the_oracle(seed):
+    g = torch.Generator().manual_seed(seed)
+    b, h, t = 2, 3, [1, 40, 300, 1500][seed]
+    scores = (torch.rand(b, h, t, generator=g) * 8).floor()  # many ties: exercises tie-breaking
+    positions = torch.stack([torch.randperm(t, generator=g) for _ in range(b * h)]).view(b, h, t) + 100
+    valid = torch.rand(b, h, t, generator=g) > 0.3
+    valid[0, 0] = False  # a row with no valid slot
+    valid[1, 2, : t // 2] = False  # left padding
+    dev = [x.cuda() for x in (scores, positions, valid)]
+    for budget, n_sink, n_recent in [(t, 0, 0), (min(t, 1), min(t, 1), 0), (max(t // 3, 3) if t >= 3 else t, 1, 1 if t >= 3 else 0),
+                                     (t // 2, 0, t // 4)]:
+        got = _cuda.kv_select_keep(dev[0], budget, n_sink, n_recent, positions=dev[1], valid=dev[2])
+        want = select_keep_oracle(scores, budget, n_sink, n_recent, positions, valid)
+        assert torch.equal(got.cpu(), want), (budget, n_sink, n_recent)
+        got = _cuda.kv_evict_one(dev[0], n_sink, n_recent, positions=dev[1], valid=dev[2])
+        assert torch.equal(got.cpu(), evict_one_oracle(scores, n_sink, n_recent, positions, valid))
+    # Defaults: positions = slot index, every slot valid.
+    got = _cuda.kv_select_keep(dev[0], max(t // 2, 0), 0, 0)
+    want = select_keep_oracle(scores, max(t // 2, 0), 0, 0, torch.arange(t).expand(b, h, t), torch.ones(b, h, t, dtype=torch.bool))
+    assert torch.equal(got.cpu(), want)
+
+
+@gpu
+def test_runs_on_torchs_current_stream_in_its_context():
+    arch, driver = _cuda.device_info(0)
+    major, minor = torch.cuda.get_device_capability(0)
+    assert arch == major * 10 + minor and driver >= 12000
+    s = torch.cuda.Stream()
+    x = torch.ones(1 << 20, device="cuda")
+    with torch.cuda.stream(s):
+        # Queued behind the fill on the side stream; a launch on another stream would race it.
+        x.fill_(2.0)
+        _cuda.accumulate_([x], [x], 1.0)
+    s.synchronize()
+    assert bool((x == 6.0).all())
+    assert torch.cuda.current_stream().cuda_stream != s.cuda_stream
+    # torch still works in the same (primary) context afterwards.
+    assert float((x * 2).sum()) == 12.0 * (1 << 20)
+
+
+def test_package_still_imports_without_cuda():
+    assert forgetcore.__version__ == _core.__version__
