@@ -9,8 +9,10 @@ order, bit-identical where the math allows, else within the stated tolerance.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -221,6 +223,136 @@ def test_oracles_agree_with_the_spec_examples():
     # recurrence: S = a^3 S0 + a^2 A0 + a A1 + A2
     got = kv_accumulate_oracle(torch.tensor([[[1.0, 2.0]]]), torch.tensor([[[[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]]]), 0.5, 1)
     assert torch.allclose(got, torch.tensor([[[0.875, 1.25]]]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels' logic on the CPU emulator (tests/cuda_emu/), no GPU needed
+# ---------------------------------------------------------------------------------------------
+
+CXX = shutil.which("g++")
+needs_cxx = pytest.mark.skipif(CXX is None, reason="g++ not installed: the CPU emulator of the kernels needs it")
+
+
+def _emu_build(tmp: Path, source: str) -> ctypes.CDLL:
+    src = (ROOT / "cuda" / f"{source}.cu").read_text()
+    # The two GPU-only constructs: inline PTX (the f16 conversion) and dynamic shared memory.
+    src, n_asm = re.subn(r"asm\(.*\);", "f = emu_f16_to_f32(h);", src)
+    decl = "extern __shared__ unsigned int kept_words[];"
+    n_smem = src.count(decl)
+    src = src.replace(decl, "unsigned int* kept_words = emu_dynamic_smem<unsigned int>();")
+    assert (n_asm, n_smem) == {"importance": (1, 0), "kvscore": (1, 2)}[source]
+    (tmp / f"{source}.cu").write_text(src)
+    for f in ("emu.h", "harness.cpp"):
+        shutil.copy(ROOT / "tests" / "cuda_emu" / f, tmp / f)
+    lib = tmp / f"emu_{source}.so"
+    # 64 threads per selection block instead of 1024: two warps, every loop runs several rounds.
+    subprocess.run([CXX, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", f"-DEMU_{source.upper()}", "-DSEL_THREADS=64",
+                    "-I", str(tmp), str(tmp / "harness.cpp"), "-o", str(lib)], check=True, capture_output=True)
+    return ctypes.CDLL(str(lib))
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cuda_emu")
+    return {s: _emu_build(tmp, s) for s in SOURCES}
+
+
+P, I32, I64, F32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _emu_table(columns, numels, after=()):
+    """The multi-tensor table _cuda._table builds, with host pointers."""
+    starts = [0]
+    for m in numels:
+        starts.append(starts[-1] + (m + _cuda.CHUNK - 1) // _cuda.CHUNK)
+    flat = [v for c in columns for v in c] + numels + [v for c in after for v in c] + starts
+    return torch.tensor(flat, dtype=torch.int64), starts[-1]
+
+
+@needs_cxx
+def test_emulated_ssd_dampen_and_accumulate_bit_identical(emu):
+    g = torch.Generator().manual_seed(5)
+    shapes = [(0,), (1,), (7,), (_cuda.CHUNK + 9,), (3, 333)]
+    theta = [torch.randn(s, generator=g) for s in shapes] + [torch.randn(1002, generator=g)[1:]]  # misaligned
+    d = [torch.rand(t.shape, generator=g) * (torch.rand(t.shape, generator=g) > 0.1) for t in theta]
+    f = [torch.rand(t.shape, generator=g) * 10 for t in theta]
+    work = [t.clone() for t in theta]
+    meta, blocks = _emu_table([[_ptr(t) for t in work], [_ptr(x) for x in d], [_ptr(x) for x in f]], [t.numel() for t in work])
+    counts = torch.zeros(len(work), dtype=torch.int64)
+    fn = emu["importance"].emu_ssd_dampen
+    fn.argtypes = [P, I32, I64, I64, F32, F32, P]
+    fn(_ptr(meta), len(work), _cuda.CHUNK, blocks, 2.0, 0.5, _ptr(counts))
+    for i, (t0, dd, ff) in enumerate(zip(theta, d, f)):
+        want, c = ssd_oracle(t0, dd, ff, 2.0, 0.5)
+        assert torch.equal(work[i], want) and int(counts[i]) == c, i
+
+    fn = emu["importance"].emu_accumulate
+    fn.argtypes = [P, I32, I64, I64, F32, I32]
+    for dtype, mode in [(torch.float32, 0), (torch.float16, 1), (torch.bfloat16, 0)]:
+        acc = [torch.rand(t.shape, generator=g) for t in theta]
+        grads = [(torch.randn(t.shape, generator=g) * 3).to(dtype) for t in theta]
+        work = [a.clone() for a in acc]
+        meta, blocks = _emu_table([[_ptr(a) for a in work], [_ptr(x) for x in grads]], [a.numel() for a in acc],
+                                  after=[[_cuda._DTYPE_CODE[dtype]] * len(acc)])
+        fn(_ptr(meta), len(acc), _cuda.CHUNK, blocks, 0.25, mode)
+        for a0, gg, a in zip(acc, grads, work):
+            x = gg.float()
+            assert torch.equal(a, a0 + ((x * x) if mode == 0 else x.abs()) * torch.tensor(0.25))
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_emulated_kv_accumulate(emu, dtype):
+    fn = emu["kvscore"].emu_kv_accumulate
+    fn.argtypes = [P, P, I32, P, P, P, I32, I32, I32, I32, I32, F32]
+    g = torch.Generator().manual_seed(6)
+    for alpha, group, renorm, masked in [(0.9, 1, False, False), (1.0, 2, False, True), (0.0, 2, False, True),
+                                         (0.5, 2, True, True)]:
+        b, kvh, q, t = 2, 2, 3, 300
+        scores = torch.rand(b, kvh, t, generator=g)
+        scores[0, 1, 7] = float("inf")
+        attn = torch.softmax(torch.randn(b, kvh * group, t, q, generator=g), dim=2).to(dtype).transpose(2, 3)
+        valid = (torch.rand(b, kvh, t, generator=g) > 0.2) if masked else None
+        want = kv_accumulate_oracle(scores, attn, alpha, group, valid=valid, renorm=renorm)
+        inv = torch.empty(b * kvh * group * q) if renorm else None
+        strides = torch.tensor(attn.stride(), dtype=torch.int64)
+        fn(_ptr(scores), _ptr(attn), _cuda._DTYPE_CODE[dtype], _ptr(strides), _ptr(valid), _ptr(inv),
+           b, kvh, group, q, t, alpha)
+        if renorm:
+            torch.testing.assert_close(scores, want, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(scores, want), (alpha, group)
+
+
+@needs_cxx
+def test_emulated_select_keep_and_evict_one(emu):
+    sel, ev = emu["kvscore"].emu_kv_select_keep, emu["kvscore"].emu_kv_evict_one
+    sel.argtypes = [P, P, P, I64, I32, I32, I32, I32, P]
+    ev.argtypes = [P, P, P, I64, I32, I32, I32, P]
+    g = torch.Generator().manual_seed(7)
+    for t in [1, 45, 700, 2600]:
+        b, h = 1, 3
+        scores = (torch.rand(b, h, t, generator=g) * 6).floor()  # heavy ties
+        scores[0, 1] = torch.rand(t, generator=g)  # a row without ties
+        positions = torch.stack([torch.randperm(t, generator=g) for _ in range(b * h)]).view(b, h, t) * 3 - 50
+        valid = torch.rand(b, h, t, generator=g) > 0.25
+        valid[0, 2, : t // 2 + 1] = False
+        for budget, n_sink, n_recent in {(t, 0, 0), (1, 1, 0), (max(t // 3, 2), 1, 1), (t // 2, 0, t // 4), (t // 2, 3, 0)}:
+            if n_sink + n_recent > budget or budget == 0 or budget > t:
+                continue
+            for pos, val in [(positions, valid), (None, None)]:
+                p_ = torch.arange(t).expand(b, h, t) if pos is None else pos
+                v_ = torch.ones(b, h, t, dtype=torch.bool) if val is None else val
+                out = torch.full((b, h, budget), -7, dtype=torch.int64)
+                sel(_ptr(scores), _ptr(pos), _ptr(val), b * h, t, budget, n_sink, n_recent, _ptr(out))
+                assert torch.equal(out, select_keep_oracle(scores, budget, n_sink, n_recent, p_, v_)), (t, budget, n_sink, n_recent)
+                out = torch.full((b, h), -7, dtype=torch.int64)
+                ev(_ptr(scores), _ptr(pos), _ptr(val), b * h, t, n_sink, n_recent, _ptr(out))
+                assert torch.equal(out, evict_one_oracle(scores, n_sink, n_recent, p_, v_)), (t, n_sink, n_recent)
 
 
 # ---------------------------------------------------------------------------------------------
