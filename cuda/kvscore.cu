@@ -129,6 +129,7 @@ struct Row {
 struct Shared {
     unsigned int hist[256];
     int warp[SEL_WARPS];
+    u64 wmin[SEL_WARPS], wmax[SEL_WARPS];
     int remaining, bucket, digit;
 };
 
@@ -216,16 +217,54 @@ __device__ void take_ties_in_slot_order(const Row& r, unsigned int tie, u64 k_eq
     __syncthreads();
 }
 
-// Mark the k (1 <= k <= number of eligible slots) eligible slots with the largest keys, by
-// radix select over `bits`-bit keys, 8 bits per pass, stopping as soon as the bucket holding
-// the k-th key is taken whole. Equal keys at the boundary: SCORE hands them to SCORE_TIE
-// (larger position first, as the Rust kernel's tie rule); the others take them in slot order.
+// Smallest and largest key among the eligible slots (both ~0 / 0 when there are none).
 template <int MODE>
-__device__ void select_top(const Row& r, int k, unsigned int tie, int bits, Shared& sh) {
-    u64 prefix = 0, mask = 0;
+__device__ void key_range(const Row& r, unsigned int tie, u64* lo_out, u64* hi_out, Shared& sh) {
+    u64 lo = ~0ull, hi = 0;
+    for (int j = threadIdx.x; j < r.T; j += SEL_THREADS) {
+        u64 key;
+        if (key_of<MODE>(r, j, tie, key)) {
+            lo = key < lo ? key : lo;
+            hi = key > hi ? key : hi;
+        }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        const u64 a = __shfl_down_sync(0xffffffffu, lo, off), b = __shfl_down_sync(0xffffffffu, hi, off);
+        lo = a < lo ? a : lo;
+        hi = b > hi ? b : hi;
+    }
+    if ((threadIdx.x & 31) == 0) { sh.wmin[threadIdx.x >> 5] = lo; sh.wmax[threadIdx.x >> 5] = hi; }
+    __syncthreads();
+    for (int w = 0; w < SEL_WARPS; ++w) {
+        lo = sh.wmin[w] < lo ? sh.wmin[w] : lo;
+        hi = sh.wmax[w] > hi ? sh.wmax[w] : hi;
+    }
+    __syncthreads();
+    *lo_out = lo;
+    *hi_out = hi;
+}
+
+// Mark the k (1 <= k <= number of eligible slots) eligible slots with the largest keys, by
+// radix select, 8 bits per pass, starting at the first byte where the eligible keys differ
+// (one min/max pass replaces the passes over common leading bytes, e.g. the high bytes of
+// positions) and stopping as soon as the bucket holding the k-th key is taken whole. Equal
+// keys at the boundary: SCORE hands them to SCORE_TIE (larger position first, as the Rust
+// kernel's tie rule); the others take them in slot order.
+template <int MODE>
+__device__ void select_top(const Row& r, int k, unsigned int tie, Shared& sh) {
+    u64 lo, hi;
+    key_range<MODE>(r, tie, &lo, &hi, sh);
+    u64 prefix = lo, mask = ~0ull;
     int remaining = k;
     bool whole = false;
-    for (int shift = bits - 8; shift >= 0; shift -= 8) {
+    int start = -8;  // all keys equal: no pass, the k-th key is lo
+    if (lo != hi) {
+        start = (63 - __clzll(static_cast<long long>(lo ^ hi))) & ~7;
+        mask = start + 8 >= 64 ? 0ull : ~0ull << (start + 8);
+        prefix = lo & mask;
+    }
+    for (int shift = start; shift >= 0; shift -= 8) {
         for (int d = threadIdx.x; d < 256; d += SEL_THREADS) sh.hist[d] = 0;
         __syncthreads();
         for (int j = threadIdx.x; j < r.T; j += SEL_THREADS) {
@@ -261,7 +300,7 @@ __device__ void select_top(const Row& r, int k, unsigned int tie, int bits, Shar
     __syncthreads();
     if (whole) return;
     if constexpr (MODE == SCORE) {
-        select_top<SCORE_TIE>(r, remaining, static_cast<unsigned int>(prefix), 64, sh);
+        select_top<SCORE_TIE>(r, remaining, static_cast<unsigned int>(prefix), sh);
     } else {
         take_ties_in_slot_order<MODE>(r, tie, prefix, remaining, sh);
     }
@@ -281,11 +320,11 @@ __device__ int protect(const Row& r, int n_sink, int n_recent, int* n_valid_out,
     const int nr = n_recent < rest ? n_recent : rest;
     if (ns > 0) {
         if (ns == n_valid) mark_all<SINK>(r, 0u);
-        else select_top<SINK>(r, ns, 0u, 64, sh);
+        else select_top<SINK>(r, ns, 0u, sh);
     }
     if (nr > 0) {
         if (nr == rest) mark_all<RECENT>(r, 0u);
-        else select_top<RECENT>(r, nr, 0u, 64, sh);
+        else select_top<RECENT>(r, nr, 0u, sh);
     }
     *n_valid_out = n_valid;
     return ns + nr;
@@ -308,7 +347,7 @@ kv_select_keep(const float* __restrict__ scores, const i64* __restrict__ positio
     const int cand = n_valid - prot;
     const int slack = budget - prot;
     if (cand <= slack) mark_all<SCORE>(r, 0u);
-    else if (slack > 0) select_top<SCORE>(r, slack, 0u, 32, sh);
+    else if (slack > 0) select_top<SCORE>(r, slack, 0u, sh);
 
     // Ordered compaction with fill: slot j goes to kept_before(j) + min(unkept_before(j), F).
     const int words = (T + 31) >> 5;

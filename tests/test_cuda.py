@@ -338,6 +338,7 @@ def test_emulated_select_keep_and_evict_one(emu):
         b, h = 1, 3
         scores = (torch.rand(b, h, t, generator=g) * 6).floor()  # heavy ties
         scores[0, 1] = torch.rand(t, generator=g)  # a row without ties
+        scores[0, 2] = 1.0  # one score for all: every choice is a tie, settled by position
         positions = torch.stack([torch.randperm(t, generator=g) for _ in range(b * h)]).view(b, h, t) * 3 - 50
         valid = torch.rand(b, h, t, generator=g) > 0.25
         valid[0, 2, : t // 2 + 1] = False
