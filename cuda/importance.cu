@@ -198,3 +198,33 @@ ssd_dampen(const i64* __restrict__ meta, int n, i64 chunk, float alpha, float la
         if (threadIdx.x == 0 && s) atomicAdd(reinterpret_cast<u64*>(counts + j), static_cast<u64>(s));
     }
 }
+
+// meta = [imp[n], numel[n], block_start[n + 1]]; first (int64, n, filled with INT64_MAX by the
+// caller) gets per tensor the lowest flat index of a NaN, infinite or negative value: the
+// importance check before dampening, one read pass over every tensor in one launch.
+extern "C" __global__ void __launch_bounds__(THREADS)
+find_invalid(const i64* __restrict__ meta, int n, i64 chunk, i64* __restrict__ first) {
+    const i64 b = blockIdx.x;
+    const int j = owner(meta + 2 * (i64)n, n, b);
+    const float* x = reinterpret_cast<const float*>(meta[j]);
+    const i64 numel = meta[n + j];
+    const i64 lo = (b - meta[2 * n + j]) * chunk;
+    const i64 hi = lo + chunk < numel ? lo + chunk : numel;
+    i64 bad = 0x7fffffffffffffffll;
+    for (i64 k = lo + threadIdx.x; k < hi; k += THREADS) {
+        const float v = x[k];
+        if (!(v >= 0.0f && v < __int_as_float(0x7f800000)) && k < bad) bad = k;
+    }
+    __shared__ i64 warp_min[THREADS / 32];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        const i64 o = __shfl_down_sync(0xffffffffu, bad, off);
+        bad = o < bad ? o : bad;
+    }
+    if ((threadIdx.x & 31) == 0) warp_min[threadIdx.x >> 5] = bad;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < THREADS / 32; ++w) bad = warp_min[w] < bad ? warp_min[w] : bad;
+        if (bad != 0x7fffffffffffffffll) atomicMin(first + j, bad);
+    }
+}

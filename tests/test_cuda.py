@@ -58,7 +58,7 @@ def test_ptx_defines_every_kernel():
     ptx = "".join(_core.cuda_compile(s, 90).decode() for s in SOURCES)
     assert ".target sm_90" in ptx
     entries = set(re.findall(r"\.entry (\w+)\(", ptx))
-    assert entries == {"accumulate", "ssd_dampen", "kv_rowsum", "kv_accumulate", "kv_select_keep", "kv_evict_one"}
+    assert entries == {"accumulate", "ssd_dampen", "find_invalid", "kv_rowsum", "kv_accumulate", "kv_select_keep", "kv_evict_one"}
 
 
 @needs_nvrtc
@@ -305,6 +305,20 @@ def test_emulated_ssd_dampen_and_accumulate_bit_identical(emu):
 
 
 @needs_cxx
+def test_emulated_find_invalid(emu):
+    fn = emu["importance"].emu_find_invalid
+    fn.argtypes = [P, I32, I64, I64, P]
+    imps = [torch.rand(s) for s in [(0,), (5,), (2 * _cuda.CHUNK + 3,), (40,), (7,)]]
+    imps[2][[_cuda.CHUNK + 1, 9, 2 * _cuda.CHUNK + 2]] = torch.tensor([float("nan"), -1.0, float("inf")])
+    imps[3][39] = float("-inf")
+    meta, blocks = _emu_table([[_ptr(t) for t in imps]], [t.numel() for t in imps])
+    first = torch.full((len(imps),), torch.iinfo(torch.int64).max, dtype=torch.int64)
+    fn(_ptr(meta), len(imps), _cuda.CHUNK, blocks, _ptr(first))
+    big = torch.iinfo(torch.int64).max
+    assert first.tolist() == [big, big, 9, 39, big]
+
+
+@needs_cxx
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_emulated_kv_accumulate(emu, dtype):
     fn = emu["kvscore"].emu_kv_accumulate
@@ -387,6 +401,17 @@ def test_ssd_dampen_bit_identical(seed):
             want, c = ssd_oracle(t0, dd, ff, alpha, lam)
             assert torch.equal(dev[i].cpu().view(torch.int32), want.view(torch.int32)), (i, alpha, lam)
             assert int(counts[i]) == c
+
+
+@gpu
+def test_find_invalid_importance():
+    imps = [torch.rand(s, device="cuda") for s in [(5,), (2 * _cuda.CHUNK + 3,), (40,)]]
+    assert _cuda.find_invalid_importance(imps) is None
+    imps[1][[_cuda.CHUNK + 1, 2 * _cuda.CHUNK + 2]] = torch.tensor([float("nan"), -2.0], device="cuda")
+    imps[2][3] = float("inf")
+    assert _cuda.find_invalid_importance(imps) == (1, _cuda.CHUNK + 1, pytest.approx(float("nan"), nan_ok=True))
+    imps[1][7] = -2.0
+    assert _cuda.find_invalid_importance(imps) == (1, 7, -2.0)
 
 
 @gpu

@@ -7,6 +7,7 @@ __all__ = [
     "cuda_compile",
     "cuda_compile_check",
     "cuda_device_info",
+    "cuda_find_invalid",
     "cuda_kv_accumulate_",
     "cuda_kv_evict_one",
     "cuda_kv_select_keep",
@@ -30,6 +31,7 @@ def cuda_accumulate_(
 def cuda_ssd_dampen_(
     device: int, stream: int, meta: int, n: int, chunk: int, blocks: int, alpha: float, lam: float, counts: int
 ) -> None: ...
+def cuda_find_invalid(device: int, stream: int, meta: int, n: int, chunk: int, blocks: int, first: int) -> None: ...
 def cuda_kv_accumulate_(
     device: int,
     stream: int,

@@ -35,6 +35,7 @@ __all__ = [
     "accumulate_",
     "compile_check",
     "device_info",
+    "find_invalid_importance",
     "is_available",
     "kv_accumulate_",
     "kv_evict_one",
@@ -202,7 +203,7 @@ def _table(columns: list[list[int]], numels: list[int], device: torch.device,
 # ---------------------------------------------------------------------------------------------
 
 
-def accumulate_(acc: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], scale: float, mode: str = "sq") -> None:
+def accumulate_(acc: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], scale: float = 1.0, mode: str = "sq") -> None:
     """acc[t] += (g[t] * g[t]) * scale (``mode="sq"``) or |g[t]| * scale (``"abs"``), one launch.
 
     ``acc``: contiguous float32 CUDA tensors (updated in place); ``grads``: float32, float16 or
@@ -237,7 +238,7 @@ def accumulate_(acc: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], scal
 
 
 def ssd_dampen_(params: Sequence[torch.Tensor], imp_full: Sequence[torch.Tensor], imp_forget: Sequence[torch.Tensor],
-                alpha: float, lam: float) -> torch.Tensor:
+                alpha: float, lam: float = 1.0) -> torch.Tensor:
     """SSD dampening in place over every tensor, one launch; returns selected counts (int64, on the device).
 
     Wherever ``imp_forget > alpha * imp_full``: ``theta *= min((lam * imp_full) / imp_forget, 1)``,
@@ -272,6 +273,29 @@ def ssd_dampen_(params: Sequence[torch.Tensor], imp_full: Sequence[torch.Tensor]
     return counts
 
 
+def find_invalid_importance(imps: Sequence[torch.Tensor]) -> tuple[int, int, float] | None:
+    """(tensor index, flat index, value) of the first NaN, infinite or negative value, or None.
+
+    One launch over every tensor, then one host sync to read the answer (needed to raise).
+    Same result as the Rust ``find_invalid_importance``.
+    """
+    imps = _tensor_list("imps", imps)
+    if not imps:
+        return None
+    device = imps[0].device
+    for i, t in enumerate(imps):
+        _cuda_tensor(f"imps[{i}]", t, torch.float32, device)
+    n = len(imps)
+    first = torch.full((n,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
+    meta, blocks = _table([[t.data_ptr() for t in imps]], [t.numel() for t in imps], device)
+    _call(_core.cuda_find_invalid, device.index, _stream(device), meta.data_ptr(), n, CHUNK, blocks, first.data_ptr())
+    host = first.tolist()  # the one sync
+    for ti, i in enumerate(host):
+        if i != torch.iinfo(torch.int64).max:
+            return ti, i, float(imps[ti].reshape(-1)[i])
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # kvscore
 # ---------------------------------------------------------------------------------------------
@@ -297,8 +321,8 @@ def _row_tensors(scores, positions, valid) -> tuple[torch.Tensor, int, int, int,
     return device, pos_ptr, valid_ptr, b * h, t
 
 
-def kv_accumulate_(scores: torch.Tensor, attn: torch.Tensor, alpha: float, group: int, *,
-                   valid: torch.Tensor | None = None, renorm: bool = False) -> None:
+def kv_accumulate_(scores: torch.Tensor, attn: torch.Tensor, alpha: float, group: int = 1, *,
+                   renorm: bool = False, valid: torch.Tensor | None = None) -> torch.Tensor:
     """S <- alpha^q S + sum_i alpha^(q-1-i) A_i in place, the query heads of each GQA group summed.
 
     ``scores``: contiguous float32 (batch, kv_heads, slots); ``attn``: float32/float16/bfloat16
@@ -307,6 +331,7 @@ def kv_accumulate_(scores: torch.Tensor, attn: torch.Tensor, alpha: float, group
     the valid slots first (A2SF); otherwise rows are added as they are (H2O). ``alpha == 0``
     keeps +inf scores and zeroes the rest before adding. Without ``renorm`` the result is
     bit-identical to the Rust kernel; with it, equal within float32 rounding of the row sums.
+    Returns ``scores``.
     """
     device, _, valid_ptr, _, t = _row_tensors(scores, None, valid)
     _cuda_tensor("attn", attn, tuple(_DTYPE_CODE), device, contiguous=False)
@@ -320,9 +345,10 @@ def kv_accumulate_(scores: torch.Tensor, attn: torch.Tensor, alpha: float, group
     _call(_core.cuda_kv_accumulate_, device.index, _stream(device), scores.data_ptr(), attn.data_ptr(),
           str(attn.dtype).removeprefix("torch."), list(attn.stride()), valid_ptr,
           0 if inv is None else inv.data_ptr(), [b, kvh, group, q, t], alpha)
+    return scores
 
 
-def kv_select_keep(scores: torch.Tensor, budget: int, n_sink: int, n_recent: int,
+def kv_select_keep(scores: torch.Tensor, budget: int, n_sink: int = 0, n_recent: int = 0,
                    positions: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
     """The ``budget`` slots to keep per (batch, kv-head), ascending: int64 (batch, kv_heads, budget).
 
@@ -346,7 +372,7 @@ def kv_select_keep(scores: torch.Tensor, budget: int, n_sink: int, n_recent: int
     return out
 
 
-def kv_evict_one(scores: torch.Tensor, n_sink: int, n_recent: int, positions: torch.Tensor | None = None,
+def kv_evict_one(scores: torch.Tensor, n_sink: int = 0, n_recent: int = 0, positions: torch.Tensor | None = None,
                  valid: torch.Tensor | None = None) -> torch.Tensor:
     """Per (batch, kv-head) the slot to evict, int64 (batch, kv_heads), or -1 where none is evictable.
 

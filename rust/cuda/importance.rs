@@ -64,3 +64,15 @@ pub unsafe fn ssd_dampen(
         [arg(&mut meta), arg(&mut n), arg(&mut chunk), arg(&mut alpha), arg(&mut lam), arg(&mut counts)];
     launch(device, stream, "ssd_dampen", (blocks as u32, 1, 1), THREADS, 0, &mut params)
 }
+
+/// Per tensor the lowest flat index of a NaN, infinite or negative value, into `first`.
+///
+/// # Safety
+/// `meta` must point to `[imp[n], numel[n], block_start[n + 1]]` on `device`, with
+/// `block_start[n] == blocks`; `first` to `n` int64 on `device` holding `i64::MAX`.
+pub unsafe fn find_invalid(device: i32, stream: u64, meta: u64, n: i64, chunk: i64, blocks: i64, first: u64) -> Result<()> {
+    check_table(n, chunk, blocks)?;
+    let (mut meta, mut n, mut chunk, mut first) = (meta, n as i32, chunk, first);
+    let mut params = [arg(&mut meta), arg(&mut n), arg(&mut chunk), arg(&mut first)];
+    launch(device, stream, "find_invalid", (blocks as u32, 1, 1), THREADS, 0, &mut params)
+}

@@ -328,7 +328,7 @@ impl Drop for Current {
 
 fn source_of(kernel: &str) -> Option<&'static str> {
     match kernel {
-        "accumulate" | "ssd_dampen" => Some("importance"),
+        "accumulate" | "ssd_dampen" | "find_invalid" => Some("importance"),
         "kv_accumulate" | "kv_rowsum" | "kv_select_keep" | "kv_evict_one" => Some("kvscore"),
         _ => None,
     }
@@ -483,7 +483,7 @@ mod tests {
 
     #[test]
     fn every_kernel_names_an_embedded_source() {
-        for k in ["accumulate", "ssd_dampen", "kv_accumulate", "kv_rowsum", "kv_select_keep", "kv_evict_one"] {
+        for k in ["accumulate", "ssd_dampen", "find_invalid", "kv_accumulate", "kv_rowsum", "kv_select_keep", "kv_evict_one"] {
             let s = source_of(k).unwrap();
             let (_, code) = SOURCES.iter().find(|(n, _)| *n == s).unwrap();
             assert!(code.contains(&format!("{k}(")), "{k} not defined in cuda/{s}.cu");

@@ -87,6 +87,14 @@ fn cuda_ssd_dampen_(
     Ok(py.detach(|| unsafe { cuda::importance::ssd_dampen(device, stream, meta, n, chunk, blocks, alpha, lam, counts) })?)
 }
 
+/// First invalid (NaN, infinite, negative) flat index per tensor of ``meta`` into ``first``.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn cuda_find_invalid(py: Python<'_>, device: i32, stream: u64, meta: u64, n: i64, chunk: i64, blocks: i64, first: u64) -> PyResult<()> {
+    // SAFETY: forgetcore._cuda builds `meta` and `first` from live CUDA tensors of `device`.
+    Ok(py.detach(|| unsafe { cuda::importance::find_invalid(device, stream, meta, n, chunk, blocks, first) })?)
+}
+
 /// Score accumulation; ``inv`` (0 for none) is the renormalisation buffer.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
@@ -160,6 +168,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_device_info, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_accumulate_, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_ssd_dampen_, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_find_invalid, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_kv_accumulate_, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_kv_select_keep, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_kv_evict_one, m)?)?;

@@ -84,6 +84,14 @@ inline unsigned int atomicAdd(unsigned int* p, unsigned int v) { return std::ato
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
     return std::atomic_ref<unsigned long long>(*p).fetch_add(v);
 }
+inline long long atomicMin(long long* p, long long v) {
+    std::atomic_ref<long long> a(*p);
+    long long old = a.load();
+    while (v < old && !a.compare_exchange_weak(old, v)) {
+    }
+    return old;
+}
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline unsigned int atomicOr(unsigned int* p, unsigned int v) { return std::atomic_ref<unsigned int>(*p).fetch_or(v); }
 
 // IEEE binary16 -> float32, exact (stands in for the kernels' cvt.f32.f16).

@@ -10,6 +10,10 @@ extern "C" void emu_accumulate(const i64* meta, int n, i64 chunk, i64 blocks, fl
     emu_launch(blocks, THREADS, 0, [=] { accumulate(meta, n, chunk, scale, mode); });
 }
 
+extern "C" void emu_find_invalid(const i64* meta, int n, i64 chunk, i64 blocks, i64* first) {
+    emu_launch(blocks, THREADS, 0, [=] { find_invalid(meta, n, chunk, first); });
+}
+
 extern "C" void emu_ssd_dampen(const i64* meta, int n, i64 chunk, i64 blocks, float alpha, float lam, i64* counts) {
     emu_launch(blocks, THREADS, 0, [=] { ssd_dampen(meta, n, chunk, alpha, lam, counts); });
 }
