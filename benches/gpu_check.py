@@ -3,7 +3,8 @@
 Issue 7, item 5. Meant for a GPU machine that has torch with CUDA but no network and no Rust
 toolchain. Prepare on the build machine (the wheel is abi3, one file for every CPython >= 3.11):
 
-    make wheel                                   # -> dist/forgetcore-0.1.0-cp311-abi3-*.whl
+    make wheel                                   # -> dist/forgetcore-0.1.0-cp311-abi3-manylinux_2_34_x86_64.whl
+                                                 #    (needs glibc >= 2.34 there)
     pip download --no-deps -d dist pytest pluggy iniconfig packaging pygments   # only if the
                                                  # GPU machine lacks pytest
 
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib
+import importlib.util
 import os
 import subprocess
 import sys
