@@ -480,16 +480,40 @@ def test_runs_on_torchs_current_stream_in_its_context():
     major, minor = torch.cuda.get_device_capability(0)
     assert arch == major * 10 + minor and driver >= 12000
     s = torch.cuda.Stream()
-    x = torch.ones(1 << 20, device="cuda")
+    x = torch.ones(1 << 22, device="cuda")
+    y = torch.full_like(x, 3.0)
+    torch.cuda.synchronize()
     with torch.cuda.stream(s):
-        # Queued behind the fill on the side stream; a launch on another stream would race it.
+        # Queued behind the fill on the side stream; a launch on another stream could race it.
         x.fill_(2.0)
-        _cuda.accumulate_([x], [x], 1.0)
+        _cuda.accumulate_([x], [y], 1.0)
     s.synchronize()
-    assert bool((x == 6.0).all())
+    assert bool((x == 11.0).all())
     assert torch.cuda.current_stream().cuda_stream != s.cuda_stream
     # torch still works in the same (primary) context afterwards.
-    assert float((x * 2).sum()) == 12.0 * (1 << 20)
+    assert float((x * 2).sum()) == 22.0 * (1 << 22)
+
+
+@gpu
+def test_no_host_synchronisation():
+    # DESIGN.md: no host sync in the CUDA path unless the result is needed on the host.
+    p = [torch.randn(1000, device="cuda") for _ in range(3)]
+    d = [torch.rand(1000, device="cuda") for _ in range(3)]
+    scores = torch.rand(2, 4, 512, device="cuda")
+    attn = torch.softmax(torch.randn(2, 8, 2, 512, device="cuda"), -1)
+    valid = torch.ones(2, 4, 512, dtype=torch.bool, device="cuda")
+    _cuda.ssd_dampen_(p, d, d, 1.0, 1.0)  # first call compiles and loads the module
+    _cuda.kv_select_keep(scores, 64, 4, 8)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _cuda.ssd_dampen_(p, d, d, 1.0, 1.0)
+        _cuda.accumulate_(p, d, 0.5)
+        _cuda.kv_accumulate_(scores, attn, 0.9, 2, valid=valid, renorm=True)
+        _cuda.kv_select_keep(scores, 64, 4, 8, valid=valid)
+        _cuda.kv_evict_one(scores, 4, 8)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_package_still_imports_without_cuda():
