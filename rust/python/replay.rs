@@ -1,14 +1,18 @@
 //! Bindings of the replay kernels: the state objects behind `forgetcore.replay`.
 //!
 //! `ReservoirCore` and `CbrsCore` hold the decision state (counts, the xoshiro256++ stream) and,
-//! for CPU storage, copy the surviving rows in the same call: the Python layer passes each
-//! field's batch and storage as contiguous numpy arrays of any dtype, read here as raw bytes
-//! (`row_bytes = storage bytes / capacity`). Every argument is checked before any state
-//! changes, so a call that raises leaves the object exactly as it was. The GIL is released
-//! while deciding and copying; do not mutate a buffer from another thread during `add`.
+//! for CPU storage, copy the surviving rows in the same call. Storage comes as contiguous
+//! writable numpy arrays (byte views made once, when the buffer allocates); each batch field
+//! comes as the torch tensor itself, whose bytes are found through its own `is_cpu`,
+//! `is_contiguous()`, `data_ptr()` and `nbytes` (four attribute look-ups: a tenth of what
+//! making a numpy view per field per call costs). Any dtype works: rows are raw bytes,
+//! `row_bytes = storage bytes / capacity`. Every argument is checked before any state changes,
+//! so a call that raises leaves the object exactly as it was. The GIL is released while
+//! deciding and copying; do not mutate a buffer or a batch from another thread during `add`.
 
 use numpy::npyffi::flags::NPY_ARRAY_WRITEABLE;
 use numpy::{PyArray1, PyArrayDescrMethods, PyReadonlyArray1, PyUntypedArray, PyUntypedArrayMethods};
+use pyo3::intern;
 use pyo3::prelude::*;
 
 use crate::replay::{copy, reservoir, sample, Cbrs, CbrsState, Xoshiro256pp};
@@ -33,6 +37,23 @@ fn raw_bytes(a: &Bound<'_, PyUntypedArray>, arg: &str, writable: bool) -> PyResu
     Ok(RawBytes { ptr: data, len: a.len() * a.dtype().itemsize() })
 }
 
+/// The bytes of a CPU torch tensor, which must be contiguous (the Python layer makes it so).
+fn tensor_bytes(t: &Bound<'_, PyAny>, i: usize) -> PyResult<RawBytes> {
+    let py = t.py();
+    if !t.getattr(intern!(py, "is_cpu"))?.is_truthy()? {
+        return Err(Error::value("batch", format!("field {i}: expected a CPU tensor")).into());
+    }
+    if !t.call_method0(intern!(py, "is_contiguous"))?.is_truthy()? {
+        return Err(Error::value("batch", format!("field {i}: expected a contiguous tensor")).into());
+    }
+    let ptr: usize = t.call_method0(intern!(py, "data_ptr"))?.extract()?;
+    let len: usize = t.getattr(intern!(py, "nbytes"))?.extract()?;
+    if ptr == 0 && len > 0 {
+        return Err(Error::value("batch", format!("field {i}: expected a tensor with data")).into());
+    }
+    Ok(RawBytes { ptr: ptr as *mut u8, len })
+}
+
 fn overlaps(a: &RawBytes, b: &RawBytes) -> bool {
     let (a0, b0) = (a.ptr as usize, b.ptr as usize);
     a.len > 0 && b.len > 0 && a0 < b0 + b.len && b0 < a0 + a.len
@@ -49,14 +70,14 @@ struct Plan {
 // `plan` has checked that destinations are disjoint from each other and from every source.
 unsafe impl Send for Plan {}
 
-fn plan(n: usize, capacity: usize, batch: &[Bound<'_, PyUntypedArray>], storage: &[Bound<'_, PyUntypedArray>]) -> PyResult<Plan> {
+fn plan(n: usize, capacity: usize, batch: &[Bound<'_, PyAny>], storage: &[Bound<'_, PyUntypedArray>]) -> PyResult<Plan> {
     if batch.len() != storage.len() {
         return Err(Error::value("batch", format!("expected {} arrays (one per stored field), got {}", storage.len(), batch.len())).into());
     }
     let mut fields = Vec::with_capacity(batch.len());
     for (i, (b, s)) in batch.iter().zip(storage).enumerate() {
         let dst = raw_bytes(s, "storage", true)?;
-        let src = raw_bytes(b, "batch", false)?;
+        let src = tensor_bytes(b, i)?;
         if dst.len % capacity != 0 {
             return Err(Error::value("storage", format!("field {i}: expected a whole number of rows for capacity {capacity}, got {} bytes", dst.len)).into());
         }
@@ -142,14 +163,15 @@ impl ReservoirCore {
         self.seen.min(self.capacity) as usize
     }
 
-    /// Decide the slots of the next `n` stream items and copy their rows: `batch[i]` (n rows)
-    /// into `storage[i]` (capacity rows). Empty lists: decide only (the caller copies).
+    /// Decide the slots of the next `n` stream items and copy their rows: tensor `batch[i]`
+    /// (n rows) into array `storage[i]` (capacity rows). Empty lists: decide only (the caller
+    /// copies).
     /// Returns `(slots, rows)`: unique slots written, and the batch row each one takes.
     fn add<'py>(
         &mut self,
         py: Python<'py>,
         n: usize,
-        batch: Vec<Bound<'py, PyUntypedArray>>,
+        batch: Vec<Bound<'py, PyAny>>,
         storage: Vec<Bound<'py, PyUntypedArray>>,
     ) -> PyResult<Slots<'py>> {
         let plan = plan(n, self.capacity as usize, &batch, &storage)?;
@@ -236,7 +258,7 @@ impl CbrsCore {
         &mut self,
         py: Python<'py>,
         labels: PyReadonlyArray1<'py, i64>,
-        batch: Vec<Bound<'py, PyUntypedArray>>,
+        batch: Vec<Bound<'py, PyAny>>,
         storage: Vec<Bound<'py, PyUntypedArray>>,
     ) -> PyResult<Slots<'py>> {
         let labels = labels.as_slice().map_err(|_| Error::value("labels", "expected a contiguous array"))?;

@@ -157,8 +157,7 @@ impl Cbrs {
         }
     }
 
-    /// Take the slot at position `pos` out of class `k` and move `k` one bucket down. When the
-    /// top bucket empties, the next one becomes the largest and all its classes become full.
+    /// Take the slot at position `pos` out of class `k` and move `k` one bucket down.
     fn detach(&mut self, k: usize, pos: usize) -> u32 {
         let list = &mut self.slots[k];
         let c = list.len();
@@ -172,9 +171,6 @@ impl Cbrs {
         }
         if c == self.max && self.bucket[c].is_empty() {
             self.max = c - 1;
-            for &j in &self.bucket[self.max] {
-                self.full[j as usize] = true;
-            }
         }
         slot
     }
@@ -220,8 +216,14 @@ impl Cbrs {
             let (_, nth, _) = self.scratch.select_nth_unstable_by_key(which, |&j| labels[j as usize]);
             *nth as usize
         };
+        // Fullness is judged on the state after the whole step: when the victim's class was the
+        // only largest one and `y` does not take its place, the next bucket down becomes the
+        // largest (all of it); otherwise only `y` can have joined the top (`attach` marks it).
         let slot = self.detach(victim_class, pos);
         self.attach(k, slot);
+        if self.max < m {
+            self.mark_largest_full();
+        }
         Some(slot as i64)
     }
 
