@@ -210,6 +210,18 @@ class _Buffer:
             self._rust_copy = _backend.choose(self._device) == _backend.RUST
         else:
             self._device = self._device_arg
+            self._rust_copy = False
+        # The one-call fast path of `add` (CPU storage only): the core matches each batch
+        # against these and hands it back (None) on any difference, for the checks below.
+        if self._rust_copy and self._fast_label() != -1:
+            self._core.set_fields([f.name for f in fields], [list(f.tail) for f in fields],
+                                  [f.dtype for f in fields], self._storage_np, self._fast_label())
+        else:
+            self._core.set_fields([], [], [], [])
+
+    def _fast_label(self) -> int | None:
+        """Index of the label field for the fast path, None when there is none, -1 to disable it."""
+        return None
 
     def _unallocate(self) -> None:
         self._set_fields([])
@@ -348,12 +360,10 @@ class ReservoirBuffer(_Buffer):
         self._core = ReservoirCore(self._capacity, self._seed)
 
     def add(self, return_rows: bool = False, **fields: torch.Tensor):
-        if self._rust_copy:
-            # The steady state on CPU, kept to one check pass and one Rust call.
-            n, batch = self._check_batch(fields)
-            if n:
-                slots, rows = self._core.add(n, batch, self._storage_np)
-                return (torch.from_numpy(slots), torch.from_numpy(rows)) if return_rows else torch.from_numpy(slots)
+        # CPU storage and a batch exactly like the stored fields: one Rust call does it all.
+        done = self._core.add_fields(fields)
+        if done is not None:
+            return (torch.from_numpy(done[0]), torch.from_numpy(done[1])) if return_rows else torch.from_numpy(done[0])
         return self._add(fields, return_rows)
 
     def _decide(self, n, labels, batch, storage):
@@ -416,7 +426,17 @@ class ClassBalancedReservoir(_Buffer):
         return self._label_key
 
     def add(self, return_rows: bool = False, **fields: torch.Tensor):
+        done = self._core.add_fields(fields)  # see ReservoirBuffer.add
+        if done is not None:
+            return (torch.from_numpy(done[0]), torch.from_numpy(done[1])) if return_rows else torch.from_numpy(done[0])
         return self._add(fields, return_rows, labels_of=self._labels)
+
+    def _fast_label(self) -> int | None:
+        # The fast path reads int64 labels in place; other integer dtypes take the checked path.
+        for i, f in enumerate(self._fields):
+            if f.name == self._label_key and f.dtype is torch.int64 and f.tail == ():
+                return i
+        return -1
 
     def _labels(self, fields: dict[str, Any], fresh: bool) -> np.ndarray:
         key = self._label_key

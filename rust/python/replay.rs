@@ -8,12 +8,14 @@
 //! making a numpy view per field per call costs). Any dtype works: rows are raw bytes,
 //! `row_bytes = storage bytes / capacity`. Every argument is checked before any state changes,
 //! so a call that raises leaves the object exactly as it was. The GIL is released while
-//! deciding and copying; do not mutate a buffer or a batch from another thread during `add`.
+//! copying 256 KiB and more (below that, releasing it costs more than the copy); do not
+//! mutate a buffer or a batch from another thread during `add`.
 
 use numpy::npyffi::flags::NPY_ARRAY_WRITEABLE;
 use numpy::{PyArray1, PyArrayDescrMethods, PyReadonlyArray1, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::intern;
 use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyString, PyTuple};
 
 use crate::replay::{copy, reservoir, sample, Cbrs, CbrsState, Xoshiro256pp};
 use crate::Error;
@@ -37,21 +39,19 @@ fn raw_bytes(a: &Bound<'_, PyUntypedArray>, arg: &str, writable: bool) -> PyResu
     Ok(RawBytes { ptr: data, len: a.len() * a.dtype().itemsize() })
 }
 
-/// The bytes of a CPU torch tensor, which must be contiguous (the Python layer makes it so).
-fn tensor_bytes(t: &Bound<'_, PyAny>, i: usize) -> PyResult<RawBytes> {
+/// The bytes of a CPU torch tensor, or None when it is not on the CPU or not contiguous (the
+/// Python layer then makes it contiguous, or raises naming the field).
+fn tensor_bytes(t: &Bound<'_, PyAny>) -> PyResult<Option<RawBytes>> {
     let py = t.py();
-    if !t.getattr(intern!(py, "is_cpu"))?.is_truthy()? {
-        return Err(Error::value("batch", format!("field {i}: expected a CPU tensor")).into());
-    }
-    if !t.call_method0(intern!(py, "is_contiguous"))?.is_truthy()? {
-        return Err(Error::value("batch", format!("field {i}: expected a contiguous tensor")).into());
+    if !t.getattr(intern!(py, "is_cpu"))?.is_truthy()? || !t.call_method0(intern!(py, "is_contiguous"))?.is_truthy()? {
+        return Ok(None);
     }
     let ptr: usize = t.call_method0(intern!(py, "data_ptr"))?.extract()?;
     let len: usize = t.getattr(intern!(py, "nbytes"))?.extract()?;
     if ptr == 0 && len > 0 {
-        return Err(Error::value("batch", format!("field {i}: expected a tensor with data")).into());
+        return Ok(None);
     }
-    Ok(RawBytes { ptr: ptr as *mut u8, len })
+    Ok(Some(RawBytes { ptr: ptr as *mut u8, len }))
 }
 
 fn overlaps(a: &RawBytes, b: &RawBytes) -> bool {
@@ -70,14 +70,16 @@ struct Plan {
 // `plan` has checked that destinations are disjoint from each other and from every source.
 unsafe impl Send for Plan {}
 
-fn plan(n: usize, capacity: usize, batch: &[Bound<'_, PyAny>], storage: &[Bound<'_, PyUntypedArray>]) -> PyResult<Plan> {
+/// Check a batch against storage and build its copy plan; None when a batch tensor is not a
+/// contiguous CPU tensor (so that the fast path can hand the batch back to Python).
+fn plan(n: usize, capacity: usize, batch: &[Bound<'_, PyAny>], storage: &[Bound<'_, PyUntypedArray>]) -> PyResult<Option<Plan>> {
     if batch.len() != storage.len() {
         return Err(Error::value("batch", format!("expected {} arrays (one per stored field), got {}", storage.len(), batch.len())).into());
     }
     let mut fields = Vec::with_capacity(batch.len());
     for (i, (b, s)) in batch.iter().zip(storage).enumerate() {
         let dst = raw_bytes(s, "storage", true)?;
-        let src = tensor_bytes(b, i)?;
+        let Some(src) = tensor_bytes(b)? else { return Ok(None) };
         if dst.len % capacity != 0 {
             return Err(Error::value("storage", format!("field {i}: expected a whole number of rows for capacity {capacity}, got {} bytes", dst.len)).into());
         }
@@ -96,10 +98,26 @@ fn plan(n: usize, capacity: usize, batch: &[Bound<'_, PyAny>], storage: &[Bound<
         // SAFETY: `src` was checked above to be a contiguous array of `src.len` bytes.
         owned.push(aliased.then(|| unsafe { std::slice::from_raw_parts(src.ptr, src.len) }.to_vec()));
     }
-    Ok(Plan { fields, owned })
+    Ok(Some(Plan { fields, owned }))
+}
+
+fn plan_or_raise(n: usize, capacity: usize, batch: &[Bound<'_, PyAny>], storage: &[Bound<'_, PyUntypedArray>]) -> PyResult<Plan> {
+    plan(n, capacity, batch, storage)?
+        .ok_or_else(|| Error::value("batch", "expected contiguous CPU tensors").into())
 }
 
 impl Plan {
+    /// Copy the rows of `pairs`, with the GIL released when that moves enough bytes. The
+    /// decisions are made before (they are cheap), the copy cannot fail after `plan`'s checks.
+    fn run_maybe_detached(self, py: Python<'_>, pairs: &[(i64, i64)]) -> crate::Result<()> {
+        let bytes: usize = self.fields.iter().map(|(_, _, row)| row * pairs.len()).sum();
+        if bytes >= DETACH_BYTES {
+            py.detach(move || self.run(pairs))
+        } else {
+            self.run(pairs)
+        }
+    }
+
     fn run(self, pairs: &[(i64, i64)]) -> crate::Result<()> {
         for ((dst, src, row_bytes), owned) in self.fields.iter().zip(&self.owned) {
             // SAFETY: pointers and lengths come from live contiguous arrays (see `raw_bytes`);
@@ -114,6 +132,83 @@ impl Plan {
         Ok(())
     }
 }
+
+/// The stored fields as the one-call fast path (`add_fields`) matches a batch against them:
+/// names, per-row shapes, dtypes (torch dtypes are singletons: compared by identity), the
+/// storage arrays, and (CBRS) which field holds the int64 labels. Empty until the Python layer
+/// allocates CPU storage; then `add(**fields)` is one Rust call, with the Python checks (and
+/// their messages) run only when this match fails.
+#[derive(Default)]
+struct Fields {
+    names: Vec<Py<PyString>>,
+    tails: Vec<Vec<i64>>,
+    dtypes: Vec<Py<PyAny>>,
+    storage: Vec<Py<PyUntypedArray>>,
+    label: Option<usize>,
+}
+
+impl Fields {
+    fn set(
+        names: Vec<Bound<'_, PyString>>,
+        tails: Vec<Vec<i64>>,
+        dtypes: Vec<Bound<'_, PyAny>>,
+        storage: Vec<Bound<'_, PyUntypedArray>>,
+        label: Option<usize>,
+    ) -> PyResult<Self> {
+        let k = names.len();
+        if tails.len() != k || dtypes.len() != k || storage.len() != k || label.is_some_and(|l| l >= k) {
+            return Err(Error::value("fields", format!("expected {k} tails, dtypes and storage arrays and a label index below {k}")).into());
+        }
+        Ok(Fields {
+            names: names.into_iter().map(Bound::unbind).collect(),
+            tails,
+            dtypes: dtypes.into_iter().map(Bound::unbind).collect(),
+            storage: storage.into_iter().map(Bound::unbind).collect(),
+            label,
+        })
+    }
+
+    /// The batch length and tensors in field order when `fields` has exactly the stored names,
+    /// dtypes and row shapes and one batch length; None on any difference.
+    fn matches<'py>(&self, fields: &Bound<'py, PyDict>) -> Option<(usize, Vec<Bound<'py, PyAny>>)> {
+        let py = fields.py();
+        if self.names.is_empty() || fields.len() != self.names.len() {
+            return None;
+        }
+        let mut n: Option<usize> = None;
+        let mut out = Vec::with_capacity(self.names.len());
+        for ((name, tail), dtype) in self.names.iter().zip(&self.tails).zip(&self.dtypes) {
+            let t = fields.get_item(name.bind(py)).ok()??;
+            if !t.getattr(intern!(py, "dtype")).ok()?.is(dtype) {
+                return None;
+            }
+            let shape = t.getattr(intern!(py, "shape")).ok()?;
+            let shape = shape.cast::<PyTuple>().ok()?;
+            if shape.len() != tail.len() + 1 {
+                return None;
+            }
+            for (j, &d) in tail.iter().enumerate() {
+                if shape.get_borrowed_item(j + 1).ok()?.extract::<i64>().ok()? != d {
+                    return None;
+                }
+            }
+            let rows: usize = shape.get_borrowed_item(0).ok()?.extract().ok()?;
+            if *n.get_or_insert(rows) != rows {
+                return None;
+            }
+            out.push(t);
+        }
+        Some((n?, out))
+    }
+
+    fn storage<'py>(&self, py: Python<'py>) -> Vec<Bound<'py, PyUntypedArray>> {
+        self.storage.iter().map(|s| s.bind(py).clone()).collect()
+    }
+}
+
+/// Copies of at least this many bytes run with the GIL released; below it, releasing and
+/// re-acquiring the GIL costs more than the copy (a steady-state batch copies a row or two).
+const DETACH_BYTES: usize = 256 * 1024;
 
 type Slots<'py> = (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>);
 
@@ -137,6 +232,17 @@ pub struct ReservoirCore {
     capacity: u64,
     seen: u64,
     rng: Xoshiro256pp,
+    fields: Fields,
+}
+
+impl ReservoirCore {
+    fn run<'py>(&mut self, py: Python<'py>, n: usize, plan: Plan) -> PyResult<Slots<'py>> {
+        let mut pairs = reservoir::decide(&mut self.rng, self.seen, self.capacity, n);
+        reservoir::last_writer_wins(&mut pairs);
+        plan.run_maybe_detached(py, &pairs)?;
+        self.seen += n as u64;
+        Ok(to_arrays(py, &pairs))
+    }
 }
 
 #[pymethods]
@@ -146,7 +252,7 @@ impl ReservoirCore {
         if capacity <= 0 {
             return Err(Error::value("capacity", format!("expected an int >= 1, got {capacity}")).into());
         }
-        Ok(ReservoirCore { capacity: capacity as u64, seen: 0, rng: Xoshiro256pp::seed_from_u64(seed) })
+        Ok(ReservoirCore { capacity: capacity as u64, seen: 0, rng: Xoshiro256pp::seed_from_u64(seed), fields: Fields::default() })
     }
 
     #[getter]
@@ -174,16 +280,31 @@ impl ReservoirCore {
         batch: Vec<Bound<'py, PyAny>>,
         storage: Vec<Bound<'py, PyUntypedArray>>,
     ) -> PyResult<Slots<'py>> {
-        let plan = plan(n, self.capacity as usize, &batch, &storage)?;
-        let (seen, capacity, rng) = (self.seen, self.capacity, &mut self.rng);
-        let pairs = py.detach(move || -> crate::Result<Vec<(i64, i64)>> {
-            let mut pairs = reservoir::decide(rng, seen, capacity, n);
-            reservoir::last_writer_wins(&mut pairs);
-            plan.run(&pairs)?;
-            Ok(pairs)
-        })?;
-        self.seen += n as u64;
-        Ok(to_arrays(py, &pairs))
+        let plan = plan_or_raise(n, self.capacity as usize, &batch, &storage)?;
+        self.run(py, n, plan)
+    }
+
+    /// Register the stored fields (CPU storage) for `add_fields`; empty lists switch it off.
+    #[pyo3(signature = (names, tails, dtypes, storage, label=None))]
+    fn set_fields(
+        &mut self,
+        names: Vec<Bound<'_, PyString>>,
+        tails: Vec<Vec<i64>>,
+        dtypes: Vec<Bound<'_, PyAny>>,
+        storage: Vec<Bound<'_, PyUntypedArray>>,
+        label: Option<usize>,
+    ) -> PyResult<()> {
+        self.fields = Fields::set(names, tails, dtypes, storage, label)?;
+        Ok(())
+    }
+
+    /// `add` straight from the keyword dict of `ReservoirBuffer.add`: None (nothing done)
+    /// unless the batch matches the registered fields exactly and is contiguous on the CPU.
+    fn add_fields<'py>(&mut self, py: Python<'py>, fields: Bound<'py, PyDict>) -> PyResult<Option<Slots<'py>>> {
+        let Some((n, batch)) = self.fields.matches(&fields) else { return Ok(None) };
+        let storage = self.fields.storage(py);
+        let Some(plan) = plan(n, self.capacity as usize, &batch, &storage)? else { return Ok(None) };
+        self.run(py, n, plan).map(Some)
     }
 
     /// `n` distinct stored slots, uniformly without replacement, in random order.
@@ -210,6 +331,16 @@ impl ReservoirCore {
 pub struct CbrsCore {
     inner: Cbrs,
     rng: Xoshiro256pp,
+    fields: Fields,
+}
+
+impl CbrsCore {
+    fn run<'py>(&mut self, py: Python<'py>, labels: &[i64], plan: Plan) -> PyResult<Slots<'py>> {
+        let mut pairs = self.inner.decide(&mut self.rng, labels);
+        reservoir::last_writer_wins(&mut pairs);
+        plan.run_maybe_detached(py, &pairs)?;
+        Ok(to_arrays(py, &pairs))
+    }
 }
 
 type CbrsStateArrays<'py> = (
@@ -236,7 +367,7 @@ impl CbrsCore {
         if capacity <= 0 {
             return Err(Error::value("capacity", format!("expected an int >= 1, got {capacity}")).into());
         }
-        Ok(CbrsCore { inner: Cbrs::new(capacity as usize)?, rng: Xoshiro256pp::seed_from_u64(seed) })
+        Ok(CbrsCore { inner: Cbrs::new(capacity as usize)?, rng: Xoshiro256pp::seed_from_u64(seed), fields: Fields::default() })
     }
 
     #[getter]
@@ -262,15 +393,40 @@ impl CbrsCore {
         storage: Vec<Bound<'py, PyUntypedArray>>,
     ) -> PyResult<Slots<'py>> {
         let labels = labels.as_slice().map_err(|_| Error::value("labels", "expected a contiguous array"))?;
-        let plan = plan(labels.len(), self.inner.capacity(), &batch, &storage)?;
-        let (inner, rng) = (&mut self.inner, &mut self.rng);
-        let pairs = py.detach(move || -> crate::Result<Vec<(i64, i64)>> {
-            let mut pairs = inner.decide(rng, labels);
-            reservoir::last_writer_wins(&mut pairs);
-            plan.run(&pairs)?;
-            Ok(pairs)
-        })?;
-        Ok(to_arrays(py, &pairs))
+        let plan = plan_or_raise(labels.len(), self.inner.capacity(), &batch, &storage)?;
+        self.run(py, labels, plan)
+    }
+
+    /// As `ReservoirCore.set_fields`; `label` is the index of the int64 label field, without
+    /// which the fast path stays off.
+    #[pyo3(signature = (names, tails, dtypes, storage, label=None))]
+    fn set_fields(
+        &mut self,
+        names: Vec<Bound<'_, PyString>>,
+        tails: Vec<Vec<i64>>,
+        dtypes: Vec<Bound<'_, PyAny>>,
+        storage: Vec<Bound<'_, PyUntypedArray>>,
+        label: Option<usize>,
+    ) -> PyResult<()> {
+        self.fields = Fields::set(names, tails, dtypes, storage, label)?;
+        Ok(())
+    }
+
+    /// As `ReservoirCore.add_fields`, the labels read from the registered int64 label field.
+    fn add_fields<'py>(&mut self, py: Python<'py>, fields: Bound<'py, PyDict>) -> PyResult<Option<Slots<'py>>> {
+        let Some(label) = self.fields.label else { return Ok(None) };
+        let Some((n, batch)) = self.fields.matches(&fields) else { return Ok(None) };
+        let storage = self.fields.storage(py);
+        let Some(plan) = plan(n, self.inner.capacity(), &batch, &storage)? else { return Ok(None) };
+        let src = &plan.fields[label].1;
+        if src.len != n * 8 {
+            return Ok(None);
+        }
+        let mut labels = vec![0i64; n];
+        // SAFETY: `src` is the checked byte range of the label tensor (n int64 values); the copy
+        // goes byte-wise into our own vector, so the tensor's alignment does not matter.
+        unsafe { std::ptr::copy_nonoverlapping(src.ptr, labels.as_mut_ptr() as *mut u8, n * 8) };
+        self.run(py, &labels, plan).map(Some)
     }
 
     fn sample<'py>(&mut self, py: Python<'py>, n: u64) -> PyResult<Bound<'py, PyArray1<i64>>> {
