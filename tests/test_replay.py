@@ -588,6 +588,11 @@ def test_bad_first_add_allocates_nothing(batch, exc, msg):
     assert buf.fields == () and len(buf) == 0 and buf.seen == 0 and buf.device is None
 
 
+def test_bad_device_argument():
+    with pytest.raises(ValueError, match="^device: expected a usable torch device"):
+        ReservoirBuffer(4, device="nonsense")
+
+
 def test_device_argument_is_enforced_on_the_first_add():
     buf = ReservoirBuffer(5, device="meta")
     with pytest.raises(ValueError, match="^x: expected a tensor on meta"):

@@ -51,6 +51,14 @@ def _numpy_dtype(dtype: torch.dtype) -> torch.dtype | None:
         return _SAME_SIZE_INT[torch.empty(0, dtype=dtype).element_size()]
 
 
+def _concrete_device(device: torch.device | str) -> torch.device:
+    """``"cuda"`` -> ``cuda:0`` (the current device), so that it compares equal to tensors' devices."""
+    try:
+        return torch.empty(0, device=device).device
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: expected a usable torch device, got {device!r} ({e})") from None
+
+
 def _seed(seed: Any) -> int:
     seed = _checks.positive_int("seed", seed, allow_zero=True)
     if seed >= _U64:
@@ -90,7 +98,7 @@ class _Buffer:
     def __init__(self, capacity: int, seed: int, device: torch.device | str | None):
         self._capacity = _checks.positive_int("capacity", capacity)
         self._seed = _seed(seed)
-        self._device_arg = None if device is None else torch.device(device)
+        self._device_arg = None if device is None else _concrete_device(device)
         self._device: torch.device | None = self._device_arg
         self._fields: list[_Field] = []
         self._names: frozenset[str] = frozenset()
