@@ -6,9 +6,11 @@ Workloads (buffer of 5,000, batches of 32):
   index    200,000 int64 ids, reservoir
   cbrs     200,000 examples of 3x32x32 float32, 100 classes with a long-tailed stream, CBRS
 
-Reports microseconds per example, the baseline/forgetcore and reference/forgetcore ratios, and the
-copy floor: the bytes the stored rows must move (read and write) at the stream-triad bandwidth
-measured in the same run. ``--quick`` shortens the streams (40,000 examples).
+Every implementation is timed on the same pre-sliced batches, best of ``--repeats`` fresh runs
+(buffer allocation included). Reports microseconds per example, the baseline/forgetcore and
+reference/forgetcore ratios, and the copy floor: the bytes the stored rows must move (read
+and write) at the stream-triad bandwidth measured in the same run. ``--quick`` shortens the
+streams (40,000 examples).
 
     PYTHONPATH=python python benches/bench_replay.py [--quick] [--device cuda]
 """
@@ -147,7 +149,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="40,000 examples per stream instead of 200,000")
     ap.add_argument("--device", default="cpu", help="storage device (default: cpu)")
-    ap.add_argument("--repeats", type=int, default=3, help="fresh runs per fast implementation (best is kept)")
+    ap.add_argument("--repeats", type=int, default=2, help="fresh runs per implementation, the best is kept (default: 2)")
     args = ap.parse_args()
     device = torch.device(args.device)
     total = 40_000 if args.quick else 200_000
@@ -164,7 +166,7 @@ def main() -> None:
         times = {
             "baseline": run(lambda r: MammothStyleBuffer(CAPACITY, device=device),
                             (lambda buf, b: buf.add_data(b["idx"])) if kind == "index"
-                            else (lambda buf, b: buf.add_data(b["x"], b["y"])), batches, device, 1),
+                            else (lambda buf, b: buf.add_data(b["x"], b["y"])), batches, device, args.repeats),
             "reference": run(lambda r: ReferenceReservoir(CAPACITY, seed=r),
                              lambda buf, b: buf.add(**b), batches, device, args.repeats),
             "forgetcore": run(lambda r: ReservoirBuffer(CAPACITY, seed=r),
@@ -176,8 +178,9 @@ def main() -> None:
     batches = stream_batches("cbrs", total, device)
     times = {
         "baseline": run(lambda r: PerExampleCBRS(CAPACITY, device=device),
-                        lambda buf, b: buf.add_data(b["x"], b["y"]), batches, device, 1),
-        "reference": run(lambda r: ReferenceCBRS(CAPACITY, seed=r), lambda buf, b: buf.add(**b), batches, device, 1),
+                        lambda buf, b: buf.add_data(b["x"], b["y"]), batches, device, args.repeats),
+        "reference": run(lambda r: ReferenceCBRS(CAPACITY, seed=r), lambda buf, b: buf.add(**b), batches, device,
+                         args.repeats),
         "forgetcore": run(lambda r: ClassBalancedReservoir(CAPACITY, seed=r),
                           lambda buf, b: buf.add(**b), batches, device, args.repeats),
     }
