@@ -9,8 +9,9 @@
 Both buffers store any set of named tensors (``x``, ``y``, ``logits``, task ids, ...), in
 storage preallocated at the first ``add``. One Rust call per batch decides every slot (the
 random stream, xoshiro256++, lives in Rust and is saved by ``state_dict``) and, for CPU
-storage, also copies the surviving rows with the GIL released; CUDA storage gets one
-``index_copy_`` per field. Nothing runs per example in Python.
+storage, also checks the batch against the stored fields and copies the surviving rows (the
+GIL released for large copies); CUDA storage gets one ``index_copy_`` per field. Nothing runs
+per example in Python.
 
 Distributed training: every decision is a function of the seed and of what was added (batch
 sizes; labels too for CBRS), computed on the host with an exact integer generator, so the
@@ -76,7 +77,9 @@ def _rng_words(t: Any) -> list[int]:
 
 
 class _Field:
-    """One stored field: its per-row shape and dtype, the storage and its cached byte view."""
+    """One stored field: its per-row shape and dtype, the storage and (CPU) its cached numpy
+    view, which the Rust core writes through (numpy has no bfloat16 or float8: those storages
+    are viewed as integers of the same size, since only bytes are copied)."""
 
     __slots__ = ("name", "tail", "dtype", "view_dtype", "storage", "storage_np")
 
@@ -92,8 +95,6 @@ class _Field:
 
 class _Buffer:
     """What both buffers share: field bookkeeping, checks, storage, sampling, state."""
-
-    _kind = ""
 
     def __init__(self, capacity: int, seed: int, device: torch.device | str | None):
         self._capacity = _checks.positive_int("capacity", capacity)
@@ -361,8 +362,6 @@ class ReservoirBuffer(_Buffer):
     random stream included).
     """
 
-    _kind = "reservoir"
-
     def __init__(self, capacity: int, seed: int = 0, device: torch.device | str | None = None):
         super().__init__(capacity, seed, device)
         self._core = ReservoirCore(self._capacity, self._seed)
@@ -418,8 +417,6 @@ class ClassBalancedReservoir(_Buffer):
     Same ``add`` / ``sample`` / ``state_dict`` API as :class:`ReservoirBuffer`; ``label_key``
     names the field holding the labels, a 1-D integer tensor.
     """
-
-    _kind = "cbrs"
 
     def __init__(self, capacity: int, seed: int = 0, label_key: str = "y",
                  device: torch.device | str | None = None):
