@@ -131,6 +131,19 @@ def test_one_batched_call_equals_the_sequential_algorithm():
     assert batched.data()["id"].tolist() == held
 
 
+@pytest.mark.parametrize("cls", [ReservoirBuffer, ClassBalancedReservoir])
+def test_ranks_with_one_seed_make_the_same_decisions(cls):
+    # Two "ranks" with different data but the same seed, batch sizes (and labels, for CBRS)
+    # choose the same slots and draw the same samples: what a replicated DDP buffer relies on.
+    a, b = cls(20, seed=11), cls(20, seed=11)
+    for i in range(12):
+        y = torch.arange(i * 9, i * 9 + 9) % 4
+        sa = a.add(x=torch.randn(9, 3), y=y)
+        sb = b.add(x=torch.randn(9, 3) + 100, y=y)
+        assert torch.equal(sa, sb)
+    assert torch.equal(a.sample(10, return_index=True)["index"], b.sample(10, return_index=True)["index"])
+
+
 def test_within_batch_collision_keeps_the_later_item():
     # capacity 1: every item after the first replaces slot 0 with probability 1/(t+1); whatever
     # happens, the stored item is the last one of the batch that drew slot 0.
