@@ -7,5 +7,6 @@
 pub mod cuda;
 pub mod error;
 pub mod python;
+pub mod replay;
 
 pub use error::{Error, Result};
