@@ -179,12 +179,13 @@ def permuted(dataset: str = "digits", n_tasks: int = 5, seed: int = 0,
 
 
 def rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
-    """Rotate a batch of images (N, C, H, W) counter-clockwise about the centre (bilinear, zero fill)."""
+    """Rotate square images (N, C, H, W) counter-clockwise as displayed (row 0 on top) about the
+    centre, like ``torch.rot90(x, 1, (2, 3))`` at 90 degrees; bilinear, zero fill."""
     if degrees == 0:
         return x.clone()
     a = math.radians(degrees)
     c, s = math.cos(a), math.sin(a)
-    theta = torch.tensor([[c, s, 0.0], [-s, c, 0.0]], dtype=x.dtype).expand(len(x), 2, 3)
+    theta = torch.tensor([[c, -s, 0.0], [s, c, 0.0]], dtype=x.dtype).expand(len(x), 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 

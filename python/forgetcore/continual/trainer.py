@@ -424,7 +424,7 @@ class Trainer:
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise ValueError(f"loss: expected a scalar tensor, got {_checks.describe(loss)}")
         if not bool(torch.isfinite(loss)):
-            raise ValueError(f"loss: expected a finite value, got {float(loss)} at step "
+            raise ValueError(f"loss: expected a finite value, got {float(loss.detach())} at step "
                              f"{p['step']} (task {ctx.task_id}); lower the learning rate?")
         ctx.optimizer.zero_grad(set_to_none=True)
         loss.backward()
