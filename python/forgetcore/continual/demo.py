@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("Finetune", "ER", "Joint")
 FULL = {"epochs": 10, "lr": 0.05, "batch_size": 10, "capacity": 200, "hidden": 100, "eval_every": 10}
-QUICK = {**FULL, "epochs": 3}
+QUICK = {**FULL, "epochs": 5, "eval_every": 20}
 
 
 def mlp(input_shape: tuple[int, ...], n_classes: int, hidden: int = 100) -> torch.nn.Module:
