@@ -340,5 +340,29 @@ def test_bad_fit(split5):
         tr.fit(first(split5, 3))
     with pytest.raises(ValueError, match="^state: saved with 0 plugins, this trainer has 1"):
         trainer(mlp(), [Finetune()]).load_state_dict(tr.state_dict())
+    with pytest.raises(ValueError, match=r"^state: saved by a trainer with \{'seed': 0, 'epochs': 1, 'batch_size': 32\}, this one has \{'seed': 1,"):
+        trainer(mlp(), seed=1).load_state_dict(tr.state_dict())
+    assert tr.fit(s, max_steps=2)["steps"] == 3  # already past the pause point: nothing runs
     with pytest.raises(ValueError, match=r"^state: expected a Trainer.state_dict\(\), missing \['rng'\]"):
         trainer(mlp()).load_state_dict({k: v for k, v in tr.state_dict().items() if k != "rng"})
+
+
+def test_resume_calls_resume_task_not_before_task(split5):
+    class Calls(Plugin):
+        def __init__(self):
+            self.calls = []
+
+        def before_task(self, ctx, task):
+            self.calls.append(("before_task", task.id))
+
+        def resume_task(self, ctx, task):
+            self.calls.append(("resume_task", task.id, ctx.task_step))
+
+    s = first(split5, 2)
+    a = trainer(mlp(), [Calls()])
+    a.fit(s, max_steps=10)  # task 0 has 8 steps: pause at step 2 of task 1
+    b = trainer(mlp(), [Calls()])
+    b.load_state_dict(a.state_dict())
+    b.fit(s)
+    assert a.plugins[0].calls == [("before_task", 0), ("before_task", 1)]
+    assert b.plugins[0].calls == [("resume_task", 1, 2)]

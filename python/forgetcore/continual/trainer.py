@@ -136,7 +136,8 @@ def _epoch_generator(seed: int, task: int, epoch: int) -> torch.Generator:
 
 
 def _fresh_progress() -> dict[str, Any]:
-    return {"task": 0, "epoch": 0, "batch": 0, "step": 0, "in_task": False, "started": False,
+    return {"task": 0, "epoch": 0, "batch": 0, "step": 0, "task_step": 0, "in_task": False,
+            "started": False,
             "scenario": "", "n_tasks": 0, "R": [], "R_val": [], "initial": [], "initial_val": [],
             "curves": {"step": [], "task": [], "acc": []},
             "timings": {"train_s": [], "eval_s": 0.0, "total_s": 0.0}}
@@ -335,16 +336,18 @@ class Trainer:
         ctx.scenario = scenario
         self._set_masks(scenario)
         if not p["started"]:
-            p.update(started=True, scenario=scenario.name, n_tasks=len(scenario))
-            torch.manual_seed(self.seed)
             t0 = time.perf_counter()
-            p["initial"] = list(self.evaluate(scenario).values())
-            if self.eval_val:
-                p["initial_val"] = list(self.evaluate(scenario, split="val").values())
+            initial = list(self.evaluate(scenario).values())  # also checks the model's output
+            initial_val = list(self.evaluate(scenario, split="val").values()) if self.eval_val else []
+            p.update(started=True, scenario=scenario.name, n_tasks=len(scenario),
+                     initial=initial, initial_val=initial_val)
+            torch.manual_seed(self.seed)
             p["timings"]["eval_s"] += time.perf_counter() - t0
             self._eval_hook("initial", "test", dict(enumerate(p["initial"])))
         elif self._rng is not None:
             torch.set_rng_state(self._rng)
+        if max_steps is not None and p["step"] >= max_steps:
+            return self._result(scenario, finished=False)
         bar = tqdm(total=0, desc=scenario.name, unit="step", disable=not self.progress,
                    leave=False, dynamic_ncols=True)
         try:
@@ -363,6 +366,7 @@ class Trainer:
             ctx.task, ctx.task_id = task, t
             t_task, eval_before = time.perf_counter(), p["timings"]["eval_s"]
             if p["in_task"]:  # resuming a paused run inside this task
+                ctx.epoch, ctx.task_step = p["epoch"], p["task_step"]
                 self._call("resume_task", task)
                 ctx.optimizer = self._build_optimizer()
                 if self._optim_state is not None:
@@ -372,14 +376,13 @@ class Trainer:
                 ctx.epoch = ctx.task_step = 0
                 self._call("before_task", task)
                 ctx.optimizer = self._build_optimizer()
-                p.update(in_task=True, epoch=0, batch=0)
+                p.update(in_task=True, epoch=0, batch=0, task_step=0)
                 p["timings"]["train_s"].append(0.0)
                 self._curve_point(scenario, t)  # the pre-update point (x = -1 in De Lange et al.)
             data = self._train_data(task)
             n = len(data["y"])
             n_batches = math.ceil(n / self.batch_size)
             total_local = self.epochs * n_batches
-            ctx.task_step = p["epoch"] * n_batches + p["batch"]
             bar.total += total_local - (p["epoch"] * n_batches + p["batch"])
             bar.set_description(f"{scenario.name} task {t + 1}/{len(scenario)}")
             model.train()
@@ -390,7 +393,7 @@ class Trainer:
                     idx = order[b * self.batch_size:(b + 1) * self.batch_size]
                     self._step(scenario, data, idx)
                     p["batch"] = b + 1
-                    ctx.task_step = epoch * n_batches + b + 1
+                    ctx.task_step = p["task_step"] = epoch * n_batches + b + 1
                     bar.update(1)
                     if (self.eval_every is not None and p["step"] % self.eval_every == 0
                             and ctx.task_step < total_local):
@@ -403,7 +406,7 @@ class Trainer:
             self._call("after_task", task)
             self._add_train_time(t, t_task, eval_before)
             self._end_task(scenario, t)
-            p.update(task=t + 1, epoch=0, batch=0, in_task=False)
+            p.update(task=t + 1, epoch=0, batch=0, task_step=0, in_task=False)
         return False
 
     def _add_train_time(self, t: int, since: float, eval_before: float) -> None:
@@ -483,15 +486,23 @@ class Trainer:
                         for p in self.plugins],
             "rng": (self._rng if self._rng is not None else torch.get_rng_state()).clone(),
             "progress": _copy(self._p),
+            "config": self._config(),
         }
+
+    def _config(self) -> dict[str, int]:
+        # What the saved position means: resuming under other values would not continue the run.
+        return {"seed": self.seed, "epochs": self.epochs, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved; the next ``fit`` continues from there."""
         if not isinstance(state, dict):
             raise TypeError(f"state: expected a dict from Trainer.state_dict(), got {type(state).__name__}")
-        missing = {"model", "optimizer", "plugins", "rng", "progress"} - set(state)
+        missing = {"model", "optimizer", "plugins", "rng", "progress", "config"} - set(state)
         if missing:
             raise ValueError(f"state: expected a Trainer.state_dict(), missing {sorted(missing)}")
+        if dict(state["config"]) != self._config():
+            raise ValueError(f"state: saved by a trainer with {dict(state['config'])}, "
+                             f"this one has {self._config()}")
         if len(state["plugins"]) != len(self.plugins):
             raise ValueError(f"state: saved with {len(state['plugins'])} plugins, "
                              f"this trainer has {len(self.plugins)}")
