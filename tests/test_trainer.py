@@ -366,3 +366,25 @@ def test_resume_calls_resume_task_not_before_task(split5):
     b.fit(s)
     assert a.plugins[0].calls == [("before_task", 0), ("before_task", 1)]
     assert b.plugins[0].calls == [("resume_task", 1, 2)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_run_and_resume(split5):
+    # Everything on the GPU: model, batches, task-IL masks, ER memory; resume restores the CUDA RNG.
+    s = first(scenarios.split("digits", n_tasks=5, mode="task", seed=0), 3)
+    plugins = (lambda: [ER(64, seed=0)]) if HAS_REPLAY else (lambda: [])
+
+    def make():
+        model = mlp(dropout=0.3)
+        return model, trainer(model, plugins(), device="cuda", epochs=2, eval_every=5)
+
+    model_a, full = make()
+    ra = full.fit(s)
+    assert next(model_a.parameters()).is_cuda and min(ra["R"][-1]) > 0.8
+    _, part = make()
+    part.fit(s, max_steps=20)
+    model_c, resumed = make()
+    resumed.load_state_dict(part.state_dict())
+    assert resumed.fit(s)["R"] == ra["R"]
+    assert all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_c.parameters()))

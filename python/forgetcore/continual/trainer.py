@@ -135,6 +135,19 @@ def _epoch_generator(seed: int, task: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(s)
 
 
+def _get_rng(device: torch.device) -> dict[str, torch.Tensor]:
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":  # dropout on the GPU draws from the device's generator
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def _set_rng(rng: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
 def _fresh_progress() -> dict[str, Any]:
     return {"task": 0, "epoch": 0, "batch": 0, "step": 0, "task_step": 0, "in_task": False,
             "started": False,
@@ -204,7 +217,7 @@ class Trainer:
                        for h in (*_HOOKS, *_REPLACING)}
         self.ctx = Context(model=model, trainer=self, device=self.device, seed=self.seed)
         self._p = _fresh_progress()
-        self._rng: torch.Tensor | None = None       # global RNG to restore when fit resumes
+        self._rng: dict[str, torch.Tensor] | None = None  # global RNGs to restore when fit resumes
         self._optim_state: dict | None = None       # optimiser state to restore when fit resumes
         self._masks: torch.Tensor | None = None
 
@@ -345,7 +358,7 @@ class Trainer:
             p["timings"]["eval_s"] += time.perf_counter() - t0
             self._eval_hook("initial", "test", dict(enumerate(p["initial"])))
         elif self._rng is not None:
-            torch.set_rng_state(self._rng)
+            _set_rng(self._rng, self.device)
         if max_steps is not None and p["step"] >= max_steps:
             return self._result(scenario, finished=False)
         bar = tqdm(total=0, desc=scenario.name, unit="step", disable=not self.progress,
@@ -354,7 +367,7 @@ class Trainer:
             paused = self._run(scenario, max_steps, bar)
         finally:
             bar.close()
-        self._rng = torch.get_rng_state()
+        self._rng = _get_rng(self.device)
         p["timings"]["total_s"] += time.perf_counter() - t_start
         return self._result(scenario, finished=not paused)
 
@@ -484,7 +497,7 @@ class Trainer:
             "optimizer": opt if opt is not None else {},
             "plugins": [p.state_dict() if callable(getattr(p, "state_dict", None)) else {}
                         for p in self.plugins],
-            "rng": (self._rng if self._rng is not None else torch.get_rng_state()).clone(),
+            "rng": {k: v.clone() for k, v in (self._rng or _get_rng(self.device)).items()},
             "progress": _copy(self._p),
             "config": self._config(),
         }
@@ -511,7 +524,7 @@ class Trainer:
             if callable(getattr(plugin, "load_state_dict", None)):
                 plugin.load_state_dict(s)
         self._optim_state = state["optimizer"] or None
-        self._rng = state["rng"].clone()
+        self._rng = {k: v.clone() for k, v in state["rng"].items()}
         self._p = _copy(state["progress"])
         self.ctx.step = self._p["step"]
 

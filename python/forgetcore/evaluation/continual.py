@@ -11,7 +11,8 @@ after task ``n - 1`` and uses only columns ``j < n`` (plus ``b``). Metrics keep 
 - :func:`backward_transfer`: BWT (GEM, Sec. 2).
 - :func:`forward_transfer`: FWT (GEM, Sec. 2).
 - :func:`average_forgetting`: F_k (Chaudhry, Dokania, Ajanthan and Torr, "Riemannian Walk for
-  Incremental Learning: Understanding Forgetting and Intransigence", ECCV 2018, Sec. 4.1).
+  Incremental Learning: Understanding Forgetting and Intransigence", ECCV 2018, the forgetting
+  measure of its evaluation section).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def forward_transfer(R: Any, b: Any) -> float:
 def average_forgetting(R: Any) -> float:
     """F = 1/(n-1) sum_{j<n-1} f_j, with f_j = max_{l<n-1} R[l][j] - R[n-1][j].
 
-    Chaudhry et al. 2018 (RWalk), Sec. 4.1: forgetting of task j after task k is the drop from
+    Chaudhry et al. 2018 (RWalk): forgetting of task j after task k is the drop from
     the best accuracy it ever had at an earlier point, f_j^k = max_{l in 1..k-1} a_{l,j} - a_{k,j},
     averaged over j < k. As in the paper the max runs over every earlier row, including rows
     before task j was trained (those are rarely the max). Avalanche instead takes the accuracy
