@@ -14,11 +14,12 @@ from .trainer import Batch, Context, Plugin
 class Finetune(Plugin):
     """Naive sequential fine-tuning: train on each task in turn with nothing against forgetting.
 
-    The lower bound of every continual-learning comparison ("Fine-tuning" / "Naive" in
-    van de Ven, Tuytelaars and Tolias, "Three types of incremental learning", Nature Machine
-    Intelligence 2022; "SGD" in Lopez-Paz and Ranzato, "Gradient Episodic Memory for Continual
-    Learning", NeurIPS 2017). It changes nothing in the loop: ``Trainer(model, opt)`` with no
-    plugin trains the same way; the named class makes comparisons read plainly.
+    The lower bound of continual-learning comparisons (fine-tuning in van de Ven, Tuytelaars
+    and Tolias, "Three types of incremental learning", Nature Machine Intelligence 2022;
+    "single" in Lopez-Paz and Ranzato, "Gradient Episodic Memory for Continual Learning",
+    NeurIPS 2017; Avalanche's ``Naive``). It changes nothing in the loop:
+    ``Trainer(model, opt)`` with no plugin trains the same way; the named class makes
+    comparisons read plainly.
     """
 
 
@@ -78,9 +79,9 @@ class ER(Plugin):
 class Joint(Plugin):
     """Joint training, the usual upper bound: at task t, train on the union of tasks 0..t.
 
-    This is the cumulative form ("Cumulative" in Avalanche, "joint" after each task in
-    Lopez-Paz and Ranzato, "Gradient Episodic Memory for Continual Learning", NeurIPS 2017;
-    the upper bound of van de Ven et al., "Three types of incremental learning", 2022): the
+    This is the cumulative form (Avalanche's ``Cumulative`` strategy), not one run over
+    everything at once (the "joint training" upper bound of e.g. van de Ven, Tuytelaars and
+    Tolias, "Three types of incremental learning", Nature Machine Intelligence 2022): the
     model keeps training from where the previous task left it, each task's epochs run over
     every example seen so far, and row t of the accuracy matrix is comparable with the other
     methods'. After the last task the model has been trained on the whole data set, which is
