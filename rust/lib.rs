@@ -6,5 +6,6 @@
 
 pub mod error;
 pub mod python;
+pub mod replay;
 
 pub use error::{Error, Result};
