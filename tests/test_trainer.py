@@ -1,6 +1,5 @@
 """Trainer: hook order and contracts, task-IL masking, exact resume, results, bad input."""
 
-import importlib.util
 import io
 import math
 
@@ -8,9 +7,6 @@ import pytest
 import torch
 
 from forgetcore.continual import ER, Finetune, Joint, Plugin, Scenario, Trainer, scenarios
-
-HAS_REPLAY = importlib.util.find_spec("forgetcore.replay") is not None
-needs_replay = pytest.mark.skipif(not HAS_REPLAY, reason="forgetcore.replay (the replay family) is not in this checkout")
 
 
 @pytest.fixture(autouse=True)
@@ -239,7 +235,6 @@ def test_resume_is_bit_identical(split5, pause):
     assert part.fit(s)["R"] == ra["R"]
 
 
-@needs_replay
 def test_resume_with_er_is_bit_identical(split5):
     a, c, *_ = _resume_case(split5, lambda: ER(50, seed=3), 21)
     assert a.buffer.seen == c.buffer.seen and len(a.buffer) == len(c.buffer) == 50
@@ -247,7 +242,6 @@ def test_resume_with_er_is_bit_identical(split5):
     assert all(torch.equal(sa[k], sc[k]) for k in ("x", "y", "task"))
 
 
-@needs_replay
 def test_er_replays_and_stores_only_the_stream(split5):
     s = first(split5, 2)
     sizes = []
@@ -267,7 +261,6 @@ def test_er_replays_and_stores_only_the_stream(split5):
         ER(10, batch_size=0)
 
 
-@needs_replay
 def test_er_task_mode_keeps_each_example_task(split5):
     s = first(scenarios.split("digits", n_tasks=5, mode="task", seed=0), 2)
     er = ER(64, seed=0)
@@ -373,11 +366,9 @@ def test_resume_calls_resume_task_not_before_task(split5):
 def test_cuda_run_and_resume(split5):
     # Everything on the GPU: model, batches, task-IL masks, ER memory; resume restores the CUDA RNG.
     s = first(scenarios.split("digits", n_tasks=5, mode="task", seed=0), 3)
-    plugins = (lambda: [ER(64, seed=0)]) if HAS_REPLAY else (lambda: [])
-
     def make():
         model = mlp(dropout=0.3)
-        return model, trainer(model, plugins(), device="cuda", epochs=2, eval_every=5)
+        return model, trainer(model, [ER(64, seed=0)], device="cuda", epochs=2, eval_every=5)
 
     model_a, full = make()
     ra = full.fit(s)

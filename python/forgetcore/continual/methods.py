@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from .. import _checks
+from ..replay import ReservoirBuffer
 from .scenarios import Task
 from .trainer import Batch, Context, Plugin
 
@@ -49,11 +50,8 @@ class ER(Plugin):
 
     def __init__(self, capacity: int, batch_size: int | None = None, seed: int = 0,
                  device: torch.device | str | None = None) -> None:
-        from ..replay import ReservoirBuffer  # the primitive family; no other coupling
-
-        capacity = _checks.positive_int("capacity", capacity)
         self.batch_size = None if batch_size is None else _checks.positive_int("batch_size", batch_size)
-        self.buffer = ReservoirBuffer(capacity, seed=seed, device=device)
+        self.buffer = ReservoirBuffer(capacity, seed=seed, device=device)  # checks capacity, seed
 
     def transform_batch(self, ctx: Context, batch: Batch) -> Batch:
         if len(self.buffer) == 0:
