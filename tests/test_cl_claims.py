@@ -38,6 +38,6 @@ def test_finetune_forgets_in_class_il_not_in_task_il():
     res = {mode: demo.run_one("Finetune", 0, scenarios.split("digits", mode=mode, seed=0),
                               epochs=2, eval_every=None)["metrics"]
            for mode in ("class", "task")}
-    # measured at seed 0: class-IL ACC 0.18, forgetting 0.98; task-IL ACC 0.96, forgetting 0.01
+    # measured at seed 0: class-IL ACC 0.18, forgetting 0.97; task-IL ACC 0.96, forgetting 0.01
     assert res["class"]["acc"] < 0.25 and res["class"]["forgetting"] > 0.8
     assert res["task"]["acc"] > 0.85 and res["task"]["forgetting"] < 0.1
