@@ -9,7 +9,9 @@ pure torch elsewhere); the paper methods live in ``forgetcore.continual``,
 from __future__ import annotations
 
 from . import _core, datasets, reference, replay
+from . import continual, evaluation
 
 __version__: str = _core.__version__
 
 __all__ = ["__version__", "datasets", "reference", "replay"]
+__all__ += ["continual", "evaluation"]
