@@ -114,6 +114,28 @@ def _validate(arg: str, imps: list[torch.Tensor], names: list[str] | None, use_r
         raise ValueError(f"{label}: expected finite non-negative importances, got {v} at flat index {i}")
 
 
+def _check_disjoint(arg: str, written: list[torch.Tensor], read: list[torch.Tensor]) -> None:
+    """Refuse written tensors that share memory with each other or with what is read.
+
+    The kernels write chunks of every tensor in parallel: an alias would be a data race.
+    """
+    spans = []
+    for kind, ts in (("w", written), ("r", read)):
+        for i, t in enumerate(ts):
+            if t.numel():
+                start = t.data_ptr()
+                spans.append((start, start + t.numel() * t.element_size(), kind, i))
+    spans.sort()
+    end, owner = -1, None
+    for s, e, kind, i in spans:
+        if owner is not None and s < end and "w" in (kind, owner[0]):
+            a, b = sorted([owner, (kind, i)])
+            raise ValueError(f"{arg}: tensor {b[1] if b[0] == 'w' else a[1]} shares memory with "
+                             f"{'another tensor of the list' if a[0] == b[0] else 'an importance/gradient tensor'}")
+        if e > end:
+            end, owner = e, (kind, i)
+
+
 def _bump_version(params: list[torch.Tensor]) -> None:
     # Writes through numpy bypass autograd's version counter; bump it so a graph that saved
     # these tensors notices the in-place change, as it would after a torch in-place op.
@@ -165,6 +187,7 @@ def accumulate_(acc: ImpLike | ParamsLike, grads: ImpLike, scale: float = 1.0, m
         return
     a_l, g_l = [a for a, _ in pairs], [g for _, g in pairs]
     if _backend.choose(a_l[0].device) == _backend.RUST and _rust_ok(a_l):
+        _check_disjoint("acc", a_l, g_l)
         _core.accumulate_([_checks.numpy_view(a) for a in a_l],
                           [_checks.numpy_view(g.contiguous()) for g in g_l], scale, mode)
     else:
@@ -201,6 +224,8 @@ def ssd_dampen_(params: ParamsLike, imp_full: ImpLike, imp_forget: ImpLike, alph
         return torch.zeros(0, dtype=torch.int64)
     device = plist[0].device
     use_rust = _backend.choose(device) == _backend.RUST and _rust_ok(plist)
+    if use_rust:
+        _check_disjoint("params", plist, full + forget)
     if not validated:
         _validate("imp_full", full, names, use_rust)
         _validate("imp_forget", forget, names, use_rust)

@@ -1,0 +1,1 @@
+"""Metrics and harnesses over the results of forgetcore's methods (``evaluation.unlearning``)."""
