@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from . import _backend, _checks, _core, reference
@@ -269,6 +269,9 @@ def _loader(data: Any, batch_size: int) -> Iterable[Any]:
         if n == 0:
             raise ValueError("data: expected a non-empty dataset, got 0 examples")
         # Unshuffled, last partial batch kept: the batch estimate depends on both.
+        if isinstance(data, TensorDataset):
+            # Same batches as the DataLoader, by slicing instead of per-example collation.
+            return [tuple(t[s:s + batch_size] for t in data.tensors) for s in range(0, n or 0, batch_size)]
         return DataLoader(data, batch_size=batch_size, shuffle=False, drop_last=False)
     if isinstance(data, (DataLoader, Iterable)):
         return data

@@ -66,16 +66,39 @@ pub fn validate(imps: &[&[f32]]) -> Option<(usize, usize, f32)> {
     }
     work.into_par_iter()
         .filter_map(|(t, off, s)| {
-            // `!(x >= 0 && x < inf)` is true for NaN, negatives and +inf; a branch-free
-            // reduction first, the position only for the rare bad chunk.
-            let bad = s.iter().fold(false, |b, &x| b | !(x >= 0.0 && x < f32::INFINITY));
-            if !bad {
+            // `!(x >= 0 & x < inf)` is true for NaN, negatives and +inf. Non-short-circuit `&`
+            // and `|` keep the reduction branch-free so it vectorises; the position is looked
+            // up only in the rare bad chunk.
+            if !any_invalid(s) {
                 return None;
             }
             let i = s.iter().position(|&x| !(x >= 0.0 && x < f32::INFINITY))?;
             Some((t, off + i, s[i]))
         })
         .min_by_key(|&(t, i, _)| (t, i))
+}
+
+/// True if `s` holds a NaN, an infinity or a negative number (-0.0 is fine).
+///
+/// On the bit patterns: a float is finite and >= +0 iff its bits are below those of +inf;
+/// -0.0 is the one negative-signed value allowed. Integer compares OR-ed into a flag per lane
+/// vectorise with plain SSE2, unlike a float fold with NaN semantics.
+#[inline]
+fn any_invalid(s: &[f32]) -> bool {
+    const INF: u32 = 0x7f80_0000;
+    const NEG_ZERO: u32 = 0x8000_0000;
+    let bad = |x: f32| {
+        let u = x.to_bits();
+        ((u >= INF) & (u != NEG_ZERO)) as u32
+    };
+    let mut lanes = [0u32; 16];
+    let mut it = s.chunks_exact(16);
+    for block in &mut it {
+        for k in 0..16 {
+            lanes[k] |= bad(block[k]);
+        }
+    }
+    lanes.iter().any(|&l| l != 0) || it.remainder().iter().any(|&x| bad(x) != 0)
 }
 
 /// Dampen one chunk; returns how many elements were selected.
@@ -218,6 +241,9 @@ mod tests {
         let (t, i, _) = validate(&[&a, &b]).unwrap();
         assert_eq!((t, i), (1, 40_000));
         assert!(validate(&[&[f32::INFINITY]]).is_some());
+        assert!(validate(&[&[f32::NEG_INFINITY]]).is_some());
+        assert!(validate(&[&[-1e-45]]).is_some());
+        assert_eq!(validate(&[&[-0.0, 0.0, f32::MAX, 1e-45]]), None);
         assert_eq!(validate(&[]), None);
     }
 
