@@ -6,7 +6,9 @@
 - forgetcore ``fisher_diagonal(mode="empirical")`` (squared-input x squared-output-gradient
   contraction for Linear layers), and ``mode="batch"`` for scale (a different, biased quantity).
 
-Every exact estimate is checked against the loop (rtol 1e-5, atol 1e-6 * max F).
+Every exact estimate is checked against the loop (rtol 1e-5, atol 1e-6 * max F). Times are the
+best of a few runs on one torch thread (this MLP is small: a second intra-op thread only adds
+synchronisation, and on a shared machine it makes every number noisier).
 Usage: ``python benches/bench_fisher.py [--quick]``.
 """
 
@@ -15,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import warnings
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ def timeit(fn, reps):
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), out
+    return min(ts), out
 
 
 def backpack_fisher(model, x, y, bs=256):
@@ -86,12 +87,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    torch.set_num_threads(1)
     x, y = datasets.load("digits")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
                           nn.Linear(128, 10)).eval()
     n_par = sum(p.numel() for p in model.parameters())
-    reps = 1 if args.quick else 3
+    reps = 2 if args.quick else 5
     ds = TensorDataset(x, y)
     t_loop, want = timeit(lambda: per_sample_fisher(model, x, y), 1 if args.quick else 2)
     rows = [("baseline: per-sample backward loop", t_loop, "oracle")]

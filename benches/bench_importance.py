@@ -10,13 +10,13 @@ For the parameter shapes of ResNet-18 (CIFAR head, 11.2M float32) and GPT-2 smal
 against a stream triad ``a = b + s*c`` (torch, same threads) measured in the same run. GB/s
 counts the bytes the operation must move: SSD reads theta, I_D and I_Df (12 B per element) and
 writes the dampened elements (4 B each); accumulate_ reads acc and g and writes acc (12 B); the
-triad moves 12 B per element. Usage: ``python benches/bench_importance.py [--quick]``.
+triad moves 12 B per element. Times are the best of several runs (the machine is shared).
+Usage: ``python benches/bench_importance.py [--quick]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,7 +50,7 @@ def timeit(fn, reps: int) -> float:
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return min(ts)
 
 
 def triad_gbs(n: int, reps: int) -> float:

@@ -251,3 +251,26 @@ def test_aliasing_is_refused_not_raced():
     # disjoint views of one buffer are fine
     imp.ssd_dampen_([big[:10], big[10:]], [torch.rand(10)] * 2, [torch.rand(10)] * 2, 0.0)
     assert np.isfinite(big.numpy()).all()
+
+
+@given(sizes=st.lists(st.integers(0, 40_000), min_size=1, max_size=4), seed=st.integers(0, 2**31),
+       bad=st.lists(st.tuples(st.integers(0, 3), st.floats(0, 1), st.sampled_from([math.nan, -1.0, math.inf,
+                                                                                   -math.inf, -1e-45])),
+                    max_size=3))
+def test_validation_finds_the_same_first_bad_value_on_both_backends(sizes, seed, bad):
+    g = torch.Generator().manual_seed(seed)
+    imps = [torch.rand(n, generator=g) for n in sizes]
+    if imps[0].numel():
+        imps[0][0] = -0.0  # allowed
+    for t, pos, v in bad:
+        if t < len(imps) and imps[t].numel():
+            imps[t][int(pos * (imps[t].numel() - 1))] = v
+    msgs = []
+    for use_rust in (True, False):
+        try:
+            imp._validate("imp_full", imps, None, use_rust)
+            msgs.append(None)
+        except ValueError as e:
+            msgs.append(str(e))
+    assert msgs[0] == msgs[1]
+    assert (msgs[0] is None) == all(bool(((t >= 0) & (t < math.inf)).all()) for t in imps)

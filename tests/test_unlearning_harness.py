@@ -85,7 +85,15 @@ def test_full_mixes_retain_and_forget_with_a_seed():
     # forget examples spread through the order, not bunched at the end
     pos = torch.nonzero(ya == 3).flatten().float() / len(a)
     assert 0.3 < float(pos.mean()) < 0.7
-    assert a.indices != b.indices
+    yb = torch.stack([b[i][1] for i in range(len(b))])
+    assert not torch.equal(ya, yb)
+    # the same order whether the parts are TensorDatasets (gathered copy) or any Dataset (Subset)
+    plain = UnlearnData(forget=torch.utils.data.Subset(data.forget, range(len(data.forget))),
+                        retain=torch.utils.data.Subset(data.retain, range(len(data.retain))))
+    c = plain.full(0)
+    assert isinstance(c, torch.utils.data.Subset)
+    assert torch.equal(torch.stack([c[i][1] for i in range(len(c))]), ya)
+    assert torch.equal(torch.stack([c[i][0] for i in range(len(c))]), a.tensors[0])
 
 
 def test_evaluate_original_and_retrain(full):

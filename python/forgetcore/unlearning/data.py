@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import ConcatDataset, Dataset, Subset
+from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
 
 def _size(name: str, ds: Dataset | None, *, required: bool) -> int:
@@ -55,6 +55,10 @@ class UnlearnData:
         in class-pure batches, which SSD's batch Fisher does not expect (the official code
         iterates a class-mixed training set).
         """
-        both = ConcatDataset([self.retain, self.forget])
-        perm = torch.randperm(len(both), generator=torch.Generator().manual_seed(int(seed)))
-        return Subset(both, perm.tolist())
+        n = len(self.retain) + len(self.forget)  # type: ignore[arg-type]
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+        r, f = self.retain, self.forget
+        if isinstance(r, TensorDataset) and isinstance(f, TensorDataset) and len(r.tensors) == len(f.tensors):
+            # One gathered copy: later passes slice it instead of collating example by example.
+            return TensorDataset(*(torch.cat([a, b])[perm] for a, b in zip(r.tensors, f.tensors)))
+        return Subset(ConcatDataset([r, f]), perm.tolist())
