@@ -45,8 +45,10 @@ def ssd_dampen_(params: list[torch.Tensor], imp_full: list[torch.Tensor],
     counts = []
     for p, d, f in zip(params, imp_full, imp_forget, strict=True):
         sel = f > alpha * d
-        beta = (lam * d / f).clamp_(max=1.0)
-        p.copy_(torch.where(sel, p * beta, p))
+        beta = (lam * d).div_(f).clamp_(max=1.0)
+        # Multiplying the unselected elements by exactly 1 leaves them bit-for-bit as they were;
+        # torch.where keeps it free of host synchronisation (no boolean indexing) on CUDA.
+        p.mul_(torch.where(sel, beta, 1.0))
         counts.append(sel.sum())
     if not counts:
         return torch.zeros(0, dtype=torch.int64)

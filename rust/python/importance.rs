@@ -65,9 +65,29 @@ fn find_invalid_importance(
     Ok(py.detach(|| importance::validate(&s)))
 }
 
+/// Stream triad a = b + s * c on the kernels' threads and chunking: the bandwidth yardstick
+/// the benchmarks of memory-bound kernels report against.
+#[pyfunction]
+fn stream_triad_(
+    py: Python<'_>,
+    mut a: PyReadwriteArrayDyn<'_, f32>,
+    b: PyReadonlyArrayDyn<'_, f32>,
+    c: PyReadonlyArrayDyn<'_, f32>,
+    s: f32,
+) -> PyResult<()> {
+    let a = as_slice_mut(&mut a, "a")?;
+    let (b, c) = (as_slice(&b, "b")?, as_slice(&c, "c")?);
+    if b.len() != a.len() || c.len() != a.len() {
+        return Err(Error::value("b", format!("expected {} elements like a, got {} and {}", a.len(), b.len(), c.len())).into());
+    }
+    py.detach(|| importance::triad(a, b, c, s));
+    Ok(())
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(accumulate_, m)?)?;
     m.add_function(wrap_pyfunction!(ssd_dampen_, m)?)?;
     m.add_function(wrap_pyfunction!(find_invalid_importance, m)?)?;
+    m.add_function(wrap_pyfunction!(stream_triad_, m)?)?;
     Ok(())
 }
