@@ -46,23 +46,44 @@ def gpt2_small_shapes() -> list[tuple[int, ...]]:
     return shapes + [(d,), (d,)]
 
 
-def timeit(fn, reps: int) -> float:
-    fn()  # warm-up (page faults, allocator)
-    ts = []
+def timeit_all(runs: dict, reps: int) -> dict[str, float]:
+    """Best time of each callable, taking turns (round robin) so that all see the same machine."""
+    for f in runs.values():
+        f()  # warm-up
+    best = {k: float("inf") for k in runs}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return min(ts)
+        for k, f in runs.items():
+            t0 = time.perf_counter()
+            f()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
 
 
-def triad_gbs(n: int, reps: int) -> tuple[float, float]:
-    """Stream triad a = b + 3c in GB/s: Rust (rayon, the kernels' threads) and torch (OpenMP)."""
-    a, b, c = torch.zeros(n), torch.rand(n), torch.rand(n)
+TRIAD_N = 32 * 2**20  # 3 x 128 MiB, far beyond any cache
+_triad = None
+
+
+def triad_runs() -> dict:
+    """Stream triad a = b + 3c: Rust (rayon, the kernels' threads) and torch (OpenMP)."""
+    global _triad
+    if _triad is None:
+        _triad = (torch.zeros(TRIAD_N), torch.rand(TRIAD_N), torch.rand(TRIAD_N))
+    a, b, c = _triad
     av, bv, cv = (_checks.numpy_view(t) for t in (a, b, c))
-    t_rust = timeit(lambda: _core.stream_triad_(av, bv, cv, 3.0), reps)
-    t_torch = timeit(lambda: torch.add(b, c, alpha=3.0, out=a), reps)
-    return 12 * n / t_rust / 1e9, 12 * n / t_torch / 1e9
+    return {"stream triad (Rust, rayon)": lambda: _core.stream_triad_(av, bv, cv, 3.0),
+            "stream triad (torch.add out=)": lambda: torch.add(b, c, alpha=3.0, out=a)}
+
+
+def print_table(times: dict[str, float], nbytes: int, t_fc: float) -> float:
+    triad = 12 * TRIAD_N / times["stream triad (Rust, rayon)"] / 1e9
+    print(f"{'method':<34} {'ms':>9} {'GB/s':>8} {'%triad':>8} {'vs fc':>9}")
+    for k, t in times.items():
+        if k.startswith("stream triad"):
+            gbs = 12 * TRIAD_N / t / 1e9
+            print(f"{k:<34} {1e3 * t:9.1f} {gbs:8.1f} {100 * gbs / triad:7.0f}%")
+        else:
+            print(row(k, t, nbytes, triad, t_fc))
+    return triad
 
 
 def make(shapes, seed=0):
@@ -79,7 +100,7 @@ def row(name, t, nbytes, triad, t_fc):
     return f"{name:<34} {1e3 * t:9.1f} {gbs:8.1f} {100 * gbs / triad:7.0f}% {t / t_fc:8.2f}x"
 
 
-def bench_ssd(label, shapes, reps, triad):
+def bench_ssd(label, shapes, reps):
     params, full, forget = make(shapes)
     n = sum(p.numel() for p in params)
     counts = importance.ssd_dampen_([p.clone() for p in params], full, forget, 10.0, 1.0)
@@ -98,20 +119,18 @@ def bench_ssd(label, shapes, reps, triad):
                                                                       validated=True),
         "forgetcore (checks importances)": lambda: importance.ssd_dampen_(params, full, forget, 10.0, 1.0),
     }
-    times = {k: timeit(f, reps) for k, f in runs.items()}
+    times = timeit_all({**runs, **triad_runs()}, reps)
     t_fc = times["forgetcore (validated=True)"]
     print(f"\nSSD dampening, {label}: {len(shapes)} tensors, {n / 1e6:.1f}M float32, "
           f"{100 * sel / n:.2f} % selected, {nbytes / 1e9:.2f} GB moved (min)")
-    print(f"{'method':<34} {'ms':>9} {'GB/s':>8} {'%triad':>8} {'vs fc':>9}")
-    for k, t in times.items():
-        print(row(k, t, nbytes, triad, t_fc))
+    triad = print_table(times, nbytes, t_fc)
     best_torch = min(times["reference: torch.where per tensor"], times["torch: masked sparse update"])
     print(f"forgetcore is {best_torch / t_fc:.1f}x ahead of the best torch formulation, "
           f"{times['baseline: official loop + masks'] / t_fc:.1f}x ahead of the official loop")
-    return times, nbytes
+    return times, nbytes, triad
 
 
-def bench_accumulate(label, shapes, reps, triad):
+def bench_accumulate(label, shapes, reps):
     g = torch.Generator().manual_seed(1)
     acc = [torch.rand(s, generator=g) for s in shapes]
     grads = [torch.randn(s, generator=g) for s in shapes]
@@ -126,34 +145,29 @@ def bench_accumulate(label, shapes, reps, triad):
         "reference: a.add_((g * g) * s)": lambda: reference.accumulate_(acc, grads, 1.0, "sq"),
         "forgetcore accumulate_": lambda: importance.accumulate_(acc, grads, 1.0, "sq"),
     }
-    times = {k: timeit(f, reps) for k, f in runs.items()}
+    times = timeit_all({**runs, **triad_runs()}, reps)
     t_fc = times["forgetcore accumulate_"]
     print(f"\naccumulate_ (sq), {label}: {n / 1e6:.1f}M float32, {12 * n / 1e9:.2f} GB moved")
-    print(f"{'method':<34} {'ms':>9} {'GB/s':>8} {'%triad':>8} {'vs fc':>9}")
-    for k, t in times.items():
-        print(row(k, t, 12 * n, triad, t_fc))
+    print_table(times, 12 * n, t_fc)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="ResNet-18 shapes only, fewer repetitions")
     args = ap.parse_args()
-    print(f"threads: torch {torch.get_num_threads()}, rayon {_core.num_threads()}")
-    triad, triad_torch = triad_gbs(32 * 2**20, 5 if args.quick else 11)
-    print(f"stream triad a = b + s*c, 3 x 128 MiB: Rust/rayon {triad:.1f} GB/s (the yardstick below), "
-          f"torch.add(out=) {triad_torch:.1f} GB/s")
-    bench_ssd("ResNet-18 shapes", resnet18_shapes(), 5 if args.quick else 15, triad)
-    bench_accumulate("ResNet-18 shapes", resnet18_shapes(), 5 if args.quick else 15, triad)
+    print(f"threads: torch {torch.get_num_threads()}, rayon {_core.num_threads()}; best of k runs taken in turns "
+          f"with a stream triad (3 x 128 MiB), so every %triad compares like with like")
+    bench_ssd("ResNet-18 shapes", resnet18_shapes(), 5 if args.quick else 15)
+    bench_accumulate("ResNet-18 shapes", resnet18_shapes(), 5 if args.quick else 15)
     if not args.quick:
-        t, nbytes = bench_ssd("GPT-2 small shapes", gpt2_small_shapes(), 5, triad)
-        triad2, triad2_torch = triad_gbs(32 * 2**20, 11)
-        print(f"stream triad again after the 124M run: Rust/rayon {triad2:.1f} GB/s, torch {triad2_torch:.1f} GB/s")
+        t, nbytes, triad = bench_ssd("GPT-2 small shapes", gpt2_small_shapes(), 5)
         t_fc = t["forgetcore (validated=True)"]
         best_torch = min(t["reference: torch.where per tensor"], t["torch: masked sparse update"])
-        print(f"\nsummary 124M: forgetcore {1e3 * t_fc:.0f} ms = {nbytes / t_fc / 1e9:.1f} GB/s "
-              f"({100 * nbytes / t_fc / 1e9 / max(triad, triad2):.0f}-{100 * nbytes / t_fc / 1e9 / min(triad, triad2):.0f} % "
-              f"of triad); {best_torch / t_fc:.1f}x ahead of the best torch, "
-              f"{t['baseline: official loop + masks'] / t_fc:.1f}x ahead of the official loop")
+        gbs = nbytes / t_fc / 1e9
+        print(f"\nsummary 124M: forgetcore {1e3 * t_fc:.0f} ms = {gbs:.1f} GB/s = {100 * gbs / triad:.0f} % of the "
+              f"same-run triad ({triad:.1f} GB/s); {best_torch / t_fc:.1f}x ahead of the best torch, "
+              f"{t['baseline: official loop + masks'] / t_fc:.1f}x ahead of the official loop; with the importance "
+              f"check {1e3 * t['forgetcore (checks importances)']:.0f} ms")
 
 
 if __name__ == "__main__":
