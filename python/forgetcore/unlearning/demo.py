@@ -96,22 +96,23 @@ def _plot(results: dict[str, Any], path: Path) -> None:
 
     keys = list(results)
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.2), squeeze=False)
-    metrics = [("forget_acc", "forget acc"), ("test_retain_acc", "test acc, kept classes"),
-               ("test_acc", "test acc"), ("mia_entropy", "MIA (entropy)")]
+    metrics = [("forget_acc", "forget acc", "tab:blue"), ("test_retain_acc", "test acc, kept classes", "tab:orange"),
+               ("test_acc", "test acc", "tab:green"), ("mia_entropy", "MIA (entropy)", "tab:red")]
     for ax, key in zip(axes[0], keys):
         rows = results[key]["mean"]
         width = 0.8 / len(metrics)
-        for j, (m, label) in enumerate(metrics):
+        for j, (m, label, color) in enumerate(metrics):
             vals = [100 * r.get(m, math.nan) for r in rows]
             if all(math.isnan(v) for v in vals):
                 continue
-            ax.bar([i + j * width for i in range(len(rows))], vals, width, label=label)
+            ax.bar([i + j * width for i in range(len(rows))], vals, width, label=label if ax is axes[0][0] else None,
+                   color=color)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
         ax.set_xticklabels([r["method"] for r in rows], rotation=35, ha="right", fontsize=8)
         ax.set_ylim(0, 105)
         ax.set_title(key)
         ax.set_ylabel("%")
-    axes[0][0].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
+    fig.legend(loc="upper center", ncol=len(metrics), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     fig.savefig(path, dpi=120)
     plt.close(fig)
