@@ -208,6 +208,7 @@ def test_bad_input():
         fisher_diagonal(model, ds, distributed=True)
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # BackPACK's own hooks
 def test_backpack_sum_grad_squared_oracle():
     backpack = pytest.importorskip("backpack")
     from backpack.extensions import SumGradSquared
