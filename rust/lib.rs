@@ -5,6 +5,7 @@
 //! and `cargo bench` exercise the kernels without an interpreter.
 
 pub mod error;
+pub mod importance;
 pub mod python;
 pub mod replay;
 

@@ -12,6 +12,7 @@ use pyo3::prelude::*;
 use crate::Error;
 
 mod replay;
+mod importance;
 
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
@@ -49,5 +50,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     replay::register(m)?;
+    importance::register(m)?;
     Ok(())
 }
