@@ -6,6 +6,7 @@
 
 pub mod cuda;
 pub mod error;
+pub mod importance;
 pub mod python;
 pub mod replay;
 

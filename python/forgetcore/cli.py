@@ -18,6 +18,7 @@ from pathlib import Path
 # progress) and return a dict of results; imports are lazy so `forgetcore --help` is instant.
 DEMOS: dict[str, tuple[str, str, str]] = {
     "cl": ("forgetcore.continual.demo", "run", "Split-Digits class-incremental: Finetune, ER, Joint"),
+    "unlearn": ("forgetcore.unlearning.demo", "run", "SSD vs Retrain/Finetune/GradientAscent, full-class and random, with MIA"),
 }
 
 

@@ -13,6 +13,7 @@ use crate::Error;
 
 mod cuda;
 mod replay;
+mod importance;
 
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
@@ -51,5 +52,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     cuda::register(m)?;
     replay::register(m)?;
+    importance::register(m)?;
     Ok(())
 }

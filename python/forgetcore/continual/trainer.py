@@ -1,0 +1,538 @@
+"""The training loop every continual method plugs into.
+
+One loop, written out so it can be read top to bottom (``Trainer.fit``); a method changes it only
+through plugin hooks, in the order they run::
+
+    for each task t:
+        before_task(ctx, task)          # e.g. freeze weights, snapshot the old model
+        optimizer = make_optimizer(model)
+        data = train_data(ctx, task)    # default: task.train (Joint: every task seen so far)
+        for each epoch, for each shuffled mini-batch:
+            batch = {"x", "y", "task", "n_stream"}
+            batch = transform_batch(ctx, batch)       # ER appends replayed examples here
+            output = model(batch["x"])                # masked to the task's classes in task-IL
+            loss = loss(ctx, batch, output)           # default: cross-entropy
+            loss.backward(); after_backward(ctx)      # gradient projection goes here
+            optimizer.step(); after_step(ctx, batch)  # ER stores the stream part here
+            every eval_every steps: accuracy on each seen task -> learning curves, after_eval
+        after_task(ctx, task)           # e.g. GPM's bases from the finished task's data
+        accuracy on every task -> row t of the accuracy matrix R, after_eval
+
+A plugin is any object with some of these methods (subclass :class:`Plugin` for no-op
+defaults and documentation). ``loss`` and ``train_data`` replace the default, so at most one
+plugin of a trainer may define each. Hooks run in the order the plugins were given.
+
+Reproducibility: batches are shuffled by a generator seeded from ``(seed, task, epoch)``; the
+global torch RNG (dropout, plugins that use it) is seeded with ``seed`` when a fresh run starts
+and saved in ``state_dict``. ``fit(scenario, max_steps=n)`` pauses after ``n`` optimisation
+steps in all; ``state_dict()`` then captures model, optimiser, plugins, RNG and progress, and a
+new trainer that loads it continues bit-identically to a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .. import _checks
+from .scenarios import Scenario, Task
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, Any]
+
+_HOOKS = ("before_task", "resume_task", "transform_batch", "after_backward", "after_step",
+          "after_task", "after_eval")
+_REPLACING = ("loss", "train_data")  # hooks that replace the default: at most one plugin each
+
+
+class Plugin:
+    """Base class of continual methods: every hook is a no-op until overridden.
+
+    Hooks (all optional; a plugin need not subclass this):
+
+    - ``before_task(ctx, task)``: before the task's optimiser is built (``ctx.optimizer`` is
+      still the previous task's, or None), so parameters frozen here stay out of it.
+    - ``resume_task(ctx, task)``: instead of ``before_task`` when a paused run resumes inside a
+      task. ``before_task``'s effects on the plugin's own attributes must be in its
+      ``state_dict``; effects on the model that its ``state_dict`` does not hold (e.g.
+      ``requires_grad``) are re-applied here.
+    - ``transform_batch(ctx, batch) -> batch``: may add examples (append them after the first
+      ``batch["n_stream"]`` rows, which are the stream's) or fields.
+    - ``loss(ctx, batch, output) -> Tensor``: replaces cross-entropy (at most one plugin).
+    - ``train_data(ctx, task) -> dict(x=, y=, task=)``: replaces ``task.train`` as the data
+      of the task's epochs (at most one plugin; :class:`~forgetcore.continual.Joint` uses it).
+    - ``after_backward(ctx)``: gradients are in ``p.grad``; the optimiser has not stepped.
+    - ``after_step(ctx, batch)``: after ``optimizer.step()``; ``batch`` is the transformed batch.
+    - ``after_task(ctx, task)``: the task's training is done, its evaluation not yet.
+    - ``after_eval(ctx, accuracies)``: ``accuracies`` maps task id -> accuracy;
+      ``ctx.eval_kind`` is ``"initial"``, ``"curve"`` or ``"task_end"`` and ``ctx.eval_split``
+      ``"test"`` or ``"val"``.
+    - ``state_dict()`` / ``load_state_dict(state)``: tensors, numbers, strings, lists and dicts
+      only, so ``torch.load(..., weights_only=True)`` reads them back.
+    """
+
+    def before_task(self, ctx: Context, task: Task) -> None:
+        pass
+
+    def resume_task(self, ctx: Context, task: Task) -> None:
+        pass
+
+    def transform_batch(self, ctx: Context, batch: Batch) -> Batch:
+        return batch
+
+    def after_backward(self, ctx: Context) -> None:
+        pass
+
+    def after_step(self, ctx: Context, batch: Batch) -> None:
+        pass
+
+    def after_task(self, ctx: Context, task: Task) -> None:
+        pass
+
+    def after_eval(self, ctx: Context, accuracies: dict[int, float]) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass
+class Context:
+    """What the hooks see. ``step`` counts optimisation steps over the whole run,
+    ``task_step`` those of the current task."""
+
+    model: torch.nn.Module
+    trainer: Trainer
+    device: torch.device
+    seed: int
+    scenario: Scenario | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    task: Task | None = None
+    task_id: int = -1
+    epoch: int = 0
+    step: int = 0
+    task_step: int = 0
+    eval_kind: str = ""
+    eval_split: str = "test"
+
+
+def _epoch_generator(seed: int, task: int, epoch: int) -> torch.Generator:
+    # Independent of everything that ran before, so a resumed run rebuilds the same order.
+    s = int(np.random.SeedSequence([seed, task, epoch]).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator().manual_seed(s)
+
+
+def _get_rng(device: torch.device) -> dict[str, torch.Tensor]:
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":  # dropout on the GPU draws from the device's generator
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def _set_rng(rng: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def _fresh_progress() -> dict[str, Any]:
+    return {"task": 0, "epoch": 0, "batch": 0, "step": 0, "task_step": 0, "in_task": False,
+            "started": False,
+            "scenario": "", "n_tasks": 0, "R": [], "R_val": [], "initial": [], "initial_val": [],
+            "curves": {"step": [], "task": [], "acc": []},
+            "timings": {"train_s": [], "eval_s": 0.0, "total_s": 0.0}}
+
+
+class Trainer:
+    """Train a model on a :class:`Scenario`, task after task, with plugins for the method.
+
+    Args:
+        model: a module mapping a batch of inputs (N, *scenario.input_shape) to logits
+            (N, scenario.n_classes).
+        make_optimizer: ``model -> torch.optim.Optimizer``, called at the start of every task
+            after ``before_task`` (a fresh optimiser per task, as Avalanche and Mammoth do).
+        plugins: the method (see :class:`Plugin`); none means naive fine-tuning.
+        epochs: passes over each task's training data.
+        batch_size: stream examples per step (plugins may add more, e.g. replay).
+        seed: seeds batch order and the global torch RNG of a fresh run.
+        device: where batches go; default the model's device (the model is moved there if given).
+        progress: show a tqdm bar.
+        eval_every: also evaluate every seen task every this many steps (learning curves;
+            each task is also evaluated before its first step and after its last). None: only
+            those two points.
+        eval_val: also fill ``R_val`` from each task's ``.val`` split.
+        eval_batch_size: examples per forward pass at evaluation.
+    """
+
+    def __init__(self, model: torch.nn.Module,
+                 make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer],
+                 plugins: Iterable[Any] = (), *, epochs: int = 1, batch_size: int = 32,
+                 seed: int = 0, device: torch.device | str | None = None, progress: bool = True,
+                 eval_every: int | None = 10, eval_val: bool = False,
+                 eval_batch_size: int = 1024) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if not callable(make_optimizer):
+            raise TypeError(f"make_optimizer: expected a callable model -> optimizer, "
+                            f"got {type(make_optimizer).__name__}")
+        if isinstance(plugins, (str, bytes)) or not isinstance(plugins, Iterable):
+            raise TypeError(f"plugins: expected a list of plugins, got {type(plugins).__name__}")
+        self.plugins = list(plugins)
+        for name in _REPLACING:
+            owners = [type(p).__name__ for p in self.plugins if callable(getattr(p, name, None))]
+            if len(owners) > 1:
+                raise ValueError(f"plugins: at most one plugin may define {name}(), "
+                                 f"got {len(owners)}: {', '.join(owners)}")
+        self.epochs = _checks.positive_int("epochs", epochs)
+        self.batch_size = _checks.positive_int("batch_size", batch_size)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+        self.seed = int(seed)
+        self.eval_every = None if eval_every is None else _checks.positive_int("eval_every", eval_every)
+        self.eval_batch_size = _checks.positive_int("eval_batch_size", eval_batch_size)
+        self.eval_val = bool(eval_val)
+        self.progress = bool(progress)
+        if device is None:
+            p = next(model.parameters(), None)
+            self.device = p.device if p is not None else torch.device("cpu")
+        else:
+            self.device = torch.device(device)
+            model.to(self.device)
+        self.model = model
+        self.make_optimizer = make_optimizer
+        self._hooks = {h: [getattr(p, h) for p in self.plugins if callable(getattr(p, h, None))]
+                       for h in (*_HOOKS, *_REPLACING)}
+        self.ctx = Context(model=model, trainer=self, device=self.device, seed=self.seed)
+        self._p = _fresh_progress()
+        self._rng: dict[str, torch.Tensor] | None = None  # global RNGs to restore when fit resumes
+        self._optim_state: dict | None = None       # optimiser state to restore when fit resumes
+        self._masks: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ hooks and helpers
+    def _call(self, hook: str, *args: Any) -> None:
+        for f in self._hooks[hook]:
+            f(self.ctx, *args)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        opt = self.make_optimizer(self.model)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"make_optimizer: expected a function returning a "
+                            f"torch.optim.Optimizer, got {type(opt).__name__}")
+        return opt
+
+    def _train_data(self, task: Task) -> dict[str, torch.Tensor]:
+        if self._hooks["train_data"]:
+            data = self._hooks["train_data"][0](self.ctx, task)
+            missing = {"x", "y", "task"} - set(data)
+            if missing:
+                raise ValueError(f"train_data: expected a dict with keys x, y, task, "
+                                 f"missing {sorted(missing)}")
+            return data
+        x, y = task.train.tensors
+        return {"x": x, "y": y, "task": torch.full((len(y),), task.id, dtype=torch.long)}
+
+    def _forward(self, x: torch.Tensor, task_ids: torch.Tensor, n_classes: int) -> torch.Tensor:
+        out = self.model(x)
+        if not isinstance(out, torch.Tensor) or out.shape != (x.shape[0], n_classes):
+            raise ValueError(f"model: expected output of shape (batch, n_classes) = "
+                             f"({x.shape[0]}, {n_classes}), got {_checks.describe(out)}")
+        if self._masks is not None:  # task-incremental: only the example's task's classes count
+            out = out.masked_fill(~self._masks[task_ids], torch.finfo(out.dtype).min)
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, scenario: Scenario, task_ids: Sequence[int] | None = None,
+                 split: str = "test") -> dict[int, float]:
+        """Accuracy of the model on each task's ``split`` ("test" or "val"): {task id: accuracy}.
+
+        Runs in eval mode (dropout, batch-norm) and restores the previous mode after.
+        """
+        if split not in ("test", "val"):
+            raise ValueError(f"split: expected 'test' or 'val', got {split!r}")
+        self._set_masks(scenario)
+        ids = range(len(scenario)) if task_ids is None else task_ids
+        was_training = self.model.training
+        self.model.eval()
+        accs = {}
+        try:
+            for j in ids:
+                x, y = getattr(scenario[j], split).tensors
+                if len(y) == 0:
+                    accs[j] = float("nan")
+                    continue
+                correct = 0
+                for s in range(0, len(y), self.eval_batch_size):
+                    xb = x[s:s + self.eval_batch_size].to(self.device)
+                    yb = y[s:s + self.eval_batch_size].to(self.device)
+                    tb = torch.full_like(yb, j)
+                    out = self._forward(xb, tb, scenario.n_classes)
+                    correct += int((out.argmax(1) == yb).sum())
+                accs[j] = correct / len(y)
+        finally:
+            self.model.train(was_training)
+        return accs
+
+    def _set_masks(self, scenario: Scenario) -> None:
+        if scenario.mode == "task":
+            m = torch.zeros(len(scenario), scenario.n_classes, dtype=torch.bool)
+            for t in scenario:
+                m[t.id, t.classes] = True
+            self._masks = m.to(self.device)
+        else:
+            self._masks = None
+
+    def _eval_hook(self, kind: str, split: str, accs: dict[int, float]) -> None:
+        self.ctx.eval_kind, self.ctx.eval_split = kind, split
+        self._call("after_eval", accs)
+
+    def _curve_point(self, scenario: Scenario, t: int) -> None:
+        t0 = time.perf_counter()
+        accs = self.evaluate(scenario, range(t + 1))
+        c = self._p["curves"]
+        c["step"].append(self._p["step"])
+        c["task"].append(t)
+        c["acc"].append([accs.get(j) for j in range(len(scenario))])
+        self._p["timings"]["eval_s"] += time.perf_counter() - t0
+        self._eval_hook("curve", "test", accs)
+
+    def _check_scenario(self, scenario: Scenario) -> None:
+        if not isinstance(scenario, Scenario):
+            raise TypeError(f"scenario: expected a forgetcore.continual.Scenario, "
+                            f"got {type(scenario).__name__}")
+        if len(scenario) == 0:
+            raise ValueError("scenario: expected at least one task, got 0")
+        for t in scenario:
+            if len(t.train) == 0 or len(t.test) == 0:
+                raise ValueError(f"scenario: task {t.id} has an empty train or test set")
+        p = self._p
+        if p["started"] and (p["scenario"], p["n_tasks"]) != (scenario.name, len(scenario)):
+            raise ValueError(f"scenario: this trainer's run is on {p['scenario']!r} with "
+                             f"{p['n_tasks']} tasks, got {scenario.name!r} with {len(scenario)}")
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, scenario: Scenario, max_steps: int | None = None) -> dict[str, Any]:
+        """Train on every task of ``scenario`` in order; return the results so far.
+
+        ``max_steps``: pause once this many optimisation steps have run in all (the run resumes
+        from ``state_dict()``, or by calling ``fit`` again). Returns a dict:
+
+        - ``R``: list of rows, ``R[i][j]`` = test accuracy on task j after training task i
+          (every task, seen or not, so forward transfer can be computed); ``R_val`` the same
+          on ``.val`` when ``eval_val``.
+        - ``initial``: test accuracy on each task before any training (the ``b`` of
+          :func:`forgetcore.evaluation.continual.forward_transfer` when the model starts
+          randomly initialised); ``initial_val`` likewise.
+        - ``curves``: ``step`` (optimisation steps done), ``task`` (the task being trained),
+          ``acc`` (per task, None for tasks not yet seen): accuracy on each seen task before each
+          task's first step, every ``eval_every`` steps and after each task's last step.
+        - ``timings``: ``train_s`` per task, ``eval_s``, ``total_s`` (seconds).
+        - ``steps``, ``finished``, ``scenario``, ``mode``.
+        """
+        self._check_scenario(scenario)
+        if max_steps is not None:
+            max_steps = _checks.positive_int("max_steps", max_steps)
+        p, ctx = self._p, self.ctx
+        t_start = time.perf_counter()
+        ctx.scenario = scenario
+        self._set_masks(scenario)
+        if not p["started"]:
+            t0 = time.perf_counter()
+            initial = list(self.evaluate(scenario).values())  # also checks the model's output
+            initial_val = list(self.evaluate(scenario, split="val").values()) if self.eval_val else []
+            p.update(started=True, scenario=scenario.name, n_tasks=len(scenario),
+                     initial=initial, initial_val=initial_val)
+            torch.manual_seed(self.seed)
+            p["timings"]["eval_s"] += time.perf_counter() - t0
+            self._eval_hook("initial", "test", dict(enumerate(p["initial"])))
+        elif self._rng is not None:
+            _set_rng(self._rng, self.device)
+        if max_steps is not None and p["step"] >= max_steps:
+            return self._result(scenario, finished=False)
+        bar = tqdm(total=0, desc=scenario.name, unit="step", disable=not self.progress,
+                   leave=False, dynamic_ncols=True)
+        try:
+            paused = self._run(scenario, max_steps, bar)
+        finally:
+            bar.close()
+        self._rng = _get_rng(self.device)
+        p["timings"]["total_s"] += time.perf_counter() - t_start
+        return self._result(scenario, finished=not paused)
+
+    def _run(self, scenario: Scenario, max_steps: int | None, bar: tqdm) -> bool:
+        p, ctx, model = self._p, self.ctx, self.model
+        while p["task"] < len(scenario):
+            t = p["task"]
+            task = scenario[t]
+            ctx.task, ctx.task_id = task, t
+            t_task, eval_before = time.perf_counter(), p["timings"]["eval_s"]
+            if p["in_task"]:  # resuming a paused run inside this task
+                ctx.epoch, ctx.task_step = p["epoch"], p["task_step"]
+                self._call("resume_task", task)
+                ctx.optimizer = self._build_optimizer()
+                if self._optim_state is not None:
+                    ctx.optimizer.load_state_dict(self._optim_state)
+                    self._optim_state = None
+            else:
+                ctx.epoch = ctx.task_step = 0
+                self._call("before_task", task)
+                ctx.optimizer = self._build_optimizer()
+                p.update(in_task=True, epoch=0, batch=0, task_step=0)
+                p["timings"]["train_s"].append(0.0)
+                self._curve_point(scenario, t)  # the pre-update point (x = -1 in De Lange et al.)
+            data = self._train_data(task)
+            n = len(data["y"])
+            n_batches = math.ceil(n / self.batch_size)
+            total_local = self.epochs * n_batches
+            bar.total += total_local - (p["epoch"] * n_batches + p["batch"])
+            bar.set_description(f"{scenario.name} task {t + 1}/{len(scenario)}")
+            model.train()
+            for epoch in range(p["epoch"], self.epochs):
+                ctx.epoch = p["epoch"] = epoch
+                order = torch.randperm(n, generator=_epoch_generator(self.seed, t, epoch))
+                for b in range(p["batch"], n_batches):
+                    idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+                    self._step(scenario, data, idx)
+                    p["batch"] = b + 1
+                    ctx.task_step = p["task_step"] = epoch * n_batches + b + 1
+                    bar.update(1)
+                    if (self.eval_every is not None and p["step"] % self.eval_every == 0
+                            and ctx.task_step < total_local):
+                        self._curve_point(scenario, t)
+                    if max_steps is not None and p["step"] >= max_steps:
+                        self._add_train_time(t, t_task, eval_before)
+                        self._optim_state = ctx.optimizer.state_dict()
+                        return True
+                p["batch"] = 0
+            self._call("after_task", task)
+            self._add_train_time(t, t_task, eval_before)
+            self._end_task(scenario, t)
+            p.update(task=t + 1, epoch=0, batch=0, task_step=0, in_task=False)
+        return False
+
+    def _add_train_time(self, t: int, since: float, eval_before: float) -> None:
+        tm = self._p["timings"]  # wall time of the task minus its evaluations
+        tm["train_s"][t] += time.perf_counter() - since - (tm["eval_s"] - eval_before)
+
+    def _step(self, scenario: Scenario, data: dict[str, torch.Tensor], idx: torch.Tensor) -> None:
+        p, ctx = self._p, self.ctx
+        batch: Batch = {k: data[k][idx].to(self.device) for k in ("x", "y", "task")}
+        batch["n_stream"] = len(idx)
+        for f in self._hooks["transform_batch"]:
+            batch = f(ctx, batch)
+        out = self._forward(batch["x"], batch["task"], scenario.n_classes)
+        if self._hooks["loss"]:
+            loss = self._hooks["loss"][0](ctx, batch, out)
+        else:
+            loss = F.cross_entropy(out, batch["y"])
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise ValueError(f"loss: expected a scalar tensor, got {_checks.describe(loss)}")
+        if not bool(torch.isfinite(loss)):
+            raise ValueError(f"loss: expected a finite value, got {float(loss.detach())} at step "
+                             f"{p['step']} (task {ctx.task_id}); lower the learning rate?")
+        ctx.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._call("after_backward")
+        ctx.optimizer.step()
+        p["step"] += 1
+        ctx.step = p["step"]
+        self._call("after_step", batch)
+
+    def _end_task(self, scenario: Scenario, t: int) -> None:
+        p = self._p
+        t0 = time.perf_counter()
+        row = self.evaluate(scenario)
+        p["R"].append(list(row.values()))
+        c = p["curves"]
+        c["step"].append(p["step"])
+        c["task"].append(t)
+        c["acc"].append([row[j] if j <= t else None for j in range(len(scenario))])
+        if self.eval_val:
+            p["R_val"].append(list(self.evaluate(scenario, split="val").values()))
+        p["timings"]["eval_s"] += time.perf_counter() - t0
+        log.info("%s: after task %d, accuracy on tasks 0..%d: %s", scenario.name, t, t,
+                 " ".join(f"{a:.3f}" for a in p["R"][-1][:t + 1]))
+        self._eval_hook("task_end", "test", row)
+        if self.eval_val:
+            self._eval_hook("task_end", "val", dict(enumerate(p["R_val"][-1])))
+
+    def _result(self, scenario: Scenario, finished: bool) -> dict[str, Any]:
+        p = self._p
+        out = {
+            "R": [list(r) for r in p["R"]], "initial": list(p["initial"]),
+            "curves": {k: [list(v) if isinstance(v, list) else v for v in vs]
+                       for k, vs in p["curves"].items()},
+            "timings": {"train_s": list(p["timings"]["train_s"]),
+                        "eval_s": p["timings"]["eval_s"], "total_s": p["timings"]["total_s"]},
+            "steps": p["step"], "finished": finished, "scenario": scenario.name,
+            "mode": scenario.mode,
+        }
+        if self.eval_val:
+            out["R_val"] = [list(r) for r in p["R_val"]]
+            out["initial_val"] = list(p["initial_val"])
+        return out
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimiser (when paused inside a task), plugins, global RNG and progress.
+
+        Call it between ``fit`` calls (after a pause or the end). Everything is tensors,
+        numbers, strings, lists and dicts, so ``torch.load(..., weights_only=True)`` reads it.
+        """
+        opt = self._optim_state
+        return {
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": opt if opt is not None else {},
+            "plugins": [p.state_dict() if callable(getattr(p, "state_dict", None)) else {}
+                        for p in self.plugins],
+            "rng": {k: v.clone() for k, v in (self._rng or _get_rng(self.device)).items()},
+            "progress": _copy(self._p),
+            "config": self._config(),
+        }
+
+    def _config(self) -> dict[str, int]:
+        # What the saved position means: resuming under other values would not continue the run.
+        return {"seed": self.seed, "epochs": self.epochs, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved; the next ``fit`` continues from there."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state: expected a dict from Trainer.state_dict(), got {type(state).__name__}")
+        missing = {"model", "optimizer", "plugins", "rng", "progress", "config"} - set(state)
+        if missing:
+            raise ValueError(f"state: expected a Trainer.state_dict(), missing {sorted(missing)}")
+        if dict(state["config"]) != self._config():
+            raise ValueError(f"state: saved by a trainer with {dict(state['config'])}, "
+                             f"this one has {self._config()}")
+        if len(state["plugins"]) != len(self.plugins):
+            raise ValueError(f"state: saved with {len(state['plugins'])} plugins, "
+                             f"this trainer has {len(self.plugins)}")
+        self.model.load_state_dict(state["model"])
+        for plugin, s in zip(self.plugins, state["plugins"]):
+            if callable(getattr(plugin, "load_state_dict", None)):
+                plugin.load_state_dict(s)
+        self._optim_state = state["optimizer"] or None
+        self._rng = {k: v.clone() for k, v in state["rng"].items()}
+        self._p = _copy(state["progress"])
+        self.ctx.step = self._p["step"]
+
+
+def _copy(obj: Any) -> Any:
+    """Deep copy of nested lists/dicts of plain values (progress must not alias saved state)."""
+    if isinstance(obj, dict):
+        return {k: _copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_copy(v) for v in obj]
+    return obj

@@ -1,0 +1,11 @@
+"""Metrics and harnesses over the results of forgetcore's methods.
+
+``evaluation.continual``: accuracy-matrix metrics; ``evaluation.unlearning``: forget/retain/test
+accuracy, membership-inference attacks and the baseline comparison harness.
+"""
+
+from __future__ import annotations
+
+from . import continual, unlearning
+
+__all__ = ["continual", "unlearning"]

@@ -1,0 +1,282 @@
+"""Unlearning harness: scenarios on embedded real data, metrics, and a method-comparison table.
+
+Scenarios (seeded, stratified train/validation/test splits of ``forgetcore.datasets``):
+
+- :func:`full_class`: forget every training example of one class;
+- :func:`random_subset`: forget a random 10 % of the training set.
+
+:func:`train_original` trains the model to unlearn from (retain and forget together).
+:func:`evaluate` measures forget / retain / test accuracy and two membership-inference attacks:
+
+- ``mia_entropy``: the SSD paper's attack (``get_membership_attack_prob`` in the official code,
+  after Chundawat et al. 2023): a class-balanced logistic regression on the entropy of the
+  softmax output, fitted to retain examples (members) against test examples (non-members), then
+  asked about the forget set; the reported number is the fraction of forget examples it calls
+  members (lower = more forgotten; a retrained model is the reference point).
+- ``mia_loss``: a loss-threshold attack (Yeom et al., CSF 2018): the per-example loss threshold
+  that best separates retain from test (balanced accuracy) is applied to the forget set; again
+  the fraction called members. ``mia_loss_auc`` is the AUC of that loss between forget and test
+  examples (0.5: indistinguishable from unseen data).
+
+:func:`compare` runs a list of methods on copies of one original model and returns a table
+(list of dicts) with every metric and the wall time of each ``fit``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from .. import _checks, datasets
+from ..unlearning import TRAIN_DEFAULTS, Retrain, UnlearnData
+from ..unlearning._train import fit_epochs, logits_of
+
+__all__ = ["full_class", "random_subset", "make_model", "train_original", "evaluate", "compare",
+           "format_table", "SPLIT"]
+
+#: train / validation / test fractions of every scenario (stratified by class).
+SPLIT: tuple[float, float, float] = (0.6, 0.2, 0.2)
+
+
+def _splits(name: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    x, y = datasets.load(name)
+    return x, y, datasets.stratified_split(y, SPLIT, seed)
+
+
+def full_class(name: str = "digits", forget_class: int | Sequence[int] = 3, seed: int = 0) -> UnlearnData:
+    """Forget every training example of ``forget_class`` (one class id or several).
+
+    ``forget_val`` / ``retain_val``: the validation examples of the forgotten / kept classes;
+    ``test``: the test examples of every class.
+    """
+    x, y, (tr, va, te) = _splits(name, seed)
+    classes = [forget_class] if isinstance(forget_class, (int, np.integer)) else list(forget_class)
+    known = set(torch.unique(y).tolist())
+    if not classes or any(int(c) not in known for c in classes):
+        raise ValueError(f"forget_class: expected class ids among {sorted(known)}, got {forget_class}")
+    fc = torch.tensor([int(c) for c in classes])
+
+    def parts(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = torch.isin(y[idx], fc)
+        return idx[m], idx[~m]
+
+    f_tr, r_tr = parts(tr)
+    f_va, r_va = parts(va)
+    return UnlearnData(forget=datasets.subset(x, y, f_tr), retain=datasets.subset(x, y, r_tr),
+                       forget_val=datasets.subset(x, y, f_va), retain_val=datasets.subset(x, y, r_va),
+                       test=datasets.subset(x, y, te), forget_classes=tuple(int(c) for c in classes))
+
+
+def random_subset(name: str = "digits", fraction: float = 0.1, seed: int = 0) -> UnlearnData:
+    """Forget a uniformly random ``fraction`` of the training set (seeded).
+
+    There is no held-out copy of the forget set, so ``forget_val`` is None (methods that tune on
+    it use the forget set itself); ``retain_val`` and ``test`` are the validation and test splits.
+    """
+    fraction = _checks.real("fraction", fraction, low=0.0, high=1.0, low_open=True, high_open=True)
+    x, y, (tr, va, te) = _splits(name, seed)
+    perm = tr[torch.randperm(len(tr), generator=torch.Generator().manual_seed(int(seed) + 1))]
+    k = max(1, int(round(fraction * len(tr))))
+    f_tr, r_tr = torch.sort(perm[:k]).values, torch.sort(perm[k:]).values
+    return UnlearnData(forget=datasets.subset(x, y, f_tr), retain=datasets.subset(x, y, r_tr),
+                       retain_val=datasets.subset(x, y, va), test=datasets.subset(x, y, te))
+
+
+def make_model(arch: str = "mlp", in_shape: Sequence[int] = (1, 8, 8), n_classes: int = 10, seed: int = 0) -> nn.Module:
+    """A small seeded classifier: ``"mlp"`` (two hidden layers of 128, ReLU) or ``"cnn"`` (two conv layers)."""
+    c, h, w = (int(s) for s in in_shape)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        if arch == "mlp":
+            return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                                 nn.Linear(128, n_classes))
+        if arch == "cnn":
+            return nn.Sequential(nn.Conv2d(c, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                 nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                                 nn.Linear(32 * 4, n_classes))
+    raise ValueError(f"arch: expected 'mlp' or 'cnn', got {arch!r}")
+
+
+def train_original(data: UnlearnData, arch: str = "mlp", seed: int = 0, *, progress: bool = False,
+                   **recipe: Any) -> nn.Module:
+    """Train a fresh :func:`make_model` on retain and forget together, with ``TRAIN_DEFAULTS``
+    (overridable through ``recipe``); returns it in eval mode."""
+    cfg = {**TRAIN_DEFAULTS, **recipe}
+    x0, y0 = data.retain[0]
+    n_classes = 1 + int(max(_labels(data.retain).max(), _labels(data.forget).max()))
+    model = make_model(arch, tuple(x0.shape), n_classes, seed)
+    fit_epochs(model, data.full(seed), seed=seed, progress=progress, desc="train original", **cfg)
+    return model
+
+
+def _labels(ds: Dataset) -> torch.Tensor:
+    if isinstance(ds, torch.utils.data.TensorDataset):
+        return ds.tensors[1]
+    return torch.as_tensor([int(ds[i][1]) for i in range(len(ds))])  # type: ignore[arg-type]
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    p = F.softmax(logits, dim=1)
+    return -torch.xlogy(p, p).sum(1)  # 0 log 0 = 0: a saturated output has entropy 0, not NaN
+
+
+def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(score(pos) > score(neg)) + 0.5 P(tie): the Mann-Whitney AUC."""
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    allv = np.concatenate([pos, neg])
+    order = allv.argsort(kind="mergesort")
+    ranks = np.empty(len(allv))
+    ranks[order] = np.arange(1, len(allv) + 1)
+    # average ranks over ties
+    _, inv, counts = np.unique(allv, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv, weights=ranks)
+    ranks = (sums / counts)[inv]
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def _mia_entropy(ent_member: np.ndarray, ent_non: np.ndarray, ent_forget: np.ndarray) -> float:
+    from sklearn.linear_model import LogisticRegression
+
+    xr = np.concatenate([ent_member, ent_non]).reshape(-1, 1)
+    yr = np.concatenate([np.ones(len(ent_member)), np.zeros(len(ent_non))])
+    clf = LogisticRegression(class_weight="balanced", solver="lbfgs")
+    clf.fit(xr, yr)
+    return float(clf.predict(ent_forget.reshape(-1, 1)).mean())
+
+
+def _loss_threshold(loss_member: np.ndarray, loss_non: np.ndarray) -> float:
+    """Threshold t (member iff loss <= t) with the best balanced accuracy between the two sets."""
+    cand = np.unique(np.concatenate([loss_member, loss_non]))
+    m = np.sort(loss_member)
+    n = np.sort(loss_non)
+    tpr = np.searchsorted(m, cand, side="right") / len(m)
+    fpr = np.searchsorted(n, cand, side="right") / len(n)
+    return float(cand[int(np.argmax(tpr - fpr))])
+
+
+def evaluate(model: nn.Module, data: UnlearnData) -> dict[str, float]:
+    """Accuracies and membership-inference figures of ``model`` on ``data`` (model left unchanged).
+
+    Keys: ``forget_acc``, ``retain_acc``; with ``data.test``: ``test_acc``, ``mia_entropy``,
+    ``mia_loss``, ``mia_loss_auc``; for full-class data also ``test_forget_acc`` and
+    ``test_retain_acc`` (test accuracy on the forgotten and on the kept classes).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(data, UnlearnData):
+        raise TypeError(f"data: expected an UnlearnData, got {type(data).__name__}")
+    # A wrecked model (gradient ascent run too long) can emit inf/NaN logits: score it, don't crash.
+    lf, yf = logits_of(model, data.forget)
+    lr, yr = logits_of(model, data.retain)
+    lf, lr = torch.nan_to_num(lf), torch.nan_to_num(lr)
+    out = {"forget_acc": float((lf.argmax(1) == yf).float().mean()),
+           "retain_acc": float((lr.argmax(1) == yr).float().mean())}
+    if data.test is None:
+        return out
+    lt, yt = logits_of(model, data.test)
+    lt = torch.nan_to_num(lt)
+    hit = lt.argmax(1) == yt
+    out["test_acc"] = float(hit.float().mean())
+    if data.forget_classes is not None:
+        m = torch.isin(yt, torch.tensor(data.forget_classes))
+        out["test_forget_acc"] = float(hit[m].float().mean()) if m.any() else math.nan
+        out["test_retain_acc"] = float(hit[~m].float().mean()) if (~m).any() else math.nan
+    out["mia_entropy"] = _mia_entropy(_entropy(lr).numpy(), _entropy(lt).numpy(), _entropy(lf).numpy())
+    loss_r = F.cross_entropy(lr, yr, reduction="none").numpy()
+    loss_t = F.cross_entropy(lt, yt, reduction="none").numpy()
+    loss_f = F.cross_entropy(lf, yf, reduction="none").numpy()
+    thr = _loss_threshold(loss_r, loss_t)
+    out["mia_loss"] = float((loss_f <= thr).mean())
+    # Members have low loss: AUC of "-loss" separating forget examples from unseen ones of the same
+    # kind (test examples of the forgotten classes in full-class forgetting, all of them otherwise).
+    same = torch.isin(yt, torch.tensor(data.forget_classes)).numpy() if data.forget_classes is not None \
+        else np.ones(len(yt), dtype=bool)
+    out["mia_loss_auc"] = _auc(-loss_f, -loss_t[same])
+    return out
+
+
+def _method_name(m: Any) -> str:
+    return str(getattr(m, "label", None) or getattr(m, "name", None) or type(m).__name__)
+
+
+def compare(methods: Sequence[Any], data: UnlearnData, model: nn.Module, *, include_original: bool = True,
+            progress: bool = False) -> list[dict[str, Any]]:
+    """Run each method on a deep copy of ``model``; one row per method with metrics and ``fit_s``.
+
+    A method whose ``alpha == "auto"`` and ``target is None`` on random-subset data gets as target
+    the forget-set accuracy of a retrained model (the ``Retrain`` in ``methods`` if present, run
+    first; otherwise a default ``Retrain``). Rows also carry what ``fit`` reported about the
+    chosen ``alpha`` and the number of dampened elements, when it did.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(data, UnlearnData):
+        raise TypeError(f"data: expected an UnlearnData, got {type(data).__name__}")
+    head: list[dict[str, Any]] = []
+    if include_original:
+        head.append({"method": "Original", "fit_s": 0.0, **evaluate(model, data)})
+    needs_target = data.forget_classes is None and any(
+        getattr(m, "alpha", None) == "auto" and getattr(m, "target", 0) is None for m in methods)
+    # Retrain first when its forget accuracy is some other method's target.
+    order = sorted(range(len(methods)), key=lambda i: not isinstance(methods[i], Retrain)) if needs_target \
+        else list(range(len(methods)))
+    retrain_forget: float | None = None
+    rows: dict[int, dict[str, Any]] = {}
+    for i in order:
+        m = methods[i]
+        if needs_target and getattr(m, "alpha", None) == "auto" and getattr(m, "target", 0) is None:
+            if retrain_forget is None:
+                ref = copy.deepcopy(model)
+                Retrain(progress=progress).fit(ref, data)
+                retrain_forget = evaluate(ref, data)["forget_acc"]
+            m = copy.copy(m)
+            m.target = retrain_forget
+        work = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        info = m.fit(work, data)
+        row: dict[str, Any] = {"method": _method_name(m), "fit_s": time.perf_counter() - t0, **evaluate(work, data)}
+        row.update({k: info[k] for k in ("alpha", "dampened", "target") if k in info})
+        if isinstance(m, Retrain) and retrain_forget is None:
+            retrain_forget = row["forget_acc"]
+        rows[i] = row
+    return head + [rows[i] for i in range(len(methods))]
+
+
+def format_table(rows: Sequence[dict[str, Any]], keys: Sequence[str] | None = None) -> str:
+    """Plain-text table of :func:`compare` rows (percentages for accuracies and MIA figures)."""
+    if not rows:
+        return ""
+    keys = list(keys) if keys is not None else [k for k in rows[0] if k != "method"]
+    extra = [k for r in rows for k in r if k not in keys and k != "method"]
+    keys += list(dict.fromkeys(extra))
+
+    def fmt(k: str, v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            if math.isnan(v):
+                return "-"
+            if k.endswith("_acc") or k.startswith("mia") or k == "target":
+                return f"{100 * v:.1f}"
+            if k.endswith("_s"):
+                return f"{v:.2f}"
+            return f"{v:g}"
+        return str(v)
+
+    head = ["method"] + keys
+    body = [[str(r.get("method", ""))] + [fmt(k, r.get(k)) for k in keys] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)
+

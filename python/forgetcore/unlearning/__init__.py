@@ -1,0 +1,17 @@
+"""Machine unlearning: every method has ``fit(model, data: UnlearnData) -> dict`` and edits the model in place.
+
+- :class:`SSD` / :class:`LFSSD`: Selective Synaptic Dampening (Foster et al., AAAI 2024).
+- Baselines: :class:`Retrain` (gold standard), :class:`RetainFinetune`, :class:`GradientAscent`.
+
+``forgetcore.evaluation.unlearning`` builds scenarios on the embedded digits/MNIST data and
+compares methods (accuracies, membership inference, wall time).
+"""
+
+from __future__ import annotations
+
+from .baselines import TRAIN_DEFAULTS, GradientAscent, RetainFinetune, Retrain
+from .data import UnlearnData
+from .ssd import DEFAULT_ALPHAS, LFSSD, SSD
+
+__all__ = ["UnlearnData", "SSD", "LFSSD", "Retrain", "RetainFinetune", "GradientAscent", "TRAIN_DEFAULTS",
+           "DEFAULT_ALPHAS"]

@@ -1,0 +1,320 @@
+//! Importance family: fused multi-tensor kernels over lists of float32 slices.
+//!
+//! * [`accumulate`]: `acc += scale * g²` (or `scale * |g|`) for every tensor of a list — the
+//!   inner step of every diagonal-Fisher / MAS importance estimate.
+//! * [`ssd_dampen`]: Selective Synaptic Dampening (Foster et al., AAAI 2024): wherever
+//!   `imp_forget > alpha * imp_full`, `theta *= min(lam * imp_full / imp_forget, 1)`.
+//! * [`validate`]: one read pass that finds the first NaN, infinite or negative importance.
+//!
+//! All three split every tensor into chunks of [`CHUNK`] elements and hand the chunks of the
+//! whole list to rayon at once, so one big tensor and many small ones balance alike over the
+//! threads. Arithmetic is plain IEEE float32 in the same order as `reference.py` (no fused
+//! multiply-add: Rust never contracts), which is what makes the results bit-identical to torch.
+
+use rayon::prelude::*;
+
+use crate::error::ensure;
+use crate::Result;
+
+/// Elements per work item: large enough to amortise scheduling, small enough to balance.
+pub const CHUNK: usize = 1 << 15;
+
+/// What [`accumulate`] adds: `scale * g * g` or `scale * |g|`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Sq,
+    Abs,
+}
+
+fn check_lengths(arg: &str, want: &[usize], got: &[usize]) -> Result<()> {
+    ensure(want.len() == got.len(), arg, || {
+        format!("expected {} tensors, got {}", want.len(), got.len())
+    })?;
+    for (i, (w, g)) in want.iter().zip(got).enumerate() {
+        ensure(w == g, arg, || format!("tensor {i}: expected {w} elements, got {g}"))?;
+    }
+    Ok(())
+}
+
+/// `acc[t][i] += (g[t][i] * g[t][i]) * scale` (`Mode::Sq`) or `|g[t][i]| * scale` (`Mode::Abs`).
+///
+/// The order `(g * g) * scale` matches the reference `acc += (g * g) * scale`.
+pub fn accumulate(acc: &mut [&mut [f32]], grads: &[&[f32]], scale: f32, mode: Mode) -> Result<()> {
+    let lens: Vec<usize> = acc.iter().map(|a| a.len()).collect();
+    check_lengths("grads", &lens, &grads.iter().map(|g| g.len()).collect::<Vec<_>>())?;
+    ensure(scale.is_finite(), "scale", || format!("expected a finite number, got {scale}"))?;
+    let mut work: Vec<(&mut [f32], &[f32])> = Vec::new();
+    for (a, g) in acc.iter_mut().zip(grads) {
+        for (ac, gc) in a.chunks_mut(CHUNK).zip(g.chunks(CHUNK)) {
+            work.push((ac, gc));
+        }
+    }
+    work.into_par_iter().for_each(|(a, g)| match mode {
+        Mode::Sq => a.iter_mut().zip(g).for_each(|(a, &g)| *a += (g * g) * scale),
+        Mode::Abs => a.iter_mut().zip(g).for_each(|(a, &g)| *a += g.abs() * scale),
+    });
+    Ok(())
+}
+
+/// Index (tensor, element) of the first value that is NaN, infinite or negative, if any.
+pub fn validate(imps: &[&[f32]]) -> Option<(usize, usize, f32)> {
+    let mut work: Vec<(usize, usize, &[f32])> = Vec::new();
+    for (t, s) in imps.iter().enumerate() {
+        for (c, chunk) in s.chunks(CHUNK).enumerate() {
+            work.push((t, c * CHUNK, chunk));
+        }
+    }
+    work.into_par_iter()
+        .filter_map(|(t, off, s)| {
+            // `!(x >= 0 & x < inf)` is true for NaN, negatives and +inf. Non-short-circuit `&`
+            // and `|` keep the reduction branch-free so it vectorises; the position is looked
+            // up only in the rare bad chunk.
+            if !any_invalid(s) {
+                return None;
+            }
+            let i = s.iter().position(|&x| !(x >= 0.0 && x < f32::INFINITY))?;
+            Some((t, off + i, s[i]))
+        })
+        .min_by_key(|&(t, i, _)| (t, i))
+}
+
+/// True if `s` holds a NaN, an infinity or a negative number (-0.0 is fine).
+///
+/// On the bit patterns: a float is finite and >= +0 iff its bits are below those of +inf;
+/// -0.0 is the one negative-signed value allowed. Integer compares OR-ed into a flag per lane
+/// vectorise with plain SSE2, unlike a float fold with NaN semantics.
+fn any_invalid(s: &[f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { any_invalid_avx2(s) };
+    }
+    any_invalid_generic(s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn any_invalid_avx2(s: &[f32]) -> bool {
+    any_invalid_generic(s)
+}
+
+#[inline(always)]
+fn any_invalid_generic(s: &[f32]) -> bool {
+    const INF: u32 = 0x7f80_0000;
+    const NEG_ZERO: u32 = 0x8000_0000;
+    let bad = |x: f32| {
+        let u = x.to_bits();
+        ((u >= INF) & (u != NEG_ZERO)) as u32
+    };
+    let mut lanes = [0u32; 16];
+    let mut it = s.chunks_exact(16);
+    for block in &mut it {
+        for k in 0..16 {
+            lanes[k] |= bad(block[k]);
+        }
+    }
+    lanes.iter().any(|&l| l != 0) || it.remainder().iter().any(|&x| bad(x) != 0)
+}
+
+/// Dampen one chunk; returns how many elements were selected.
+///
+/// Selection is tested 16 lanes at a time without branching (the compiler vectorises it);
+/// only blocks with a selected element take the scalar path that divides and writes, so the
+/// usual case (few selected) reads 12 bytes per element and writes almost nothing.
+#[inline(always)]
+fn dampen_chunk_generic(theta: &mut [f32], d: &[f32], f: &[f32], alpha: f32, lam: f32) -> i64 {
+    const B: usize = 16;
+    let mut count = 0i64;
+    let n = theta.len();
+    let full = n - n % B;
+    let mut i = 0;
+    while i < full {
+        let (db, fb) = (&d[i..i + B], &f[i..i + B]);
+        let mut any = false;
+        for k in 0..B {
+            any |= fb[k] > alpha * db[k];
+        }
+        if any {
+            count += dampen_scalar(&mut theta[i..i + B], db, fb, alpha, lam);
+        }
+        i += B;
+    }
+    count + dampen_scalar(&mut theta[full..], &d[full..], &f[full..], alpha, lam)
+}
+
+/// The same code compiled for AVX2 (8 lanes instead of SSE2's 4), picked at run time. Rust
+/// never contracts `a * b + c` into an FMA, so the results stay bit-identical.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dampen_chunk_avx2(theta: &mut [f32], d: &[f32], f: &[f32], alpha: f32, lam: f32) -> i64 {
+    dampen_chunk_generic(theta, d, f, alpha, lam)
+}
+
+fn dampen_chunk(theta: &mut [f32], d: &[f32], f: &[f32], alpha: f32, lam: f32) -> i64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { dampen_chunk_avx2(theta, d, f, alpha, lam) };
+    }
+    dampen_chunk_generic(theta, d, f, alpha, lam)
+}
+
+#[inline(always)]
+fn dampen_scalar(theta: &mut [f32], d: &[f32], f: &[f32], alpha: f32, lam: f32) -> i64 {
+    let mut count = 0i64;
+    for ((t, &d), &f) in theta.iter_mut().zip(d).zip(f) {
+        if f > alpha * d {
+            // Same order as the reference: (lam * d) / f, then capped at 1.
+            let beta = (lam * d) / f;
+            let beta = if beta > 1.0 { 1.0 } else { beta };
+            *t *= beta;
+            count += 1;
+        }
+    }
+    count
+}
+
+/// SSD dampening over a list of tensors; returns the number of selected elements per tensor.
+///
+/// `alpha` and `lam` are the float32 values the reference multiplies by (torch casts a Python
+/// scalar to the tensor's float32 before multiplying). Importances are not validated here:
+/// call [`validate`] first unless they are known to be finite and non-negative.
+pub fn ssd_dampen(
+    params: &mut [&mut [f32]],
+    imp_full: &[&[f32]],
+    imp_forget: &[&[f32]],
+    alpha: f32,
+    lam: f32,
+) -> Result<Vec<i64>> {
+    let lens: Vec<usize> = params.iter().map(|p| p.len()).collect();
+    check_lengths("imp_full", &lens, &imp_full.iter().map(|x| x.len()).collect::<Vec<_>>())?;
+    check_lengths("imp_forget", &lens, &imp_forget.iter().map(|x| x.len()).collect::<Vec<_>>())?;
+    ensure(alpha.is_finite() && alpha >= 0.0, "alpha", || {
+        format!("expected a finite number >= 0, got {alpha}")
+    })?;
+    ensure(lam.is_finite() && lam >= 0.0, "lam", || format!("expected a finite number >= 0, got {lam}"))?;
+    let mut work: Vec<(usize, &mut [f32], &[f32], &[f32])> = Vec::new();
+    for (t, ((p, d), f)) in params.iter_mut().zip(imp_full).zip(imp_forget).enumerate() {
+        for ((pc, dc), fc) in p.chunks_mut(CHUNK).zip(d.chunks(CHUNK)).zip(f.chunks(CHUNK)) {
+            work.push((t, pc, dc, fc));
+        }
+    }
+    let counts: Vec<(usize, i64)> = work
+        .into_par_iter()
+        .map(|(t, p, d, f)| (t, dampen_chunk(p, d, f, alpha, lam)))
+        .collect();
+    let mut out = vec![0i64; lens.len()];
+    for (t, c) in counts {
+        out[t] += c;
+    }
+    Ok(out)
+}
+
+/// Stream triad `a = b + s * c` over the same threads and chunking as the kernels: the
+/// bandwidth yardstick the benchmarks report against.
+pub fn triad(a: &mut [f32], b: &[f32], c: &[f32], s: f32) {
+    a.par_chunks_mut(CHUNK)
+        .zip(b.par_chunks(CHUNK))
+        .zip(c.par_chunks(CHUNK))
+        .for_each(|((a, b), c)| {
+            for ((a, &b), &c) in a.iter_mut().zip(b).zip(c) {
+                *a = b + s * c;
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn naive(theta: &mut [f32], d: &[f32], f: &[f32], alpha: f32, lam: f32) -> i64 {
+        dampen_scalar(theta, d, f, alpha, lam)
+    }
+
+    #[test]
+    fn dampens_only_selected_and_caps_at_one() {
+        let mut p = vec![1.0f32, 2.0, 3.0, 4.0];
+        let d = [1.0f32, 0.0, 1.0, 1.0];
+        let f = [20.0f32, 1.0, 5.0, 11.0];
+        let mut ps: Vec<&mut [f32]> = vec![&mut p];
+        let c = ssd_dampen(&mut ps, &[&d], &[&f], 10.0, 1.0).unwrap();
+        assert_eq!(c, vec![3]);
+        assert_eq!(p, vec![1.0 / 20.0, 0.0, 3.0, 4.0 / 11.0]);
+        // lam large: beta capped at 1, theta unchanged but still counted as selected.
+        let mut q = vec![5.0f32];
+        let mut qs: Vec<&mut [f32]> = vec![&mut q];
+        assert_eq!(ssd_dampen(&mut qs, &[&[1.0]], &[&[20.0]], 10.0, 100.0).unwrap(), vec![1]);
+        assert_eq!(q, vec![5.0]);
+    }
+
+    #[test]
+    fn rejects_mismatch_and_bad_scalars() {
+        let mut p = vec![0.0f32; 3];
+        let mut ps: Vec<&mut [f32]> = vec![&mut p];
+        let e = ssd_dampen(&mut ps, &[&[0.0; 2]], &[&[0.0; 3]], 1.0, 1.0).unwrap_err();
+        assert!(e.to_string().starts_with("imp_full: tensor 0: expected 3 elements, got 2"));
+        assert!(ssd_dampen(&mut ps, &[&[0.0; 3]], &[], 1.0, 1.0).is_err());
+        assert!(ssd_dampen(&mut ps, &[&[0.0; 3]], &[&[0.0; 3]], f32::NAN, 1.0).is_err());
+        assert!(ssd_dampen(&mut ps, &[&[0.0; 3]], &[&[0.0; 3]], 1.0, -1.0).is_err());
+        let mut a = vec![0.0f32; 2];
+        let mut acc: Vec<&mut [f32]> = vec![&mut a];
+        assert!(accumulate(&mut acc, &[&[1.0]], 1.0, Mode::Sq).is_err());
+        assert!(accumulate(&mut acc, &[&[1.0, 2.0]], f32::INFINITY, Mode::Sq).is_err());
+    }
+
+    #[test]
+    fn validate_finds_first_bad_value() {
+        let a = vec![0.0f32; 100_000];
+        let mut b = vec![1.0f32; 70_000];
+        assert_eq!(validate(&[&a, &b]), None);
+        b[66_000] = -1.0;
+        b[40_000] = f32::NAN;
+        let (t, i, _) = validate(&[&a, &b]).unwrap();
+        assert_eq!((t, i), (1, 40_000));
+        assert!(validate(&[&[f32::INFINITY]]).is_some());
+        assert!(validate(&[&[f32::NEG_INFINITY]]).is_some());
+        assert!(validate(&[&[-1e-45]]).is_some());
+        assert_eq!(validate(&[&[-0.0, 0.0, f32::MAX, 1e-45]]), None);
+        assert_eq!(validate(&[]), None);
+    }
+
+    #[test]
+    fn empty_lists_and_tensors() {
+        let mut ps: Vec<&mut [f32]> = vec![];
+        assert_eq!(ssd_dampen(&mut ps, &[], &[], 1.0, 1.0).unwrap(), Vec::<i64>::new());
+        let mut e: Vec<f32> = vec![];
+        let mut ps: Vec<&mut [f32]> = vec![&mut e];
+        assert_eq!(ssd_dampen(&mut ps, &[&[]], &[&[]], 1.0, 1.0).unwrap(), vec![0]);
+    }
+
+    proptest! {
+        #[test]
+        fn chunked_parallel_equals_scalar(
+            n in 0usize..(3 * CHUNK + 37),
+            seed in any::<u64>(),
+            alpha in 0.0f32..20.0,
+            lam in 0.0f32..3.0,
+        ) {
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(seed);
+            let theta: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+            let d: Vec<f32> = (0..n).map(|_| if rng.random::<f32>() < 0.1 { 0.0 } else { rng.random::<f32>() }).collect();
+            let f: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 10.0).collect();
+            let mut want = theta.clone();
+            let wc = naive(&mut want, &d, &f, alpha, lam);
+            let mut got = theta.clone();
+            let mut gs: Vec<&mut [f32]> = vec![&mut got];
+            let gc = ssd_dampen(&mut gs, &[&d], &[&f], alpha, lam).unwrap();
+            prop_assert_eq!(gc, vec![wc]);
+            prop_assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
+
+            let mut acc = theta.clone();
+            let mut accs: Vec<&mut [f32]> = vec![&mut acc];
+            accumulate(&mut accs, &[&f], 0.5, Mode::Sq).unwrap();
+            for i in 0..n {
+                prop_assert_eq!(acc[i].to_bits(), (theta[i] + (f[i] * f[i]) * 0.5).to_bits());
+            }
+        }
+    }
+}

@@ -1,0 +1,381 @@
+"""Trainer: hook order and contracts, task-IL masking, exact resume, results, bad input."""
+
+import io
+import math
+
+import pytest
+import torch
+
+from forgetcore.continual import ER, Finetune, Joint, Plugin, Scenario, Trainer, scenarios
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: extra intra-op threads only add contention on a busy 2-core machine (30x here).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def split5():
+    return scenarios.split("digits", n_tasks=5, mode="class", seed=0)
+
+
+def first(scenario, k):
+    """The first k tasks of a scenario, as a scenario (short runs)."""
+    return Scenario(scenario.tasks[:k], name=f"{scenario.name}[:{k}]", mode=scenario.mode,
+                    n_classes=scenario.n_classes, input_shape=scenario.input_shape, seed=scenario.seed)
+
+
+def mlp(hidden=32, dropout=0.0, seed=0, out=10):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, hidden), torch.nn.ReLU(),
+                               torch.nn.Dropout(dropout), torch.nn.Linear(hidden, out))
+
+
+def sgd(lr=0.05, momentum=0.0):
+    return lambda m: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=lr, momentum=momentum)
+
+
+def trainer(model, plugins=(), **kw):
+    kw = {"epochs": 1, "batch_size": 32, "seed": 0, "progress": False, "eval_every": None, **kw}
+    return Trainer(model, kw.pop("make_optimizer", sgd()), list(plugins), **kw)
+
+
+class Recorder(Plugin):
+    def __init__(self):
+        self.log = []
+
+    def before_task(self, ctx, task):
+        self.log.append(("before_task", task.id))
+
+    def transform_batch(self, ctx, batch):
+        self.log.append(("transform_batch", ctx.task_id))
+        return batch
+
+    def after_backward(self, ctx):
+        assert all(p.grad is not None for p in ctx.model.parameters())
+        self.log.append(("after_backward", ctx.task_id))
+
+    def after_step(self, ctx, batch):
+        self.log.append(("after_step", ctx.step))
+
+    def after_task(self, ctx, task):
+        self.log.append(("after_task", task.id))
+
+    def after_eval(self, ctx, accuracies):
+        self.log.append(("after_eval", ctx.eval_kind, tuple(sorted(accuracies))))
+
+
+def test_hook_order(split5):
+    s = first(split5, 2)  # 252 and 252 training images: 2 batches of 128 per task
+    rec = Recorder()
+    r = trainer(mlp(), [rec], batch_size=128, eval_every=1).fit(s)
+    step = [("transform_batch", 0), ("after_backward", 0)]
+    want = [("after_eval", "initial", (0, 1)),
+            ("before_task", 0), ("after_eval", "curve", (0,)),
+            *step, ("after_step", 1), ("after_eval", "curve", (0,)), *step, ("after_step", 2),
+            ("after_task", 0), ("after_eval", "task_end", (0, 1)),
+            ("before_task", 1), ("after_eval", "curve", (0, 1))]
+    assert rec.log[:len(want)] == want
+    assert rec.log[-2:] == [("after_task", 1), ("after_eval", "task_end", (0, 1))]
+    assert r["steps"] == 4 and r["curves"]["step"] == [0, 1, 2, 2, 3, 4]
+    assert r["curves"]["task"] == [0, 0, 0, 1, 1, 1]
+    assert r["curves"]["acc"][0][1] is None and r["curves"]["acc"][-1][1] is not None
+
+
+def test_optimizer_is_built_after_before_task(split5):
+    seen = []
+
+    class Freeze(Plugin):
+        def before_task(self, ctx, task):
+            ctx.model[1].weight.requires_grad_(task.id == 0)  # freeze the first layer from task 1
+            self.w = ctx.model[1].weight.detach().clone()
+
+    def make(model):
+        seen.append(model[1].weight.requires_grad)
+        return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+
+    model = mlp()
+    w0 = model[1].weight.detach().clone()
+    freeze = Freeze()
+    trainer(model, [freeze], make_optimizer=make).fit(first(split5, 2))
+    assert seen == [True, False]
+    assert torch.equal(model[1].weight, freeze.w) and not torch.equal(freeze.w, w0)
+
+
+def test_after_backward_can_project_gradients(split5):
+    class NoLast(Plugin):  # project the last layer's gradient to zero
+        def after_backward(self, ctx):
+            for p in ctx.model[4].parameters():
+                p.grad.zero_()
+
+    model = mlp()
+    last = [p.detach().clone() for p in model[4].parameters()]
+    first_w = model[1].weight.detach().clone()
+    trainer(model, [NoLast()]).fit(first(split5, 2))
+    assert all(torch.equal(p, q) for p, q in zip(model[4].parameters(), last))
+    assert not torch.equal(model[1].weight, first_w)
+
+
+def test_transform_batch_fields_reach_the_loss_and_task_mode_masks(split5):
+    s = scenarios.split("digits", n_tasks=5, mode="task", seed=0)
+    calls = []
+
+    class Weighted(Plugin):
+        def transform_batch(self, ctx, batch):
+            return {**batch, "w": torch.full_like(batch["y"], 2.0, dtype=torch.float32)}
+
+    class Loss:
+        def loss(self, ctx, batch, output):
+            lo = torch.finfo(output.dtype).min
+            allowed = torch.zeros(10, dtype=torch.bool)
+            allowed[ctx.task.classes] = True
+            calls.append(bool((output[:, ~allowed] == lo).all()) and bool((output[:, allowed] > lo).all()))
+            ce = torch.nn.functional.cross_entropy(output, batch["y"], reduction="none")
+            return (batch["w"] * ce).mean()
+
+    model = mlp()
+    tr = trainer(model, [Weighted(), Loss()])
+    r = tr.fit(first(s, 2))
+    assert calls and all(calls)
+    # evaluation masks too: accuracy = argmax over the task's own classes
+    x, y = s[1].test.tensors
+    with torch.no_grad():
+        pred = torch.tensor(s[1].classes)[model(x)[:, s[1].classes].argmax(1)]
+    assert r["R"][1][1] == pytest.approx(float((pred == y).float().mean()))
+
+
+def test_finetune_is_the_plain_loop_and_results_are_complete(split5):
+    a = trainer(mlp(), [Finetune()], eval_every=5, eval_val=True).fit(split5)
+    b = trainer(mlp(), [], eval_every=5, eval_val=True).fit(split5)
+    assert a["R"] == b["R"] and a["curves"] == b["curves"]
+    T = len(split5)
+    assert len(a["R"]) == T and all(len(row) == T for row in a["R"])
+    assert len(a["R_val"]) == T and len(a["initial"]) == T and len(a["initial_val"]) == T
+    assert all(0.0 <= v <= 1.0 for row in a["R"] for v in row)
+    assert a["steps"] == sum(math.ceil(len(t.train) / 32) for t in split5)
+    assert a["finished"] and a["scenario"] == "split-digits-class" and a["mode"] == "class"
+    assert len(a["timings"]["train_s"]) == T and a["timings"]["total_s"] > 0
+    assert a["R"][0][0] > 0.9 and a["R"][-1][0] < 0.2  # learned task 0, then forgot it
+
+
+def test_joint_trains_on_every_task_seen_so_far(split5):
+    s = first(split5, 3)
+    r = trainer(mlp(), [Joint()], epochs=3).fit(s)
+    sizes = [len(t.train) for t in s]
+    assert r["steps"] == 3 * sum(math.ceil(sum(sizes[: t + 1]) / 32) for t in range(3))
+    assert min(r["R"][-1]) > 0.5  # kept the old classes
+
+
+def test_evaluate_restores_mode(split5):
+    model = mlp(dropout=0.5)
+    tr = trainer(model)
+    model.train()
+    a = tr.evaluate(split5, [0, 1])
+    assert model.training and set(a) == {0, 1}
+    model.eval()
+    assert tr.evaluate(split5, [0], split="val") and not model.training
+    with pytest.raises(ValueError, match="^split: expected 'test' or 'val'"):
+        tr.evaluate(split5, split="train")
+
+
+class Counter(Plugin):
+    """A stateful plugin that also uses the global RNG, to test that resume restores both."""
+
+    def __init__(self):
+        self.n, self.acc = 0, torch.zeros(3)
+
+    def after_step(self, ctx, batch):
+        self.n += len(batch["y"])
+        self.acc += torch.rand(3)
+
+    def state_dict(self):
+        return {"n": self.n, "acc": self.acc.clone()}
+
+    def load_state_dict(self, state):
+        self.n, self.acc = state["n"], state["acc"].clone()
+
+
+def _resume_case(split5, plugin, pause):
+    s = first(split5, 3)
+
+    def make(seed):
+        model = mlp(dropout=0.3, seed=seed)  # dropout draws from the global RNG
+        return model, trainer(model, [plugin()], epochs=2, seed=7, eval_every=5,
+                              make_optimizer=sgd(momentum=0.9))
+
+    model_a, full = make(0)
+    ra = full.fit(s)
+    model_b, part = make(0)
+    rb = part.fit(s, max_steps=pause)
+    assert not rb["finished"] and rb["steps"] == pause
+    buf = io.BytesIO()
+    torch.save(part.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    torch.rand(100)  # disturb the global RNG: the resumed run must not depend on it
+    model_c, resumed = make(1)  # a different initialisation, overwritten by the state
+    resumed.load_state_dict(state)
+    rc = resumed.fit(s)
+    assert rc["finished"] and rc["R"] == ra["R"] and rc["curves"] == ra["curves"]
+    assert rc["steps"] == ra["steps"]
+    for p, q in zip(model_a.state_dict().values(), model_c.state_dict().values()):
+        assert torch.equal(p, q)
+    return full.plugins[0], resumed.plugins[0], ra, part, s
+
+
+@pytest.mark.parametrize("pause", [5, 16, 17])  # mid-epoch; last step of task 0; first of task 1
+def test_resume_is_bit_identical(split5, pause):
+    a, c, ra, part, s = _resume_case(split5, Counter, pause)
+    assert a.n == c.n and torch.equal(a.acc, c.acc)
+    # the paused trainer itself also continues exactly
+    assert part.fit(s)["R"] == ra["R"]
+
+
+def test_resume_with_er_is_bit_identical(split5):
+    a, c, *_ = _resume_case(split5, lambda: ER(50, seed=3), 21)
+    assert a.buffer.seen == c.buffer.seen and len(a.buffer) == len(c.buffer) == 50
+    sa, sc = a.buffer.sample(50), c.buffer.sample(50)  # same contents, same sampler state
+    assert all(torch.equal(sa[k], sc[k]) for k in ("x", "y", "task"))
+
+
+def test_er_replays_and_stores_only_the_stream(split5):
+    s = first(split5, 2)
+    sizes = []
+
+    class Probe(Plugin):
+        def after_step(self, ctx, batch):
+            sizes.append((batch["n_stream"], len(batch["y"])))
+
+    er = ER(100, batch_size=5, seed=0)
+    trainer(mlp(), [er, Probe()], epochs=2).fit(s)
+    assert sizes[0] == (32, 32)  # empty memory: the stream batch alone
+    assert all(total == n + 5 for n, total in sizes[1:])
+    assert er.buffer.seen == 2 * sum(len(t.train) for t in s) and len(er.buffer) == 100
+    with pytest.raises(ValueError, match="^capacity:"):
+        ER(0)
+    with pytest.raises(ValueError, match="^batch_size:"):
+        ER(10, batch_size=0)
+
+
+def test_er_task_mode_keeps_each_example_task(split5):
+    s = first(scenarios.split("digits", n_tasks=5, mode="task", seed=0), 2)
+    er = ER(64, seed=0)
+    r = trainer(mlp(), [er]).fit(s)
+    mem = er.buffer.sample(64)
+    assert set(mem["task"].tolist()) == {0, 1}
+    for t in (0, 1):  # every stored example's label belongs to its stored task
+        assert set(mem["y"][mem["task"] == t].tolist()) <= set(s[t].classes)
+    assert r["R"][-1][0] > 0.8
+
+
+class L1:
+    def loss(self, ctx, batch, output):
+        return output.abs().mean()
+
+
+class L2(L1):
+    pass
+
+
+@pytest.mark.parametrize("make,match,exc", [
+    (lambda: Trainer("mlp", sgd()), "^model: expected a torch.nn.Module, got str", TypeError),
+    (lambda: Trainer(mlp(), "sgd"), "^make_optimizer: expected a callable", TypeError),
+    (lambda: Trainer(mlp(), sgd(), Finetune()), "^plugins: expected a list", TypeError),
+    (lambda: Trainer(mlp(), sgd(), [L1(), L2()]), r"^plugins: at most one plugin may define loss\(\), got 2: L1, L2", ValueError),
+    (lambda: Trainer(mlp(), sgd(), [Joint(), Joint()]), r"^plugins: at most one plugin may define train_data\(\)", ValueError),
+    (lambda: Trainer(mlp(), sgd(), epochs=0), "^epochs: expected an int >= 1, got 0", ValueError),
+    (lambda: Trainer(mlp(), sgd(), epochs=2.5), "^epochs: expected an int", TypeError),
+    (lambda: Trainer(mlp(), sgd(), batch_size=0), "^batch_size: expected an int >= 1", ValueError),
+    (lambda: Trainer(mlp(), sgd(), batch_size=True), "^batch_size: expected an int, got bool", TypeError),
+    (lambda: Trainer(mlp(), sgd(), eval_every=0), "^eval_every:", ValueError),
+    (lambda: Trainer(mlp(), sgd(), seed=1.0), "^seed: expected an int", TypeError),
+])
+def test_bad_construction(make, match, exc):
+    with pytest.raises(exc, match=match):
+        make()
+
+
+def test_bad_fit(split5):
+    s = first(split5, 2)
+    with pytest.raises(ValueError, match=r"^model: expected output of shape \(batch, n_classes\) = \(\d+, 10\), got float32 \(\d+, 5\)"):
+        trainer(mlp(out=5)).fit(s)
+    with pytest.raises(TypeError, match="^make_optimizer: expected a function returning a torch.optim.Optimizer, got list"):
+        trainer(mlp(), make_optimizer=lambda m: list(m.parameters())).fit(s)
+    with pytest.raises(TypeError, match="^scenario: expected a forgetcore.continual.Scenario, got list"):
+        trainer(mlp()).fit(list(s))
+    with pytest.raises(ValueError, match="^max_steps: expected an int >= 1"):
+        trainer(mlp()).fit(s, max_steps=0)
+
+    class NaNLoss:
+        def loss(self, ctx, batch, output):
+            return output.sum() * float("nan")
+
+    model = mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="^loss: expected a finite value, got nan at step 0"):
+        trainer(model, [NaNLoss()]).fit(s)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # no step was taken
+
+    class VectorLoss:
+        def loss(self, ctx, batch, output):
+            return output.sum(1)
+
+    with pytest.raises(ValueError, match=r"^loss: expected a scalar tensor, got float32 \(32,\)"):
+        trainer(mlp(), [VectorLoss()]).fit(s)
+
+    tr = trainer(mlp())
+    tr.fit(s, max_steps=3)
+    with pytest.raises(ValueError, match="^scenario: this trainer's run is on 'split-digits-class\\[:2\\]'"):
+        tr.fit(first(split5, 3))
+    with pytest.raises(ValueError, match="^state: saved with 0 plugins, this trainer has 1"):
+        trainer(mlp(), [Finetune()]).load_state_dict(tr.state_dict())
+    with pytest.raises(ValueError, match=r"^state: saved by a trainer with \{'seed': 0, 'epochs': 1, 'batch_size': 32\}, this one has \{'seed': 1,"):
+        trainer(mlp(), seed=1).load_state_dict(tr.state_dict())
+    assert tr.fit(s, max_steps=2)["steps"] == 3  # already past the pause point: nothing runs
+    with pytest.raises(ValueError, match=r"^state: expected a Trainer.state_dict\(\), missing \['rng'\]"):
+        trainer(mlp()).load_state_dict({k: v for k, v in tr.state_dict().items() if k != "rng"})
+
+
+def test_resume_calls_resume_task_not_before_task(split5):
+    class Calls(Plugin):
+        def __init__(self):
+            self.calls = []
+
+        def before_task(self, ctx, task):
+            self.calls.append(("before_task", task.id))
+
+        def resume_task(self, ctx, task):
+            self.calls.append(("resume_task", task.id, ctx.task_step))
+
+    s = first(split5, 2)
+    a = trainer(mlp(), [Calls()])
+    a.fit(s, max_steps=10)  # task 0 has 8 steps: pause at step 2 of task 1
+    b = trainer(mlp(), [Calls()])
+    b.load_state_dict(a.state_dict())
+    b.fit(s)
+    assert a.plugins[0].calls == [("before_task", 0), ("before_task", 1)]
+    assert b.plugins[0].calls == [("resume_task", 1, 2)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_run_and_resume(split5):
+    # Everything on the GPU: model, batches, task-IL masks, ER memory; resume restores the CUDA RNG.
+    s = first(scenarios.split("digits", n_tasks=5, mode="task", seed=0), 3)
+    def make():
+        model = mlp(dropout=0.3)
+        return model, trainer(model, [ER(64, seed=0)], device="cuda", epochs=2, eval_every=5)
+
+    model_a, full = make()
+    ra = full.fit(s)
+    assert next(model_a.parameters()).is_cuda and min(ra["R"][-1]) > 0.8
+    _, part = make()
+    part.fit(s, max_steps=20)
+    model_c, resumed = make()
+    resumed.load_state_dict(part.state_dict())
+    assert resumed.fit(s)["R"] == ra["R"]
+    assert all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_c.parameters()))
