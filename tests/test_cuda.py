@@ -139,6 +139,28 @@ def test_argument_checks_name_the_argument():
         _cuda.kv_accumulate_(s.double(), s, 0.5, 1)
 
 
+def test_importance_dispatches_cuda_tensors_to_the_kernels(monkeypatch):
+    # Without a GPU: the backend is told the tensors are on CUDA and the kernels are recorded.
+    from forgetcore import _backend, importance
+
+    calls = []
+    monkeypatch.setattr(_backend, "choose", lambda device, cuda_kernel=False: "cuda" if cuda_kernel else "rust")
+    monkeypatch.setattr(_cuda, "find_invalid_importance", lambda imps: calls.append("check") or None)
+    monkeypatch.setattr(_cuda, "ssd_dampen_", lambda *a: calls.append("ssd") or torch.tensor([7]))
+    monkeypatch.setattr(_cuda, "accumulate_", lambda acc, grads, scale, mode: calls.append(("acc", grads[0].dtype, mode)))
+    p = {"w": torch.zeros(3)}
+    assert importance.ssd_dampen_(p, {"w": torch.ones(3)}, {"w": torch.ones(3)}, 10.0).tolist() == [7]
+    assert calls == ["check", "check", "ssd"]
+    importance.ssd_dampen_(p, {"w": torch.ones(3)}, {"w": torch.ones(3)}, 10.0, validated=True)
+    assert calls[3:] == ["ssd"]
+    importance.accumulate_([torch.zeros(3)], [torch.ones(3, dtype=torch.bfloat16)], 0.5, mode="abs")
+    assert calls[-1] == ("acc", torch.bfloat16, "abs")  # widened in the kernel, not copied first
+    # What the kernels do not take (non-contiguous accumulators) goes to the reference.
+    acc = torch.zeros(3, 2).t()
+    importance.accumulate_([acc], [torch.ones(2, 3)], 2.0)
+    assert calls[-1] == ("acc", torch.bfloat16, "abs") and bool((acc == 2.0).all())
+
+
 def test_empty_lists_need_no_device():
     assert _cuda.ssd_dampen_([], [], [], 10.0, 1.0).numel() == 0
     _cuda.accumulate_([], [], 1.0)
@@ -401,6 +423,36 @@ def test_ssd_dampen_bit_identical(seed):
             want, c = ssd_oracle(t0, dd, ff, alpha, lam)
             assert torch.equal(dev[i].cpu().view(torch.int32), want.view(torch.int32)), (i, alpha, lam)
             assert int(counts[i]) == c
+
+
+@gpu
+def test_importance_primitives_on_cuda_equal_the_reference():
+    from forgetcore import importance, reference
+
+    g = torch.Generator().manual_seed(8)
+    shapes = _param_like_shapes()
+    theta = [torch.randn(s, generator=g) for s in shapes]
+    d = [torch.rand(s, generator=g) for s in shapes]
+    f = [torch.rand(s, generator=g) * 10 for s in shapes]
+    want = [t.clone() for t in theta]
+    want_counts = reference.ssd_dampen_(want, d, f, 5.0, 0.7)
+    dev = [t.cuda() for t in theta]
+    counts = importance.ssd_dampen_(dev, [x.cuda() for x in d], [x.cuda() for x in f], 5.0, 0.7)
+    assert counts.device.type == "cuda" and counts.cpu().tolist() == want_counts.tolist()
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(dev, want))
+    bad = [x.cuda() for x in f]
+    bad[5][3] = -1.0
+    bad[4][6] = float("nan")
+    before = [t.clone() for t in dev]
+    with pytest.raises(ValueError, match=r"^imp_forget\[4\]: expected finite non-negative importances, got nan at flat index 6"):
+        importance.ssd_dampen_(dev, [x.cuda() for x in d], bad, 5.0, 0.7)
+    assert all(torch.equal(a, b) for a, b in zip(dev, before))
+    acc = [torch.rand(s, generator=g) for s in shapes]
+    grads = [torch.randn(s, generator=g).to(torch.bfloat16) for s in shapes]
+    dev = [a.cuda() for a in acc]
+    reference.accumulate_(acc, grads, 0.3, "sq")
+    importance.accumulate_(dev, [x.cuda() for x in grads], 0.3, mode="sq")
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(dev, acc))
 
 
 @gpu
