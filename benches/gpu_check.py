@@ -21,8 +21,8 @@ which runs, in order (about 2-3 minutes on an H200):
    NVRTC compile tests and every GPU test (kernels against the CPU oracles);
 3. benchmarks: device copy bandwidth; SSD dampening over GPT-2 small (124M) and Llama-3.2-1B
    (1.24B) float32 parameters in their real layer shapes, against the reference loop (per
-   parameter, boolean masks, as the official SSD code) and the best single-pass torch
-   formulation, with GB/s against the measured copy bandwidth (target >= 70 %); the kvscore
+   parameter, index tensors, as the official SSD code) and the best single-pass torch
+   formulation (``reference.ssd_dampen_``), with GB/s against the measured copy bandwidth (target >= 70 %); the kvscore
    decode step (accumulate one attention row + select the keep set) at batch 8, 32 heads,
    T = 32,768, budget 4,096, against torch eager;
 4. one summary line, starting ``GPU CHECK``.
@@ -141,19 +141,10 @@ def ssd_reference_loop(params, full, forget, alpha, lam):
         p[locations] = p[locations].mul(update)
 
 
-def ssd_torch_best(params, full, forget, alpha, lam):
-    """The best single-pass torch formulation: per tensor one where() over a capped ratio."""
-    import torch
-
-    for p, d, f in zip(params, full, forget):
-        beta = torch.clamp_max_((d * lam).div_(f), 1.0)
-        p.mul_(torch.where(f > d * alpha, beta, 1.0))
-
-
 def bench_ssd(name: str, shapes, copy_bw: float) -> dict:
     import torch
 
-    from forgetcore import _cuda
+    from forgetcore import importance, reference
 
     g = torch.Generator(device="cuda").manual_seed(0)
     params = [torch.randn(s, device="cuda", generator=g) for s in shapes]
@@ -162,14 +153,18 @@ def bench_ssd(name: str, shapes, copy_bw: float) -> dict:
     forget = [d * torch.rand(s, device="cuda", generator=g) * 10.1 for d, s in zip(full, shapes)]
     n = sum(p.numel() for p in params)
     alpha, lam = 10.0, 1.0
-    counts = _cuda.ssd_dampen_(params, full, forget, alpha, lam)
+    counts = importance.ssd_dampen_(params, full, forget, alpha, lam, validated=True)
     frac = float(counts.sum()) / n
-    t_fc = timed(lambda: _cuda.ssd_dampen_(params, full, forget, alpha, lam))
-    t_best = timed(lambda: ssd_torch_best(params, full, forget, alpha, lam), reps=5)
+    # The public primitive (dispatches CUDA tensors to the kernel); importances known valid.
+    t_fc = timed(lambda: importance.ssd_dampen_(params, full, forget, alpha, lam, validated=True))
+    # With the NaN/sign check of both importances (one more read pass each, one host sync).
+    t_chk = timed(lambda: importance.ssd_dampen_(params, full, forget, alpha, lam), reps=5)
+    # reference.py's formulation: one vectorised where() per tensor, the best torch way we have.
+    t_best = timed(lambda: reference.ssd_dampen_(params, full, forget, alpha, lam), reps=5)
     t_ref = timed(lambda: ssd_reference_loop(params, full, forget, alpha, lam), reps=3, warmup=1)
     bytes_moved = n * (12 + 4 * frac)  # read theta, imp_full, imp_forget; write the selected theta
     gbs = bytes_moved / t_fc / 1e9
-    row = {"name": name, "n": n, "frac": frac, "fc_ms": t_fc * 1e3, "best_ms": t_best * 1e3, "ref_ms": t_ref * 1e3,
+    row = {"name": name, "n": n, "frac": frac, "fc_ms": t_fc * 1e3, "chk_ms": t_chk * 1e3, "best_ms": t_best * 1e3, "ref_ms": t_ref * 1e3,
            "gbs": gbs, "pct": 100 * bytes_moved / t_fc / copy_bw, "vs_best": t_best / t_fc, "vs_ref": t_ref / t_fc}
     del params, full, forget
     torch.cuda.empty_cache()
@@ -257,13 +252,13 @@ def main() -> int:
 
     bw = copy_bandwidth()
     print(f"\ndevice copy bandwidth: {bw / 1e12:.2f} TB/s", flush=True)
-    print(f"\n{'SSD dampening':<22}{'params':>14}{'selected':>9}{'forgetcore':>12}{'torch best':>12}{'ref loop':>11}"
+    print(f"\n{'SSD dampening':<22}{'params':>14}{'selected':>9}{'forgetcore':>12}{'+check':>10}{'torch best':>12}{'ref loop':>11}"
           f"{'GB/s':>8}{'% copy':>8}{'x best':>8}{'x ref':>7}")
     rows = []
     for name, shapes in [("GPT-2 small (124M)", gpt2_small_shapes()), ("Llama-3.2-1B (1.24B)", llama_1b_shapes())]:
         r = bench_ssd(name, shapes, bw)
         rows.append(r)
-        print(f"{name:<22}{r['n']:>14,}{r['frac']:>8.2%}{r['fc_ms']:>10.2f}ms{r['best_ms']:>10.2f}ms{r['ref_ms']:>9.1f}ms"
+        print(f"{name:<22}{r['n']:>14,}{r['frac']:>8.2%}{r['fc_ms']:>10.2f}ms{r['chk_ms']:>8.2f}ms{r['best_ms']:>10.2f}ms{r['ref_ms']:>9.1f}ms"
               f"{r['gbs']:>8.0f}{r['pct']:>7.0f}%{r['vs_best']:>8.1f}{r['vs_ref']:>7.1f}", flush=True)
     kv = bench_kv()
     print(f"\nkvscore step (B 8, 32 heads, T 32768, budget 4096): forgetcore {kv['fc_ms']:.3f} ms "
