@@ -5,6 +5,7 @@
 //! and `cargo bench` exercise the kernels without an interpreter.
 
 pub mod error;
+pub mod kvscore;
 pub mod python;
 
 pub use error::{Error, Result};
