@@ -42,6 +42,7 @@ class KVLayer:
     valid: torch.Tensor    # bool  (B, H, S): real token (not padding, not a freed slot)
     scores: torch.Tensor   # f32   (B, H, S)
     new: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))  # (B, H, q) slots of this step
+    multi: dict = field(default_factory=dict)  # alpha -> scores, filled by ScoreAll (evaluation)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.pos, self.valid, self.scores))
@@ -185,6 +186,24 @@ class KVCache(Cache):
                 for name in ("keys", "values", "pos", "valid", "scores", "new"):
                     setattr(lay, name, getattr(lay, name)[indices])
 
+    def fork(self, press: Any) -> "KVCache":
+        """A compressed copy for ``press`` from a prefill scored by :class:`~.presses.ScoreAll`.
+
+        Equal to prefilling under ``press`` (``mode="prefill"``) directly, since prefill outputs
+        do not depend on the press: the evaluation scores every method from one prefill.
+        """
+        new = KVCache(press)
+        new.seen, new.forwards = self.seen, self.forwards
+        new.budget = press._budget_for(self.seen)
+        for i, lay in enumerate(self.kv):
+            sc = lay.multi[press.alpha] if press.scored else torch.zeros_like(lay.scores)
+            # clones: the step-wise path writes in place and must not reach the parent's tensors
+            new.kv.append(KVLayer(lay.keys.clone(), lay.values.clone(), lay.pos.clone(), lay.valid.clone(),
+                                  sc.clone(), lay.new))
+            if new.budget < lay.keys.shape[2]:
+                new.compress_(i, new.budget, press.n_sink, press.n_recent, step=press.mode == "decode")
+        return new
+
     # -- eviction -------------------------------------------------------------------------------
     def compress_(self, layer_idx: int, budget: int, n_sink: int, n_recent: int, step: bool) -> None:
         """Bring layer ``layer_idx`` down to ``budget`` valid slots.
@@ -254,13 +273,11 @@ def kv_attention(module, query, key, value, attention_mask, scaling=None, dropou
     out = torch.empty(b, hkv, g, q, value.shape[-1], dtype=torch.float32, device=query.device)
     vals = value.float()[:, :, None]                     # (B, Hkv, 1, S, Dv)
     need = press.needs_scores(cache)
-    alpha = press.alpha
     # a chunk's rows enter S with weight alpha^(rows after it): Horner over chunks is exact
     for s0, s1, p in _probs_chunks(query, key, mask, scaling, press.chunk):
         out[:, :, :, s0:s1] = torch.matmul(p, vals)
         if need:
-            kvscore.accumulate_(lay.scores, p.reshape(b, hq, s1 - s0, -1), alpha, g,
-                                renorm=False, valid=None)
+            press.accumulate(lay, p.reshape(b, hq, s1 - s0, -1), g)
     press.after_attention(cache, layer_idx)
     attn_out = out.reshape(b, hq, q, -1).to(query.dtype).transpose(1, 2).contiguous()
     return attn_out, None

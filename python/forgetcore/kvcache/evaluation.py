@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .presses import ScoreAll, cache_kwarg
+
 _WORDS = ("apple river stone cloud maple tiger candle violin harbor pepper falcon copper meadow lantern "
           "orchid walnut silver garden pillow rocket saddle thunder velvet window zebra anchor basket "
           "cactus dragon ember feather glacier hammer island jungle kettle lemon marble needle olive "
@@ -79,30 +81,44 @@ def _left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
 
 def _forward(model, ids, mask, full_mask, cache):
     pos = (full_mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]
-    return model(input_ids=ids, attention_mask=full_mask, position_ids=pos, past_key_values=cache,
-                 use_cache=True).logits
+    return model(input_ids=ids, attention_mask=full_mask, position_ids=pos, use_cache=True,
+                 **{cache_kwarg(model): cache}).logits
 
 
-def _two_stage(model, press, ctx_ids, ctx_mask, tail_ids, tail_mask):
-    """Prefill (compressed under ``press``; full cache when None), then append the tail."""
-    from transformers import DynamicCache
+def _run_many(model, presses, ctx_ids, ctx_mask, tail_ids, tail_mask) -> list[torch.Tensor]:
+    """Tail logits for each press (None = full cache) after one shared prefill of the context.
 
+    The prefill is scored for every forgetting factor at once (:class:`~.presses.ScoreAll`)
+    and each press's compressed cache is forked from it, which equals prefilling under that
+    press (prefill outputs do not depend on the press; ``tests/test_kvcache.py`` checks it).
+    """
     full = torch.cat([ctx_mask, tail_mask], 1)
-    if press is None:
-        cache = DynamicCache()
+    alphas = sorted({p.alpha for p in presses if p is not None and p.scored})
+    root = ScoreAll(alphas)
+    with root(model):
+        cache = root.make_cache()
         _forward(model, ctx_ids, ctx_mask, ctx_mask, cache)
-        return _forward(model, tail_ids, tail_mask, full, cache)
-    with press(model):
-        cache = press.make_cache()
-        _forward(model, ctx_ids, ctx_mask, ctx_mask, cache)
-        return _forward(model, tail_ids, tail_mask, full, cache)
+    outs = []
+    for press in presses:
+        use = root if press is None else press
+        c = cache if press is None else cache.fork(press)
+        with use(model):
+            outs.append(_forward(model, tail_ids, tail_mask, full, c))
+            if press is None:
+                cache.forwards, cache.seen = 1, ctx_ids.shape[1]   # the tail does not stick
+                for lay in cache.kv:
+                    n = lay.keys.shape[2] - tail_ids.shape[1]
+                    lay.keys, lay.values = lay.keys[:, :, :n], lay.values[:, :, :n]
+                    lay.pos, lay.valid, lay.scores = lay.pos[..., :n], lay.valid[..., :n], lay.scores[..., :n]
+    return outs
 
 
 @torch.no_grad()
-def recall_correct(model, tok, items: list[RecallItem], press=None, batch_size: int = 8,
-                   progress: bool = False) -> list[bool]:
-    """Per item: would greedy decoding reproduce the answer after the compressed context?"""
-    out: list[bool] = []
+def recall_correct(model, tok, items: list[RecallItem], presses: list, batch_size: int = 8,
+                   progress: bool = False) -> list[list[bool]]:
+    """Per press (None = full cache), per item: would greedy decoding reproduce the answer
+    after the compressed context?"""
+    out: list[list[bool]] = [[] for _ in presses]
     pad = tok.pad_token_id
     for s in tqdm(range(0, len(items), batch_size), disable=not progress, desc="recall", leave=False):
         batch = items[s:s + batch_size]
@@ -111,25 +127,26 @@ def recall_correct(model, tok, items: list[RecallItem], press=None, batch_size: 
         ans = [tok(it.answer, add_special_tokens=False)["input_ids"] for it in batch]
         ci, cm = _left_pad(ctx, pad)
         ti, tm = _left_pad([q + a for q, a in zip(qs, ans)], pad)
-        logits = _two_stage(model, press, ci, cm, ti, tm)
-        pred = logits.argmax(-1)
-        for r, a in enumerate(ans):
-            n = len(a)
-            out.append(bool((pred[r, -n - 1:-1] == torch.tensor(a)).all()))
+        for k, logits in enumerate(_run_many(model, presses, ci, cm, ti, tm)):
+            pred = logits.argmax(-1)
+            for r, a in enumerate(ans):
+                n = len(a)
+                out[k].append(bool((pred[r, -n - 1:-1] == torch.tensor(a)).all()))
     return out
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, context: int, press=None, batch_size: int = 8,
-               progress: bool = False) -> float:
-    """exp(mean NLL) of the continuation tokens after a (compressed) ``context``."""
-    nll, count = 0.0, 0
+def perplexity(model, windows: torch.Tensor, context: int, presses: list, batch_size: int = 8,
+               progress: bool = False) -> list[float]:
+    """Per press (None = full cache): exp(mean NLL) of the continuation tokens after a
+    (compressed) ``context``."""
+    nll, count = [0.0] * len(presses), 0
     for s in tqdm(range(0, len(windows), batch_size), disable=not progress, desc="ppl", leave=False):
         w = windows[s:s + batch_size]
         ci, ti = w[:, :context], w[:, context:]
-        logits = _two_stage(model, press, ci, torch.ones_like(ci), ti, torch.ones_like(ti))
-        lp = torch.log_softmax(logits[:, :-1].float(), -1)
         tgt = ti[:, 1:]
-        nll -= lp.gather(-1, tgt[..., None]).sum().item()
+        for k, logits in enumerate(_run_many(model, presses, ci, torch.ones_like(ci), ti, torch.ones_like(ti))):
+            lp = torch.log_softmax(logits[:, :-1].float(), -1)
+            nll[k] -= lp.gather(-1, tgt[..., None]).sum().item()
         count += tgt.numel()
-    return math.exp(nll / max(1, count))
+    return [math.exp(v / max(1, count)) for v in nll]

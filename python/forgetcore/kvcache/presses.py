@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from .. import _checks
+from .. import _checks, kvscore
 from .cache import ATTN_NAME, KVCache, kv_attention
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,10 @@ class _Press:
     def needs_scores(self, cache: KVCache) -> bool:
         return self.scored and (self.mode == "decode" or cache.forwards == 0)
 
+    def accumulate(self, lay, probs: torch.Tensor, group: int) -> None:
+        """Add the attention rows ``probs`` (B, q_heads, q, S) to the layer's scores."""
+        kvscore.accumulate_(lay.scores, probs, self.alpha, group)
+
     def after_attention(self, cache: KVCache, layer_idx: int) -> None:
         if self.mode == "decode" or cache.forwards == 0:
             cache.compress_(layer_idx, cache.budget, self.n_sink, self.n_recent, step=self.mode == "decode")
@@ -124,8 +128,7 @@ class _Press:
         return attns
 
     def _cache_key(self, model) -> str:
-        params = inspect.signature(type(model).forward).parameters
-        return "cache" if "cache" in params else "past_key_values"
+        return cache_kwarg(model)
 
     def _pre_hook(self, module, args, kwargs):
         key = self._cache_key(module)
@@ -222,6 +225,33 @@ class RecentWindow(_Press):
     def __init__(self, budget: int | None = None, compression_ratio: float | None = None,
                  n_sink: int = 4, mode: str = "prefill", chunk: int = 256):
         super().__init__(budget, compression_ratio, n_sink, 0, mode, chunk)
+
+
+class ScoreAll(_Press):
+    """Evaluation helper: prefill without eviction, scoring every forgetting factor at once,
+    so :meth:`KVCache.fork` can build each press's compressed cache from one prefill."""
+
+    def __init__(self, alphas, chunk: int = 256):
+        super().__init__(budget=None, compression_ratio=0.0, n_sink=0, n_recent=0, chunk=chunk)
+        self.alphas = tuple(float(a) for a in alphas)
+
+    def needs_scores(self, cache: KVCache) -> bool:
+        return cache.forwards == 0
+
+    def accumulate(self, lay, probs: torch.Tensor, group: int) -> None:
+        for a in self.alphas:
+            if a not in lay.multi:
+                lay.multi[a] = torch.zeros_like(lay.scores)
+            kvscore.accumulate_(lay.multi[a], probs, a, group)
+
+    def after_attention(self, cache: KVCache, layer_idx: int) -> None:
+        pass
+
+
+def cache_kwarg(model) -> str:
+    """The forward() keyword that takes the cache: ``cache`` (transformers >= 5.x) or ``past_key_values``."""
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def cache_bytes(cache: Any) -> int:
