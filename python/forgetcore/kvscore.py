@@ -33,7 +33,8 @@ _ATTN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _scores(scores: torch.Tensor) -> torch.Tensor:
     _checks.tensor("scores", scores, dtype=torch.float32, ndim=3)
-    if scores.numel() and bool(torch.isnan(scores).any()):
+    # the Rust kernels check NaN themselves (one pass, no temporary); the reference needs it here
+    if _backend.choose(scores.device) != _backend.RUST and scores.numel() and bool(torch.isnan(scores).any()):
         raise ValueError("scores: expected no NaN (+inf marks evicted slots), got NaN")
     return scores
 
@@ -76,7 +77,6 @@ def accumulate_(scores: torch.Tensor, attn: torch.Tensor, alpha: float, group: i
                          f"got {_checks.describe(attn)}")
     if valid is not None:
         _checks.tensor("valid", valid, dtype=torch.bool, shape=(b, h, t), device=scores.device)
-    _checks.finite("attn", attn)
     if _backend.choose(scores.device) == _backend.RUST and scores.is_contiguous():
         a = attn.contiguous()
         name = str(a.dtype).removeprefix("torch.")
@@ -84,6 +84,9 @@ def accumulate_(scores: torch.Tensor, attn: torch.Tensor, alpha: float, group: i
         v = None if valid is None else _checks.numpy_view(valid.contiguous())
         _core.kv_accumulate_(_checks.numpy_view(scores), arr, name, v, group, alpha, bool(renorm))
         return scores
+    _checks.finite("attn", attn)
+    if scores.numel() and bool(torch.isnan(scores).any()):
+        raise ValueError("scores: expected no NaN (+inf marks evicted slots), got NaN")
     return reference.kv_accumulate_(scores, attn, alpha, group, renorm=renorm, valid=valid)
 
 

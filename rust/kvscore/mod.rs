@@ -15,6 +15,10 @@ use rayon::prelude::*;
 
 use crate::error::{ensure, Error, Result};
 
+/// Below this many elements of work a kernel runs on the calling thread: a decode step is
+/// microseconds of work, and waking a thread pool (on a busy machine, waiting for it) costs more.
+const PAR_MIN: usize = 1 << 18;
+
 /// Attention probabilities in one of the accepted storage formats.
 #[derive(Clone, Copy)]
 pub enum Attn<'a> {
@@ -122,10 +126,14 @@ pub fn accumulate(
         return Ok(());
     }
     // Check the attention for NaN/inf before touching the scores (a failed call changes nothing).
-    let bad = (0..attn.len()).into_par_iter().any(|i| !attn.get(i).is_finite());
+    let bad = if attn.len() < PAR_MIN {
+        (0..attn.len()).any(|i| !attn.get(i).is_finite())
+    } else {
+        (0..attn.len()).into_par_iter().any(|i| !attn.get(i).is_finite())
+    };
     ensure(!bad, "attn", || "expected finite attention probabilities".into())?;
 
-    scores.par_chunks_mut(t).enumerate().for_each(|(row, s)| {
+    let body = |(row, s): (usize, &mut [f32])| {
         let v = valid.map(|v| &v[row * t..(row + 1) * t]);
         let mut inv = vec![1.0f32; group];
         for i in 0..q {
@@ -164,7 +172,12 @@ pub fn accumulate(
                 }
             }
         }
-    });
+    };
+    if attn.len() < PAR_MIN {
+        scores.chunks_mut(t).enumerate().for_each(body);
+    } else {
+        scores.par_chunks_mut(t).enumerate().for_each(body);
+    }
     Ok(())
 }
 
@@ -249,9 +262,7 @@ pub fn select_keep(
     if budget == 0 {
         return Ok(());
     }
-    out.par_chunks_mut(budget).enumerate().for_each_init(
-        || (vec![false; t], Vec::with_capacity(t)),
-        |(keep, scratch), (row, o)| {
+    let body = |(keep, scratch): &mut (Vec<bool>, Vec<usize>), (row, o): (usize, &mut [i64])| {
             let r = row * t..(row + 1) * t;
             let (s, pos, val) = (&scores[r.clone()], &positions[r.clone()], &valid[r]);
             keep.iter_mut().for_each(|k| *k = false);
@@ -280,8 +291,13 @@ pub fn select_keep(
                     m += 1;
                 }
             }
-        },
-    );
+    };
+    if dims.len() < PAR_MIN {
+        let mut st = (vec![false; t], Vec::with_capacity(t));
+        out.chunks_mut(budget).enumerate().for_each(|x| body(&mut st, x));
+    } else {
+        out.par_chunks_mut(budget).enumerate().for_each_init(|| (vec![false; t], Vec::with_capacity(t)), body);
+    }
     Ok(())
 }
 
@@ -300,20 +316,19 @@ pub fn evict_one(
     check_select(scores, positions, valid, dims)?;
     ensure(out.len() == dims.rows(), "out", || format!("expected {} elements, got {}", dims.rows(), out.len()))?;
     let t = dims.slots;
-    out.par_iter_mut().enumerate().for_each_init(
-        || (vec![false; t], Vec::with_capacity(t)),
-        |(keep, scratch), (row, o)| {
-            let r = row * t..(row + 1) * t;
-            let (s, pos, val) = (&scores[r.clone()], &positions[r.clone()], &valid[r]);
-            keep.iter_mut().for_each(|k| *k = false);
-            protect(pos, val, n_sink, n_recent, keep, scratch);
-            *o = scratch
-                .iter()
-                .copied()
-                .max_by(|&a, &b| better(s, pos, a, b))
-                .map_or(-1, |j| j as i64);
-        },
-    );
+    let body = |(keep, scratch): &mut (Vec<bool>, Vec<usize>), (row, o): (usize, &mut i64)| {
+        let r = row * t..(row + 1) * t;
+        let (s, pos, val) = (&scores[r.clone()], &positions[r.clone()], &valid[r]);
+        keep.iter_mut().for_each(|k| *k = false);
+        protect(pos, val, n_sink, n_recent, keep, scratch);
+        *o = scratch.iter().copied().max_by(|&a, &b| better(s, pos, a, b)).map_or(-1, |j| j as i64);
+    };
+    if dims.len() < PAR_MIN {
+        let mut st = (vec![false; t], Vec::with_capacity(t));
+        out.iter_mut().enumerate().for_each(|x| body(&mut st, x));
+    } else {
+        out.par_iter_mut().enumerate().for_each_init(|| (vec![false; t], Vec::with_capacity(t)), body);
+    }
     Ok(())
 }
 
