@@ -145,12 +145,14 @@ def main() -> None:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--prompt-tokens", type=int, default=2000)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch threads (rayon follows RAYON_NUM_THREADS); 1 avoids oversubscription on busy machines")
     args = ap.parse_args()
     if args.child is not None:
         frac = None if args.child == "full" else float(args.child)
         print(json.dumps(_e2e_child(frac, args.prompt_tokens, args.new_tokens)))
         return
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     bw = triad_gbs()
     print(f"threads: torch {torch.get_num_threads()}, stream triad {bw:.1f} GB/s")
     for title, res in [("decode step (1 x 32 heads, budget 1024 + 128 recent, head_dim 128)", decode_step()),

@@ -126,13 +126,15 @@ pub fn accumulate(
         return Ok(());
     }
     // Check the attention for NaN/inf before touching the scores (a failed call changes nothing).
-    let bad = if attn.len() < PAR_MIN {
-        (0..attn.len()).any(|i| !attn.get(i).is_finite())
-    } else {
-        (0..attn.len()).into_par_iter().any(|i| !attn.get(i).is_finite())
+    // x - x is 0 for finite x and NaN otherwise: a branch-free, vectorisable check
+    let chunk_bad = |c: &[f32]| c.iter().map(|&x| x - x).sum::<f32>() != 0.0;
+    let bad = match attn {
+        Attn::F32(a) if a.len() < PAR_MIN => a.chunks(4096).any(chunk_bad),
+        Attn::F32(a) => a.par_chunks(1 << 16).any(|c| c.chunks(4096).any(chunk_bad)),
+        _ if attn.len() < PAR_MIN => (0..attn.len()).any(|i| !attn.get(i).is_finite()),
+        _ => (0..attn.len()).into_par_iter().any(|i| !attn.get(i).is_finite()),
     };
     ensure(!bad, "attn", || "expected finite attention probabilities".into())?;
-
     let body = |(row, s): (usize, &mut [f32])| {
         let v = valid.map(|v| &v[row * t..(row + 1) * t]);
         let mut inv = vec![1.0f32; group];
@@ -151,22 +153,21 @@ pub fn accumulate(
             }
             if alpha == 0.0 {
                 s.iter_mut().filter(|x| x.is_finite()).for_each(|x| *x = 0.0);
-            } else if alpha != 1.0 {
-                s.iter_mut().for_each(|x| *x *= alpha);
             }
             for g in 0..group {
                 let base = ((row * group + g) * q + i) * t;
                 let w = inv[g];
+                // the first head of the group carries the decay, fused into one pass over s
+                let decay = if g == 0 && alpha != 0.0 { alpha } else { 1.0 };
                 match (attn, v) {
                     (Attn::F32(a), None) => {
                         let a = &a[base..base + t];
-                        s.iter_mut().zip(a).for_each(|(x, &y)| *x += w * y);
+                        s.iter_mut().zip(a).for_each(|(x, &y)| *x = decay * *x + w * y);
                     }
                     _ => {
                         for j in 0..t {
-                            if v.is_none_or(|v| v[j]) {
-                                s[j] += w * attn.get(base + j);
-                            }
+                            let add = if v.is_none_or(|v| v[j]) { w * attn.get(base + j) } else { 0.0 };
+                            s[j] = decay * s[j] + add;
                         }
                     }
                 }
