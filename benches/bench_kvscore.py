@@ -142,6 +142,7 @@ def _e2e_child(budget_frac: float | None, prompt_tokens: int, new_tokens: int) -
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--e2e", action="store_true", help="also run the SmolLM2 end-to-end comparison")
+    ap.add_argument("--e2e-only", action="store_true", help="only the SmolLM2 end-to-end comparison")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--prompt-tokens", type=int, default=2000)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -153,6 +154,9 @@ def main() -> None:
         print(json.dumps(_e2e_child(frac, args.prompt_tokens, args.new_tokens)))
         return
     torch.set_num_threads(args.threads)
+    if args.e2e_only:
+        _e2e(args)
+        return
     bw = triad_gbs()
     print(f"threads: torch {torch.get_num_threads()}, stream triad {bw:.1f} GB/s")
     for title, res in [("decode step (1 x 32 heads, budget 1024 + 128 recent, head_dim 128)", decode_step()),
@@ -167,20 +171,24 @@ def main() -> None:
     for k, v in res.items():
         print(f"  {k:45s} {v * 1e3:10.2f} ms   x{base / v:6.2f} vs baseline   {nbytes / v / 1e9:6.1f} GB/s "
               f"({nbytes / v / 1e9 / bw * 100:.0f}% of triad)")
-    if args.e2e:
-        print(f"\nend to end: SmolLM2-135M, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens")
-        for cfg in ("full", "0.2"):
-            r = subprocess.run([sys.executable, __file__, "--child", cfg, "--prompt-tokens", str(args.prompt_tokens),
-                                "--new-tokens", str(args.new_tokens)], capture_output=True, text=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            line = [x for x in r.stdout.splitlines() if x.startswith("{")]
-            if not line:
-                print(f"  {cfg}: failed: {r.stderr[-500:]}")
-                continue
-            d = json.loads(line[-1])
-            name = "full cache" if cfg == "full" else "A2SF 20% (decode mode)"
-            print(f"  {name:25s} {d['seconds']:7.1f} s   cache {d['cache_MB']:7.1f} MB   "
-                  f"peak RSS growth {d['peak_rss_growth_MB']:7.1f} MB")
+    if args.e2e or args.e2e_only:
+        _e2e(args)
+
+
+def _e2e(args) -> None:
+    print(f"\nend to end: SmolLM2-135M, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens")
+    for cfg in ("full", "0.2"):
+        r = subprocess.run([sys.executable, __file__, "--child", cfg, "--prompt-tokens", str(args.prompt_tokens),
+                            "--new-tokens", str(args.new_tokens)], capture_output=True, text=True,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        line = [x for x in r.stdout.splitlines() if x.startswith("{")]
+        if not line:
+            print(f"  {cfg}: failed: {r.stderr[-500:]}")
+            continue
+        d = json.loads(line[-1])
+        name = "full cache" if cfg == "full" else "A2SF 20% (decode mode)"
+        print(f"  {name:25s} {d['seconds']:7.1f} s   cache {d['cache_MB']:7.1f} MB   "
+              f"peak RSS growth {d['peak_rss_growth_MB']:7.1f} MB")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ _WORDS = ("apple river stone cloud maple tiger candle violin harbor pepper falco
           "helmet jacket ladder mirror number ocean pencil rabbit shadow tunnel wagon").split()
 
 
+_PROGRESS = [False]   # inner (per-press) bars follow the outer call's progress flag
+
+
 @dataclass
 class RecallItem:
     context: str
@@ -99,7 +102,7 @@ def _run_many(model, presses, ctx_ids, ctx_mask, tail_ids, tail_mask) -> list[to
         cache = root.make_cache()
         _forward(model, ctx_ids, ctx_mask, ctx_mask, cache)
     outs = []
-    for press in presses:
+    for press in tqdm(presses, disable=not _PROGRESS[0], desc="presses", leave=False):
         use = root if press is None else press
         c = cache if press is None else cache.fork(press)
         with use(model):
@@ -119,6 +122,7 @@ def recall_correct(model, tok, items: list[RecallItem], presses: list, batch_siz
     """Per press (None = full cache), per item: would greedy decoding reproduce the answer
     after the compressed context?"""
     out: list[list[bool]] = [[] for _ in presses]
+    _PROGRESS[0] = progress
     pad = tok.pad_token_id
     for s in tqdm(range(0, len(items), batch_size), disable=not progress, desc="recall", leave=False):
         batch = items[s:s + batch_size]
@@ -141,6 +145,7 @@ def perplexity(model, windows: torch.Tensor, context: int, presses: list, batch_
     """Per press (None = full cache): exp(mean NLL) of the continuation tokens after a
     (compressed) ``context``."""
     nll, count = [0.0] * len(presses), 0
+    _PROGRESS[0] = progress
     for s in tqdm(range(0, len(windows), batch_size), disable=not progress, desc="ppl", leave=False):
         w = windows[s:s + batch_size]
         ci, ti = w[:, :context], w[:, context:]
