@@ -3,8 +3,9 @@
 Associative recall (question appended after compression) at budgets of 10/20/30/50 % of the
 prompt, for the full cache, RecentWindow, H2O and A2SF with forgetting factors
 {0.5, 0.8, 0.9, 0.95, 0.99, 1.0}. The factor reported as "A2SF (chosen)" is picked on
-development prompts (one seed) by mean accuracy over the budgets and reported on disjoint test
-prompts (another seed). Perplexity of held-out ``pydoc_data.topics`` prose under the same
+development prompts (one seed) by mean accuracy over the budgets (ties go to the factor nearest
+1, i.e. toward H2O) and reported on disjoint test prompts (another seed). ``seeds`` is unused:
+the prompt seeds are fixed so that dev and test stay disjoint. Perplexity of held-out ``pydoc_data.topics`` prose under the same
 budgets completes the table. Prints the tables, writes ``kv_results.json`` and
 ``kv_accuracy.png`` (accuracy against budget, one line per method).
 """
