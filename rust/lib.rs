@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod importance;
+pub mod kvscore;
 pub mod python;
 pub mod replay;
 

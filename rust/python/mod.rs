@@ -13,6 +13,7 @@ use crate::Error;
 
 mod replay;
 mod importance;
+mod kvscore;
 
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
@@ -51,5 +52,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     replay::register(m)?;
     importance::register(m)?;
+    kvscore::register(m)?;
     Ok(())
 }
