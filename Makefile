@@ -50,3 +50,8 @@ wheel:
 clean:
 	cargo clean
 	rm -rf dist python/forgetcore/_core*.so
+
+# KV-cache tests at the lowest supported transformers (overlay folder; not part of `make test`).
+.PHONY: test-transformers-min
+test-transformers-min:
+	bash scripts/test-transformers-min.sh

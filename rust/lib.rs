@@ -7,6 +7,7 @@
 pub mod cuda;
 pub mod error;
 pub mod importance;
+pub mod kvscore;
 pub mod python;
 pub mod replay;
 

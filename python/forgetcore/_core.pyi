@@ -21,6 +21,7 @@ __all__ += [
     "cuda_nvrtc_version",
     "cuda_ssd_dampen_",
 ]
+__all__ += ["kv_accumulate_", "kv_evict_one", "kv_select_keep"]
 __version__: str
 
 def num_threads() -> int: ...
@@ -119,3 +120,30 @@ def accumulate_(acc: list[npt.NDArray[np.float32]], grads: list[npt.NDArray[np.f
 def ssd_dampen_(params: list[npt.NDArray[np.float32]], imp_full: list[npt.NDArray[np.float32]], imp_forget: list[npt.NDArray[np.float32]], alpha: float, lam: float) -> npt.NDArray[np.int64]: ...
 def find_invalid_importance(imps: list[npt.NDArray[np.float32]]) -> tuple[int, int, float] | None: ...
 def stream_triad_(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32], c: npt.NDArray[np.float32], s: float) -> None: ...
+
+# kvscore
+
+def kv_accumulate_(
+    scores: npt.NDArray[np.float32],
+    attn: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    attn_dtype: str,
+    valid: npt.NDArray[np.bool_] | None,
+    group: int,
+    alpha: float,
+    renorm: bool,
+) -> None: ...
+def kv_select_keep(
+    scores: npt.NDArray[np.float32],
+    positions: npt.NDArray[np.int64],
+    valid: npt.NDArray[np.bool_],
+    budget: int,
+    n_sink: int,
+    n_recent: int,
+) -> npt.NDArray[np.int64]: ...
+def kv_evict_one(
+    scores: npt.NDArray[np.float32],
+    positions: npt.NDArray[np.int64],
+    valid: npt.NDArray[np.bool_],
+    n_sink: int,
+    n_recent: int,
+) -> npt.NDArray[np.int64]: ...

@@ -14,6 +14,7 @@ use crate::Error;
 mod cuda;
 mod replay;
 mod importance;
+mod kvscore;
 
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
@@ -53,5 +54,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     cuda::register(m)?;
     replay::register(m)?;
     importance::register(m)?;
+    kvscore::register(m)?;
     Ok(())
 }

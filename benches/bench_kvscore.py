@@ -1,0 +1,195 @@
+"""kvscore benchmark: forgetcore (Rust) vs the reference (best torch) vs the public code's way.
+
+Shapes from the issue: batch 1, 32 heads, head_dim 128, budget 1,024 selected + 128 recent.
+- decode step: accumulate the new attention row and evict. Baseline = A2SF's real-drop code
+  (and kvpress's ScorerPress): top-k over the non-recent part and re-gather K, V and scores
+  every step. Ours: accumulate_ + evict_one, then overwrite the evicted slot in place.
+- one-shot select from T = 4,096 slots to 1,152 (+ gathering K and V).
+- prefill chunk: q = 512 new rows over T = 4,096 keys (memory-bound: GB/s against a stream
+  triad measured in the same run). Baseline = A2SF HEAD's alpha^(L-1-q) weighted sum.
+- end to end (``--e2e``): SmolLM2, ~2,000-token prompt, 20 % budget vs full cache, generation
+  time and cache bytes / peak RSS (each config in its own subprocess).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "baselines"))
+from official_kv import official_decode_step  # noqa: E402
+
+from forgetcore import kvscore, reference  # noqa: E402
+
+
+def timeit(fn, reps: int, warm: int = 2) -> float:
+    for _ in range(warm):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def triad_gbs(n: int = 20_000_000) -> float:
+    a, b, c = np.zeros(n, np.float32), np.random.rand(n).astype(np.float32), np.random.rand(n).astype(np.float32)
+
+    def f():
+        np.multiply(c, np.float32(1.5), out=a)
+        np.add(a, b, out=a)
+    t = timeit(f, 5)
+    return 3 * 4 * n / t / 1e9 * (2 / 2)   # a = b + s*c touches 3 arrays (ours writes a twice)
+
+
+def decode_step(h=32, d=128, n_select=1024, n_recent=128, alpha=0.9, reps=30):
+    s = n_select + n_recent + 1
+    g = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(1, h, s, d, generator=g), torch.randn(1, h, s, d, generator=g)
+    scores = torch.rand(1, h, s, generator=g)
+    row = torch.softmax(torch.randn(1, h, 1, s, generator=g), -1)
+    pos = torch.arange(s).expand(1, h, s).contiguous()
+    valid = torch.ones(1, h, s, dtype=torch.bool)
+    knew, vnew = torch.randn(1, h, 1, d, generator=g), torch.randn(1, h, 1, d, generator=g)
+
+    def base():
+        official_decode_step(keys, values, scores.clone(), row[:, :, 0], alpha, n_select, n_recent)
+
+    def inplace(acc, ev):
+        sc = scores.clone()
+        acc(sc, row, alpha)
+        e = ev(sc, 0, n_recent, pos, valid)[..., None]
+        keys.scatter_(2, e[..., None].expand(1, h, 1, d), knew)
+        values.scatter_(2, e[..., None].expand(1, h, 1, d), vnew)
+        sc.scatter_(-1, e, 0.0)
+
+    return {"baseline (official/kvpress re-gather)": timeit(base, reps),
+            "reference (torch, in place)": timeit(lambda: inplace(reference.kv_accumulate_, reference.kv_evict_one), reps),
+            "forgetcore (Rust, in place)": timeit(lambda: inplace(kvscore.accumulate_, kvscore.evict_one), reps)}
+
+
+def one_shot(h=32, d=128, t=4096, n_select=1024, n_recent=128, reps=10):
+    g = torch.Generator().manual_seed(1)
+    keys, values = torch.randn(1, h, t, d, generator=g), torch.randn(1, h, t, d, generator=g)
+    scores = torch.rand(1, h, t, generator=g)
+
+    def gather(idx):
+        ix = idx[..., None].expand(*idx.shape, d)
+        return keys.gather(2, ix), values.gather(2, ix)
+
+    def base():
+        idx = scores[..., :-n_recent].topk(n_select, -1).indices.sort(-1).values
+        gather(torch.cat([idx, torch.arange(t - n_recent, t).expand(1, h, n_recent)], -1))
+
+    b = n_select + n_recent
+    return {"baseline (topk + cat + gather)": timeit(base, reps),
+            "reference (torch select_keep + gather)": timeit(lambda: gather(reference.kv_select_keep(scores, b, 0, n_recent)), reps),
+            "forgetcore (Rust select_keep + gather)": timeit(lambda: gather(kvscore.select_keep(scores, b, 0, n_recent)), reps)}
+
+
+def prefill_chunk(h=32, t=4096, q=512, alpha=0.9, reps=5):
+    g = torch.Generator().manual_seed(2)
+    attn = torch.rand(1, h, q, t, generator=g)
+    scores = torch.zeros(1, h, t)
+    w = alpha ** torch.arange(q - 1, -1, -1, dtype=torch.float32)
+
+    def base():   # A2SF HEAD: S = sum_q alpha^(L-1-q) A[q, :]
+        scores.mul_(alpha ** q).add_((attn * w[:, None]).sum(2))
+    res = {"baseline (weighted sum, torch)": timeit(base, reps),
+           "reference (torch kv_accumulate_)": timeit(lambda: reference.kv_accumulate_(scores, attn, alpha), reps),
+           "forgetcore (Rust accumulate_)": timeit(lambda: kvscore.accumulate_(scores, attn, alpha), reps)}
+    return res, attn.numel() * 4 + 2 * scores.numel() * 4
+
+
+def _e2e_child(budget_frac: float | None, prompt_tokens: int, new_tokens: int) -> dict:
+    from forgetcore.kvcache import A2SF, cache_bytes
+    from forgetcore.kvcache.presses import cache_kwarg
+    from forgetcore.kvcache._model import load_smollm2
+    from forgetcore.kvcache.evaluation import prose_chunks
+    from transformers import DynamicCache
+
+    model, tok = load_smollm2()
+    ids = prose_chunks(tok, 1, prompt_tokens, 0, seed=5)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.no_grad():
+        t = time.perf_counter()
+        if budget_frac is None:
+            cache = DynamicCache()
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 do_sample=False, **{cache_kwarg(model): cache})
+        else:
+            press = A2SF(0.9, compression_ratio=1 - budget_frac, mode="decode")
+            with press(model):
+                cache = press.make_cache()
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                     do_sample=False, **{cache_kwarg(model): cache})
+        dt = time.perf_counter() - t
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"seconds": dt, "cache_MB": cache_bytes(cache) / 2**20, "peak_rss_growth_MB": (rss1 - rss0) / 1024,
+            "new_tokens": int(out.shape[1] - ids.shape[1])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--e2e", action="store_true", help="also run the SmolLM2 end-to-end comparison")
+    ap.add_argument("--e2e-only", action="store_true", help="only the SmolLM2 end-to-end comparison")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--prompt-tokens", type=int, default=2000)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch threads (rayon follows RAYON_NUM_THREADS); 1 avoids oversubscription on busy machines")
+    args = ap.parse_args()
+    if args.child is not None:
+        frac = None if args.child == "full" else float(args.child)
+        print(json.dumps(_e2e_child(frac, args.prompt_tokens, args.new_tokens)))
+        return
+    torch.set_num_threads(args.threads)
+    if args.e2e_only:
+        _e2e(args)
+        return
+    bw = triad_gbs()
+    print(f"threads: torch {torch.get_num_threads()}, stream triad {bw:.1f} GB/s")
+    for title, res in [("decode step (1 x 32 heads, budget 1024 + 128 recent, head_dim 128)", decode_step()),
+                       ("one-shot select (1 x 32 heads, T = 4096 -> 1152, + K/V gather)", one_shot())]:
+        base = next(iter(res.values()))
+        print(f"\n{title}")
+        for k, v in res.items():
+            print(f"  {k:45s} {v * 1e6:10.1f} us   x{base / v:6.2f} vs baseline")
+    res, nbytes = prefill_chunk()
+    base = next(iter(res.values()))
+    print("\nprefill chunk accumulate (1 x 32 heads, q = 512, T = 4096)")
+    for k, v in res.items():
+        print(f"  {k:45s} {v * 1e3:10.2f} ms   x{base / v:6.2f} vs baseline   {nbytes / v / 1e9:6.1f} GB/s "
+              f"({nbytes / v / 1e9 / bw * 100:.0f}% of triad)")
+    if args.e2e or args.e2e_only:
+        _e2e(args)
+
+
+def _e2e(args) -> None:
+    print(f"\nend to end: SmolLM2-135M, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens")
+    for cfg in ("full", "0.2"):
+        r = subprocess.run([sys.executable, __file__, "--child", cfg, "--prompt-tokens", str(args.prompt_tokens),
+                            "--new-tokens", str(args.new_tokens)], capture_output=True, text=True,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        line = [x for x in r.stdout.splitlines() if x.startswith("{")]
+        if not line:
+            print(f"  {cfg}: failed: {r.stderr[-500:]}")
+            continue
+        d = json.loads(line[-1])
+        name = "full cache" if cfg == "full" else "A2SF 20% (decode mode)"
+        print(f"  {name:25s} {d['seconds']:7.1f} s   cache {d['cache_MB']:7.1f} MB   "
+              f"peak RSS growth {d['peak_rss_growth_MB']:7.1f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""KV-cache token scores: forgetting-factor accumulation and which slots to keep.
+
+The primitive family behind :mod:`forgetcore.kvcache` (A2SF, H2O, RecentWindow):
+
+- :func:`accumulate_` — ``S <- alpha^q S + sum_i alpha^(q-1-i) A_i`` over ``q`` new attention
+  rows (newest weight 1), GQA query heads summed, float32 whatever the input dtype. A2SF
+  (Accumulative Attention Scoring with Forgetting Factor) uses ``alpha < 1`` and, in its
+  lm-eval simulation, renormalises each row over the keys still kept (``renorm=True``);
+  H2O (Heavy-Hitter Oracle) is ``alpha = 1`` without renormalisation.
+- :func:`select_keep` — the ``budget`` slots to keep per (batch, kv-head): sinks and the
+  recent window always, the rest by top score; equal counts per head so K/V stay rectangular.
+- :func:`evict_one` — the one slot to overwrite in step-wise eviction (O(slots) per head).
+
+Slots carry their token ``positions`` and a ``valid`` mask (B, H, T), because a cache that
+overwrites evicted slots in place is no longer in token order and left padding puts pads
+where sinks would be: sinks are the first ``n_sink`` valid positions, the recent window the
+``n_recent`` highest, and invalid slots are never scored or kept ahead of a valid one.
+
+CPU tensors run the Rust kernels (rayon, GIL released); other devices run ``reference.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import _backend, _checks, _core, reference
+
+__all__ = ["accumulate_", "select_keep", "evict_one"]
+
+_ATTN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _scores(scores: torch.Tensor) -> torch.Tensor:
+    _checks.tensor("scores", scores, dtype=torch.float32, ndim=3)
+    # the Rust kernels check NaN themselves (one pass, no temporary); the reference needs it here
+    if _backend.choose(scores.device) != _backend.RUST and scores.numel() and bool(torch.isnan(scores).any()):
+        raise ValueError("scores: expected no NaN (+inf marks evicted slots), got NaN")
+    return scores
+
+
+def _slots(scores: torch.Tensor, positions, valid):
+    b, h, t = scores.shape
+    if positions is None:
+        positions = torch.arange(t, device=scores.device).expand(b, h, t)
+    _checks.tensor("positions", positions, dtype=torch.int64, shape=(b, h, t), device=scores.device)
+    if valid is None:
+        valid = torch.ones(b, h, t, dtype=torch.bool, device=scores.device)
+    _checks.tensor("valid", valid, dtype=torch.bool, shape=(b, h, t), device=scores.device)
+    return positions, valid
+
+
+def _counts(n_sink, n_recent):
+    return _checks.positive_int("n_sink", n_sink, allow_zero=True), \
+        _checks.positive_int("n_recent", n_recent, allow_zero=True)
+
+
+def accumulate_(scores: torch.Tensor, attn: torch.Tensor, alpha: float, group: int = 1, *,
+                renorm: bool = False, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Accumulate new attention rows into ``scores`` in place and return it.
+
+    Args:
+        scores: float32 (batch, kv_heads, T); may hold +inf ("already evicted" in simulation).
+        attn: softmax probabilities (batch, kv_heads * group, q, T), float32/float16/bfloat16.
+        alpha: forgetting factor in [0, 1]; 1 is H2O's plain sum.
+        group: query heads per KV head (GQA); their rows are summed.
+        renorm: divide each query head's row by its sum over ``valid`` slots (A2SF lm-eval).
+        valid: bool (batch, kv_heads, T); invalid slots receive nothing.
+    """
+    _scores(scores)
+    alpha = _checks.real("alpha", alpha, low=0.0, high=1.0)
+    group = _checks.positive_int("group", group)
+    b, h, t = scores.shape
+    _checks.tensor("attn", attn, dtype=_ATTN_DTYPES, ndim=4, device=scores.device)
+    if attn.shape[0] != b or attn.shape[1] != h * group or attn.shape[3] != t:
+        raise ValueError(f"attn: expected shape ({b}, {h * group}, q, {t}) (batch, kv_heads*group, q, slots), "
+                         f"got {_checks.describe(attn)}")
+    if valid is not None:
+        _checks.tensor("valid", valid, dtype=torch.bool, shape=(b, h, t), device=scores.device)
+    if _backend.choose(scores.device) == _backend.RUST and scores.is_contiguous():
+        a = attn.contiguous()
+        name = str(a.dtype).removeprefix("torch.")
+        arr = a.numpy() if a.dtype == torch.float32 else a.view(torch.int16).numpy()
+        v = None if valid is None else _checks.numpy_view(valid.contiguous())
+        _core.kv_accumulate_(_checks.numpy_view(scores), arr, name, v, group, alpha, bool(renorm))
+        return scores
+    _checks.finite("attn", attn)
+    if scores.numel() and bool(torch.isnan(scores).any()):
+        raise ValueError("scores: expected no NaN (+inf marks evicted slots), got NaN")
+    return reference.kv_accumulate_(scores, attn, alpha, group, renorm=renorm, valid=valid)
+
+
+def select_keep(scores: torch.Tensor, budget: int, n_sink: int = 0, n_recent: int = 0,
+                positions: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``budget`` slots to keep per (batch, kv-head), ascending: int64 (batch, kv_heads, budget).
+
+    ``budget >= T`` keeps everything (a documented no-op: returns ``arange(T)``).
+    ``budget < n_sink + n_recent`` is an error. Ties in score keep the later token.
+    """
+    _scores(scores)
+    n_sink, n_recent = _counts(n_sink, n_recent)
+    budget = _checks.positive_int("budget", budget, allow_zero=True)
+    if budget < n_sink + n_recent:
+        raise ValueError(f"budget: expected at least n_sink + n_recent = {n_sink + n_recent}, got {budget}")
+    positions, valid = _slots(scores, positions, valid)
+    b, h, t = scores.shape
+    if budget >= t:
+        return torch.arange(t, device=scores.device).expand(b, h, t).clone()
+    if _backend.choose(scores.device) == _backend.RUST:
+        out = _core.kv_select_keep(_checks.numpy_view(scores.contiguous()), _checks.numpy_view(positions.contiguous()),
+                                   _checks.numpy_view(valid.contiguous()), budget, n_sink, n_recent)
+        return torch.from_numpy(np.asarray(out))
+    return reference.kv_select_keep(scores, budget, n_sink, n_recent, positions, valid)
+
+
+def evict_one(scores: torch.Tensor, n_sink: int = 0, n_recent: int = 0,
+              positions: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Per (batch, kv-head) the lowest-scoring valid slot that is neither sink nor recent
+    (ties: the older token), or -1 where none: int64 (batch, kv_heads)."""
+    _scores(scores)
+    n_sink, n_recent = _counts(n_sink, n_recent)
+    positions, valid = _slots(scores, positions, valid)
+    if _backend.choose(scores.device) == _backend.RUST:
+        out = _core.kv_evict_one(_checks.numpy_view(scores.contiguous()), _checks.numpy_view(positions.contiguous()),
+                                 _checks.numpy_view(valid.contiguous()), n_sink, n_recent)
+        return torch.from_numpy(np.asarray(out))
+    return reference.kv_evict_one(scores, n_sink, n_recent, positions, valid)

@@ -1,0 +1,136 @@
+//! Bindings for `crate::kvscore`: numpy in (zero-copy), GIL released around the kernels.
+
+use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+
+use super::{as_slice, as_slice_mut};
+use crate::kvscore::{self, Attn, Dims};
+use crate::Error;
+
+fn dims3(shape: &[usize], arg: &str) -> PyResult<Dims> {
+    match shape {
+        [b, h, t] => Ok(Dims { batch: *b, heads: *h, slots: *t }),
+        _ => Err(Error::value(arg, format!("expected a 3-D array (batch, kv_heads, slots), got shape {shape:?}")).into()),
+    }
+}
+
+fn same_shape(shape: &[usize], want: &Dims, arg: &str) -> PyResult<()> {
+    if shape != [want.batch, want.heads, want.slots] {
+        return Err(Error::value(
+            arg,
+            format!("expected shape ({}, {}, {}) like scores, got {shape:?}", want.batch, want.heads, want.slots),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// scores (B, H, T) f32 <- alpha-weighted accumulation of attn (B, H*group, q, T).
+/// `attn_dtype` says how to read `attn`: "float32" (a float32 array) or "float16"/"bfloat16"
+/// (an int16 array holding the raw bits).
+#[pyfunction]
+#[pyo3(signature = (scores, attn, attn_dtype, valid, group, alpha, renorm))]
+#[allow(clippy::too_many_arguments)]
+fn kv_accumulate_(
+    py: Python<'_>,
+    mut scores: PyReadwriteArrayDyn<'_, f32>,
+    attn: &Bound<'_, PyAny>,
+    attn_dtype: &str,
+    valid: Option<PyReadonlyArrayDyn<'_, bool>>,
+    group: usize,
+    alpha: f32,
+    renorm: bool,
+) -> PyResult<()> {
+    let dims = dims3(scores.shape(), "scores")?;
+    if let Some(v) = &valid {
+        same_shape(v.shape(), &dims, "valid")?;
+    }
+    let (a32, a16);
+    let (ashape, view): (Vec<usize>, Attn<'_>) = match attn_dtype {
+        "float32" => {
+            a32 = attn.extract::<PyReadonlyArrayDyn<'_, f32>>()?;
+            (a32.shape().to_vec(), Attn::F32(as_slice(&a32, "attn")?))
+        }
+        "float16" | "bfloat16" => {
+            a16 = attn.extract::<PyReadonlyArrayDyn<'_, i16>>()?;
+            let s = as_slice(&a16, "attn")?;
+            // i16 and u16 have the same layout; the kernel reads raw bits
+            let bits: &[u16] = unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u16, s.len()) };
+            let v = if attn_dtype == "float16" { Attn::F16(bits) } else { Attn::Bf16(bits) };
+            (a16.shape().to_vec(), v)
+        }
+        other => return Err(kvscore::unsupported_dtype("attn", other).into()),
+    };
+    let q = match ashape.as_slice() {
+        [b, hq, q, t] if *b == dims.batch && *hq == dims.heads * group && *t == dims.slots => *q,
+        _ => {
+            return Err(Error::value(
+                "attn",
+                format!(
+                    "expected shape ({}, {}, q, {}) (batch, kv_heads*group, q, slots), got {ashape:?}",
+                    dims.batch,
+                    dims.heads * group,
+                    dims.slots
+                ),
+            )
+            .into())
+        }
+    };
+    let vs = match &valid {
+        Some(v) => Some(as_slice(v, "valid")?),
+        None => None,
+    };
+    let s = as_slice_mut(&mut scores, "scores")?;
+    py.detach(|| kvscore::accumulate(s, view, vs, dims, group, q, alpha, renorm))?;
+    Ok(())
+}
+
+/// Slots to keep per (batch, kv-head), ascending: int64 (B, H, budget).
+#[pyfunction]
+fn kv_select_keep<'py>(
+    py: Python<'py>,
+    scores: PyReadonlyArrayDyn<'py, f32>,
+    positions: PyReadonlyArrayDyn<'py, i64>,
+    valid: PyReadonlyArrayDyn<'py, bool>,
+    budget: usize,
+    n_sink: usize,
+    n_recent: usize,
+) -> PyResult<Bound<'py, PyArrayDyn<i64>>> {
+    let dims = dims3(scores.shape(), "scores")?;
+    same_shape(positions.shape(), &dims, "positions")?;
+    same_shape(valid.shape(), &dims, "valid")?;
+    let (s, p, v) = (as_slice(&scores, "scores")?, as_slice(&positions, "positions")?, as_slice(&valid, "valid")?);
+    let mut out = vec![0i64; dims.batch * dims.heads * budget.min(dims.slots)];
+    py.detach(|| kvscore::select_keep(s, p, v, dims, budget, n_sink, n_recent, &mut out))?;
+    let arr = numpy::ndarray::ArrayD::from_shape_vec(vec![dims.batch, dims.heads, budget], out)
+        .map_err(|e| Error::value("budget", e.to_string()))?;
+    Ok(arr.into_pyarray(py))
+}
+
+/// The slot to evict per (batch, kv-head), or -1: int64 (B, H).
+#[pyfunction]
+fn kv_evict_one<'py>(
+    py: Python<'py>,
+    scores: PyReadonlyArrayDyn<'py, f32>,
+    positions: PyReadonlyArrayDyn<'py, i64>,
+    valid: PyReadonlyArrayDyn<'py, bool>,
+    n_sink: usize,
+    n_recent: usize,
+) -> PyResult<Bound<'py, PyArrayDyn<i64>>> {
+    let dims = dims3(scores.shape(), "scores")?;
+    same_shape(positions.shape(), &dims, "positions")?;
+    same_shape(valid.shape(), &dims, "valid")?;
+    let (s, p, v) = (as_slice(&scores, "scores")?, as_slice(&positions, "positions")?, as_slice(&valid, "valid")?);
+    let mut out = vec![0i64; dims.batch * dims.heads];
+    py.detach(|| kvscore::evict_one(s, p, v, dims, n_sink, n_recent, &mut out))?;
+    let arr = numpy::ndarray::ArrayD::from_shape_vec(vec![dims.batch, dims.heads], out)
+        .map_err(|e| Error::value("scores", e.to_string()))?;
+    Ok(arr.into_pyarray(py))
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(kv_accumulate_, m)?)?;
+    m.add_function(wrap_pyfunction!(kv_select_keep, m)?)?;
+    m.add_function(wrap_pyfunction!(kv_evict_one, m)?)?;
+    Ok(())
+}
