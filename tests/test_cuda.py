@@ -144,7 +144,7 @@ def test_importance_dispatches_cuda_tensors_to_the_kernels(monkeypatch):
     from forgetcore import _backend, importance
 
     calls = []
-    monkeypatch.setattr(_backend, "choose", lambda device, cuda_kernel=False: "cuda" if cuda_kernel else "rust")
+    monkeypatch.setattr(_backend, "choose", lambda device, cuda_kernel=False: "cuda" if cuda_kernel else "reference")
     monkeypatch.setattr(_cuda, "find_invalid_importance", lambda imps: calls.append("check") or None)
     monkeypatch.setattr(_cuda, "ssd_dampen_", lambda *a: calls.append("ssd") or torch.tensor([7]))
     monkeypatch.setattr(_cuda, "accumulate_", lambda acc, grads, scale, mode: calls.append(("acc", grads[0].dtype, mode)))
@@ -159,6 +159,27 @@ def test_importance_dispatches_cuda_tensors_to_the_kernels(monkeypatch):
     acc = torch.zeros(3, 2).t()
     importance.accumulate_([acc], [torch.ones(2, 3)], 2.0)
     assert calls[-1] == ("acc", torch.bfloat16, "abs") and bool((acc == 2.0).all())
+
+
+def test_kvscore_dispatches_cuda_tensors_to_the_kernels(monkeypatch):
+    from forgetcore import _backend, kvscore
+
+    calls = []
+    monkeypatch.setattr(_backend, "choose", lambda device, cuda_kernel=False: "cuda" if cuda_kernel else "reference")
+    monkeypatch.setattr(_cuda, "kv_accumulate_", lambda s, a, alpha, group, renorm, valid: calls.append(("acc", alpha, group, renorm)) or s)
+    monkeypatch.setattr(_cuda, "kv_select_keep", lambda s, b, ns, nr, p, v: calls.append(("keep", b, ns, nr, p, v)) or "keep")
+    monkeypatch.setattr(_cuda, "kv_evict_one", lambda s, ns, nr, p, v: calls.append(("evict", ns, nr, p, v)) or "evict")
+    scores = torch.rand(1, 2, 16)
+    assert kvscore.accumulate_(scores, torch.rand(1, 4, 3, 16), 0.5, 2, renorm=True) is scores
+    assert calls[-1] == ("acc", 0.5, 2, True)
+    # positions / valid left as None: the kernel reads slot order and all-valid, nothing materialised
+    assert kvscore.select_keep(scores, 8, 1, 2) == "keep" and calls[-1] == ("keep", 8, 1, 2, None, None)
+    assert kvscore.evict_one(scores, 1, 2) == "evict" and calls[-1] == ("evict", 1, 2, None, None)
+    # budget >= T stays the documented no-op; bad input still raises before any kernel
+    assert kvscore.select_keep(scores, 16).shape == (1, 2, 16) and len(calls) == 3
+    with pytest.raises(ValueError, match="^attn: expected finite"):
+        kvscore.accumulate_(scores, torch.full((1, 2, 1, 16), float("nan")), 0.5)
+    assert len(calls) == 3
 
 
 def test_empty_lists_need_no_device():
@@ -453,6 +474,26 @@ def test_importance_primitives_on_cuda_equal_the_reference():
     reference.accumulate_(acc, grads, 0.3, "sq")
     importance.accumulate_(dev, [x.cuda() for x in grads], 0.3, mode="sq")
     assert all(torch.equal(a.cpu(), b) for a, b in zip(dev, acc))
+
+
+@gpu
+def test_kvscore_primitives_on_cuda_equal_the_reference():
+    from forgetcore import kvscore, reference
+
+    g = torch.Generator().manual_seed(9)
+    b, h, t = 2, 3, 257
+    scores = (torch.rand(b, h, t, generator=g) * 5).floor()
+    positions = torch.stack([torch.randperm(t, generator=g) for _ in range(b * h)]).view(b, h, t)
+    valid = torch.rand(b, h, t, generator=g) > 0.2
+    dev = [x.cuda() for x in (scores, positions, valid)]
+    want = reference.kv_select_keep(scores, 64, 4, 16, positions, valid)
+    assert torch.equal(kvscore.select_keep(*dev[:1], 64, 4, 16, dev[1], dev[2]).cpu(), want)
+    assert torch.equal(kvscore.evict_one(dev[0], 4, 16, dev[1], dev[2]).cpu(), reference.kv_evict_one(scores, 4, 16, positions, valid))
+    attn = torch.softmax(torch.randn(b, h * 2, 4, t, generator=g), -1).to(torch.bfloat16)
+    for renorm in (False, True):
+        got = kvscore.accumulate_(dev[0].clone(), attn.cuda(), 0.8, 2, renorm=renorm, valid=dev[2])
+        ref = reference.kv_accumulate_(scores.clone(), attn, 0.8, 2, renorm=renorm, valid=valid)
+        torch.testing.assert_close(got.cpu(), ref, rtol=1e-5, atol=1e-5)  # closed form vs recurrence
 
 
 @gpu
