@@ -4,6 +4,7 @@
 //! slices and never import pyo3; everything Python-facing lives in `python/`, so `cargo test`
 //! and `cargo bench` exercise the kernels without an interpreter.
 
+pub mod cuda;
 pub mod error;
 pub mod importance;
 pub mod kvscore;

@@ -9,6 +9,18 @@ import numpy.typing as npt
 __all__ = ["__version__", "num_threads"]
 __all__ += ["ReservoirCore", "CbrsCore", "ReplayRng"]
 __all__ += ["accumulate_", "ssd_dampen_", "find_invalid_importance", "stream_triad_"]
+__all__ += [
+    "cuda_accumulate_",
+    "cuda_compile",
+    "cuda_compile_check",
+    "cuda_device_info",
+    "cuda_find_invalid",
+    "cuda_kv_accumulate_",
+    "cuda_kv_evict_one",
+    "cuda_kv_select_keep",
+    "cuda_nvrtc_version",
+    "cuda_ssd_dampen_",
+]
 __all__ += ["kv_accumulate_", "kv_evict_one", "kv_select_keep"]
 __version__: str
 
@@ -59,6 +71,49 @@ class ReplayRng:
     def sample(self, size: int, n: int) -> _I64: ...
     def get_state(self) -> list[int]: ...
     def set_state(self, rng: list[int]) -> None: ...
+
+# CUDA path (rust/python/cuda.rs): raw device pointers and torch's stream handle as ints; only
+# forgetcore._cuda calls the launchers, after checking the tensors.
+def cuda_nvrtc_version() -> tuple[int, int]: ...
+def cuda_compile(source: str, arch: int, cubin: bool = False) -> bytes: ...
+def cuda_compile_check(arch: int, cubin: bool = False) -> list[tuple[str, int]]: ...
+def cuda_device_info(device: int) -> tuple[int, int]: ...
+def cuda_accumulate_(
+    device: int, stream: int, meta: int, n: int, chunk: int, blocks: int, scale: float, abs: bool
+) -> None: ...
+def cuda_ssd_dampen_(
+    device: int, stream: int, meta: int, n: int, chunk: int, blocks: int, alpha: float, lam: float, counts: int
+) -> None: ...
+def cuda_find_invalid(device: int, stream: int, meta: int, n: int, chunk: int, blocks: int, first: int) -> None: ...
+def cuda_kv_accumulate_(
+    device: int,
+    stream: int,
+    scores: int,
+    attn: int,
+    attn_dtype: str,
+    attn_strides: list[int],
+    valid: int,
+    inv: int,
+    shape: list[int],
+    alpha: float,
+) -> None: ...
+def cuda_kv_select_keep(
+    device: int,
+    stream: int,
+    scores: int,
+    positions: int,
+    valid: int,
+    rows: int,
+    slots: int,
+    budget: int,
+    n_sink: int,
+    n_recent: int,
+    out: int,
+) -> None: ...
+def cuda_kv_evict_one(
+    device: int, stream: int, scores: int, positions: int, valid: int, rows: int, slots: int, n_sink: int, n_recent: int, out: int
+) -> None: ...
+
 # importance
 
 def accumulate_(acc: list[npt.NDArray[np.float32]], grads: list[npt.NDArray[np.float32]], scale: float, mode: str) -> None: ...

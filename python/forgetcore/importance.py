@@ -9,8 +9,10 @@
   estimate; ``"mc"``: the true Fisher with labels sampled from the model), correct under
   ``torch.distributed``.
 
-CPU tensors run the Rust kernels (multi-threaded, GIL released), other devices the torch
-formulation in :mod:`forgetcore.reference`; both give bit-identical float32 results.
+CPU tensors run the Rust kernels (multi-threaded, GIL released), CUDA tensors the fused
+NVRTC kernels of ``cuda/importance.cu`` (one launch per call, on torch's current stream), other
+devices the torch formulation in :mod:`forgetcore.reference`; all give bit-identical float32
+results.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from . import _backend, _checks, _core, reference
+from . import _backend, _checks, _core, _cuda, reference
 
 __all__ = ["accumulate_", "ssd_dampen_", "fisher_diagonal", "cross_entropy", "output_norm_loss", "MODES"]
 
@@ -95,9 +97,12 @@ def _rust_ok(tensors: list[torch.Tensor]) -> bool:
     return all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
 
 
-def _validate(arg: str, imps: list[torch.Tensor], names: list[str] | None, use_rust: bool) -> None:
+def _validate(arg: str, imps: list[torch.Tensor], names: list[str] | None, use_rust: bool,
+              use_cuda: bool = False) -> None:
     """Raise ValueError at the first NaN, infinite or negative importance (one read pass)."""
-    if use_rust:
+    if use_cuda:
+        bad = _cuda.find_invalid_importance([t.contiguous() for t in imps])
+    elif use_rust:
         bad = _core.find_invalid_importance([_checks.numpy_view(t.contiguous()) for t in imps])
     else:
         bad = None
@@ -182,11 +187,19 @@ def accumulate_(acc: ImpLike | ParamsLike, grads: ImpLike, scale: float = 1.0, m
         _checks.tensor(f"grads[{i}]", g, shape=tuple(a.shape), device=a.device)
         if not g.is_floating_point():
             raise TypeError(f"grads[{i}]: expected a floating-point tensor, got {_checks.describe(g)}")
-        pairs.append((a, g.detach().to(torch.float32)))
+        pairs.append((a, g.detach()))
     if not pairs:
         return
     a_l, g_l = [a for a, _ in pairs], [g for _, g in pairs]
-    if _backend.choose(a_l[0].device) == _backend.RUST and _rust_ok(a_l):
+    backend = _backend.choose(a_l[0].device, cuda_kernel=True)
+    if backend == _backend.CUDA and all(a.is_contiguous() for a in a_l):
+        # float16/bfloat16 gradients are widened in the kernel (no float32 copy); others copied
+        g_l = [g if g.dtype in (torch.float32, torch.float16, torch.bfloat16) else g.to(torch.float32) for g in g_l]
+        _check_disjoint("acc", a_l, g_l)
+        _cuda.accumulate_(a_l, g_l, scale, mode)
+        _bump_version(a_l)
+    elif backend == _backend.RUST and _rust_ok(a_l):
+        g_l = [g.to(torch.float32) for g in g_l]
         _check_disjoint("acc", a_l, g_l)
         _core.accumulate_([_checks.numpy_view(a) for a in a_l],
                           [_checks.numpy_view(g.contiguous()) for g in g_l], scale, mode)
@@ -223,13 +236,20 @@ def ssd_dampen_(params: ParamsLike, imp_full: ImpLike, imp_forget: ImpLike, alph
     if not plist:
         return torch.zeros(0, dtype=torch.int64)
     device = plist[0].device
-    use_rust = _backend.choose(device) == _backend.RUST and _rust_ok(plist)
-    if use_rust:
+    backend = _backend.choose(device, cuda_kernel=True)
+    use_rust = backend == _backend.RUST and _rust_ok(plist)
+    use_cuda = backend == _backend.CUDA and _rust_ok(plist)
+    if use_rust or use_cuda:
         _check_disjoint("params", plist, full + forget)
     if not validated:
-        _validate("imp_full", full, names, use_rust)
-        _validate("imp_forget", forget, names, use_rust)
+        _validate("imp_full", full, names, use_rust, use_cuda)
+        _validate("imp_forget", forget, names, use_rust, use_cuda)
     with torch.no_grad():
+        if use_cuda:
+            counts = _cuda.ssd_dampen_(plist, [d.contiguous() for d in full], [f.contiguous() for f in forget],
+                                       alpha, lam)
+            _bump_version(plist)
+            return counts
         if use_rust:
             counts = _core.ssd_dampen_([_checks.numpy_view(p) for p in plist],
                                        [_checks.numpy_view(d.contiguous()) for d in full],

@@ -16,7 +16,9 @@ overwrites evicted slots in place is no longer in token order and left padding p
 where sinks would be: sinks are the first ``n_sink`` valid positions, the recent window the
 ``n_recent`` highest, and invalid slots are never scored or kept ahead of a valid one.
 
-CPU tensors run the Rust kernels (rayon, GIL released); other devices run ``reference.py``.
+CPU tensors run the Rust kernels (rayon, GIL released), CUDA tensors the NVRTC kernels of
+``cuda/kvscore.cu`` on torch's current stream (bit-identical to Rust without ``renorm``; with
+it within float32 rounding of the row sums); other devices run ``reference.py``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import _backend, _checks, _core, reference
+from . import _backend, _checks, _core, _cuda, reference
 
 __all__ = ["accumulate_", "select_keep", "evict_one"]
 
@@ -87,6 +89,9 @@ def accumulate_(scores: torch.Tensor, attn: torch.Tensor, alpha: float, group: i
     _checks.finite("attn", attn)
     if scores.numel() and bool(torch.isnan(scores).any()):
         raise ValueError("scores: expected no NaN (+inf marks evicted slots), got NaN")
+    if _backend.choose(scores.device, cuda_kernel=True) == _backend.CUDA and scores.is_contiguous():
+        return _cuda.kv_accumulate_(scores, attn, alpha, group, renorm=bool(renorm),
+                                    valid=None if valid is None else valid.contiguous())
     return reference.kv_accumulate_(scores, attn, alpha, group, renorm=renorm, valid=valid)
 
 
@@ -102,10 +107,14 @@ def select_keep(scores: torch.Tensor, budget: int, n_sink: int = 0, n_recent: in
     budget = _checks.positive_int("budget", budget, allow_zero=True)
     if budget < n_sink + n_recent:
         raise ValueError(f"budget: expected at least n_sink + n_recent = {n_sink + n_recent}, got {budget}")
+    given = positions, valid  # the CUDA kernel reads None as slot order / all valid: no (B, H, T) copies
     positions, valid = _slots(scores, positions, valid)
     b, h, t = scores.shape
     if budget >= t:
         return torch.arange(t, device=scores.device).expand(b, h, t).clone()
+    if _backend.choose(scores.device, cuda_kernel=True) == _backend.CUDA:
+        return _cuda.kv_select_keep(scores.contiguous(), budget, n_sink, n_recent,
+                                    *(None if x is None else x.contiguous() for x in given))
     if _backend.choose(scores.device) == _backend.RUST:
         out = _core.kv_select_keep(_checks.numpy_view(scores.contiguous()), _checks.numpy_view(positions.contiguous()),
                                    _checks.numpy_view(valid.contiguous()), budget, n_sink, n_recent)
@@ -119,7 +128,11 @@ def evict_one(scores: torch.Tensor, n_sink: int = 0, n_recent: int = 0,
     (ties: the older token), or -1 where none: int64 (batch, kv_heads)."""
     _scores(scores)
     n_sink, n_recent = _counts(n_sink, n_recent)
+    given = positions, valid
     positions, valid = _slots(scores, positions, valid)
+    if _backend.choose(scores.device, cuda_kernel=True) == _backend.CUDA:
+        return _cuda.kv_evict_one(scores.contiguous(), n_sink, n_recent,
+                                  *(None if x is None else x.contiguous() for x in given))
     if _backend.choose(scores.device) == _backend.RUST:
         out = _core.kv_evict_one(_checks.numpy_view(scores.contiguous()), _checks.numpy_view(positions.contiguous()),
                                  _checks.numpy_view(valid.contiguous()), n_sink, n_recent)

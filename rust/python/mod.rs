@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 
 use crate::Error;
 
+mod cuda;
 mod replay;
 mod importance;
 mod kvscore;
@@ -50,6 +51,7 @@ fn num_threads() -> usize {
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    cuda::register(m)?;
     replay::register(m)?;
     importance::register(m)?;
     kvscore::register(m)?;
