@@ -259,3 +259,24 @@ def test_projector_rejects_grouped_conv_and_bad_args():
         GradientProjector(nn.Linear(2, 2), {})
     with pytest.raises(ValueError, match="^layers"):
         GradientProjector(nn.Linear(2, 2), Subspace(), layers=["nope"])
+
+
+def test_flat_nan_and_overflow_leave_g_unchanged():
+    v = orth(50, 2, 0).T.contiguous()
+    g = rand((50,), 1)
+    g[3] = float("nan")
+    c = g.clone()
+    with pytest.raises(ValueError, match="^g: expected finite"):
+        subspace.project_out_flat_(g, v, check=False)
+    assert torch.equal(g.nan_to_num(), c.nan_to_num())
+    bad = v.clone()
+    bad[1, 4] = float("inf")
+    g = rand((50,), 1)
+    c = g.clone()
+    with pytest.raises(ValueError, match="^vectors: expected finite"):
+        subspace.project_out_flat_(g, bad, check=False)
+    ones = torch.full((1, 50), 50 ** -0.5)
+    huge = torch.full((50,), 3e38)
+    with pytest.raises(ValueError, match="^g: V g overflows"):
+        subspace.project_out_flat_(huge, ones)
+    assert torch.equal(huge, torch.full((50,), 3e38)) and torch.equal(g, c)

@@ -18,6 +18,8 @@ from pathlib import Path
 # progress) and return a dict of results; imports are lazy so `forgetcore --help` is instant.
 DEMOS: dict[str, tuple[str, str, str]] = {
     "cl": ("forgetcore.continual.demo", "run", "Split-Digits class-incremental: Finetune, ER, Joint"),
+    "subspace": ("forgetcore.continual.subspace_demo", "run",
+                 "Permuted-Digits: GPM vs Finetune vs ER; federated FOT vs FedAvg"),
 }
 
 

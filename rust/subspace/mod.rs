@@ -144,9 +144,6 @@ pub fn project_out_(grads: &mut [GradMut], bases: &[Basis], check_bases: bool) -
         ensure(b.dim == g.cols, &format!("bases[{i}]"), || {
             format!("expected a basis of dimension {} (the gradient's columns), got ({}, {})", g.cols, b.dim, b.rank)
         })?;
-        if let Some(j) = first_non_finite(g.data) {
-            return Err(Error::value(format!("grads[{i}]"), format!("expected finite values, got {} at flat index {j}", g.data[j])));
-        }
         if check_bases {
             check_basis(b, &format!("bases[{i}]"))?;
         } else {
@@ -156,31 +153,133 @@ pub fn project_out_(grads: &mut [GradMut], bases: &[Basis], check_bases: bool) -
     });
     checks?;
     let (across, par) = par_for(grads.len());
-    let one = |g: &mut GradMut, b: &Basis| {
-        if b.rank == 0 || g.rows == 0 || g.cols == 0 {
-            return;
+    let nan_error = |i: usize, g: &[f32]| -> Error {
+        match first_non_finite(g) {
+            Some(j) => Error::value(format!("grads[{i}]"), format!("expected finite values, got {} at flat index {j}", g[j])),
+            None => Error::value(format!("grads[{i}]"), "G U overflows float32 (values too large to project)"),
         }
-        let u = b.view();
-        let mut gm = MatMut::from_row_major_slice_mut(g.data, g.rows, g.cols);
+    };
+    // Phase 1: T = G U for every layer. A NaN or inf anywhere in a row of G makes that row of
+    // T non-finite (U has no zero column), so checking the small T replaces a pass over G.
+    // Nothing is written before every layer has passed.
+    let first = |(i, (g, b)): (usize, (&GradMut, &Basis))| -> Result<Option<Mat<f32>>> {
+        if g.rows == 0 || g.cols == 0 {
+            return Ok(None);
+        }
+        if b.rank == 0 {
+            return match first_non_finite(g.data) {
+                Some(_) => Err(nan_error(i, g.data)),
+                None => Ok(None),
+            };
+        }
+        let gm = MatRef::from_row_major_slice(g.data, g.rows, g.cols);
         let mut t = Mat::<f32>::zeros(g.rows, b.rank);
-        matmul(t.as_mut(), Accum::Replace, gm.as_ref(), u, 1.0f32, par);
-        matmul(gm.as_mut(), Accum::Add, t.as_ref(), u.transpose(), -1.0f32, par);
+        matmul(t.as_mut(), Accum::Replace, gm, b.view(), 1.0f32, par);
+        let finite = (0..t.ncols()).all(|c| t.col(c).iter().all(|v| v.is_finite()));
+        if finite { Ok(Some(t)) } else { Err(nan_error(i, g.data)) }
+    };
+    let ts: Vec<Option<Mat<f32>>> = if across {
+        grads.par_iter().zip(bases.par_iter()).enumerate().map(first).collect::<Result<_>>()?
+    } else {
+        grads.iter().zip(bases.iter()).enumerate().map(first).collect::<Result<_>>()?
+    };
+    // Phase 2: G -= T U^T.
+    let second = |((g, b), t): ((&mut GradMut, &Basis), &Option<Mat<f32>>)| {
+        if let Some(t) = t {
+            let mut gm = MatMut::from_row_major_slice_mut(g.data, g.rows, g.cols);
+            matmul(gm.as_mut(), Accum::Add, t.as_ref(), b.view().transpose(), -1.0f32, par);
+        }
     };
     if across {
-        grads.par_iter_mut().zip(bases.par_iter()).for_each(|(g, b)| one(g, b));
+        grads.par_iter_mut().zip(bases.par_iter()).zip(ts.par_iter()).for_each(second);
     } else {
-        grads.iter_mut().zip(bases.iter()).for_each(|(g, b)| one(g, b));
+        grads.iter_mut().zip(bases.iter()).zip(ts.iter()).for_each(second);
     }
     Ok(())
 }
 
 const CHUNK: usize = 1 << 14;
 
+#[inline(always)]
+fn dot_body(a: &[f32], b: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] as f64 * y[l] as f64;
+        }
+    }
+    let mut s: f64 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += *x as f64 * *y as f64;
+    }
+    s
+}
+
+#[inline(always)]
+fn sub_combination_body(g: &mut [f32], rows: &[&[f32]], coef: &[f64]) {
+    // g -= sum_i coef_i rows_i, in blocks that stay in registers/L1; the correction is formed
+    // in f32 (its rounding is below that of storing g in f32).
+    const B: usize = 256;
+    let mut acc = [0f32; B];
+    let mut lo = 0;
+    while lo < g.len() {
+        let hi = (lo + B).min(g.len());
+        let w = hi - lo;
+        acc[..w].iter_mut().for_each(|a| *a = 0.0);
+        for (r, c) in rows.iter().zip(coef) {
+            let c = *c as f32;
+            for (a, v) in acc[..w].iter_mut().zip(&r[lo..hi]) {
+                *a += c * *v;
+            }
+        }
+        for (x, a) in g[lo..hi].iter_mut().zip(&acc[..w]) {
+            *x -= *a;
+        }
+        lo = hi;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f64 {
+    dot_body(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sub_combination_avx2(g: &mut [f32], rows: &[&[f32]], coef: &[f64]) {
+    sub_combination_body(g, rows, coef)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+}
+
+/// Dot product in f64 with 8 independent lanes so it vectorises (a single running f64 sum
+/// would be latency-bound); AVX2 when the CPU has it (the crate is built for baseline x86-64).
+fn dot_serial(a: &[f32], b: &[f32]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports the features the function was compiled for.
+        return unsafe { dot_avx2(a, b) };
+    }
+    dot_body(a, b)
+}
+
+fn sub_combination(g: &mut [f32], rows: &[&[f32]], coef: &[f64]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as above.
+        return unsafe { sub_combination_avx2(g, rows, coef) };
+    }
+    sub_combination_body(g, rows, coef)
+}
+
 fn dot(a: &[f32], b: &[f32]) -> f64 {
-    a.par_chunks(CHUNK)
-        .zip(b.par_chunks(CHUNK))
-        .map(|(x, y)| x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum::<f64>())
-        .sum()
+    a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)).map(|(x, y)| dot_serial(x, y)).sum()
 }
 
 fn axpy(y: &mut [f32], alpha: f64, x: &[f32]) {
@@ -192,28 +291,38 @@ fn axpy(y: &mut [f32], alpha: f64, x: &[f32]) {
 }
 
 /// The flattened form: `g <- g - V^T (V g)` for a vector `g` of length `n` and `rank`
-/// orthonormal rows `V` (`(rank, n)` row-major). Memory-bound: dot products and updates are
-/// chunked across threads and accumulated in f64.
+/// orthonormal rows `V` (`(rank, n)` row-major). Memory-bound, so two fused passes: all `rank`
+/// dot products in one sweep over chunks of `g` (the chunk stays in cache), then one
+/// read-modify-write of `g` per chunk; f64 accumulation throughout.
 pub fn project_out_flat_(g: &mut [f32], vectors: &[f32], rank: usize, check: bool) -> Result<()> {
     let n = g.len();
     ensure(vectors.len() == rank * n, "vectors", || {
         format!("expected shape ({rank}, {n}) ({} values), got {}", rank * n, vectors.len())
     })?;
     ensure(rank <= n || n == 0, "vectors", || format!("rank {rank} exceeds the dimension {n}"))?;
-    if let Some(j) = first_non_finite(g) {
-        return Err(Error::value("g", format!("expected finite values, got {} at index {j}", g[j])));
-    }
-    if let Some(j) = first_non_finite(vectors) {
-        return Err(Error::value("vectors", format!("expected finite values, got {} at flat index {j}", vectors[j])));
-    }
-    if n == 0 || rank == 0 {
+    let nan_error = || -> Error {
+        if let Some(j) = first_non_finite(g) {
+            return Error::value("g", format!("expected finite values, got {} at index {j}", g[j]));
+        }
+        if let Some(j) = first_non_finite(vectors) {
+            return Error::value("vectors", format!("expected finite values, got {} at flat index {j}", vectors[j]));
+        }
+        Error::value("g", "V g overflows (values too large to project)")
+    };
+    if n == 0 {
         return Ok(());
+    }
+    if rank == 0 {
+        return if first_non_finite(g).is_some() { Err(nan_error()) } else { Ok(()) };
     }
     if check {
         for i in 0..rank {
             let vi = &vectors[i * n..(i + 1) * n];
             for j in 0..=i {
                 let d = dot(vi, &vectors[j * n..(j + 1) * n]);
+                if !d.is_finite() {
+                    return Err(nan_error());
+                }
                 let want = if i == j { 1.0 } else { 0.0 };
                 ensure((d - want).abs() <= ORTHONORMAL_TOL, "vectors", || {
                     format!("expected orthonormal rows, <v{i}, v{j}> = {d:.6}")
@@ -221,10 +330,25 @@ pub fn project_out_flat_(g: &mut [f32], vectors: &[f32], rank: usize, check: boo
             }
         }
     }
-    let coef: Vec<f64> = (0..rank).map(|i| dot(&vectors[i * n..(i + 1) * n], g)).collect();
-    for (i, c) in coef.iter().enumerate() {
-        axpy(g, -c, &vectors[i * n..(i + 1) * n]);
+    let row = |i: usize, lo: usize, hi: usize| &vectors[i * n + lo..i * n + hi];
+    let coef: Vec<f64> = g
+        .par_chunks(CHUNK)
+        .enumerate()
+        .map(|(c, gc)| {
+            let lo = c * CHUNK;
+            (0..rank).map(|i| dot_serial(row(i, lo, lo + gc.len()), gc)).collect::<Vec<f64>>()
+        })
+        .reduce(|| vec![0f64; rank], |a, b| a.iter().zip(&b).map(|(x, y)| x + y).collect());
+    // A NaN/inf in g reaches every dot product and one in row i reaches dot i: checking the
+    // coefficients replaces a pass over the inputs; nothing has been written yet.
+    if coef.iter().any(|c| !(*c as f32).is_finite()) {
+        return Err(nan_error());
     }
+    g.par_chunks_mut(CHUNK).enumerate().for_each(|(c, gc)| {
+        let lo = c * CHUNK;
+        let rows: Vec<&[f32]> = (0..rank).map(|i| row(i, lo, lo + gc.len())).collect();
+        sub_combination(gc, &rows, &coef);
+    });
     Ok(())
 }
 
