@@ -485,7 +485,9 @@ pub fn extend_basis(u: &Basis, a: &[f32], n: usize, threshold: f64, criterion: C
     if total == 0.0 || res_e <= total * 1e-12 {
         return Ok(unchanged());
     }
-    // Gram matrix of the smaller side, in f32 (matmul-bound), decomposed in f64.
+    // Gram matrix of the smaller side and its eigendecomposition, in f32 (as torch/LAPACK ssyevd
+    // would); directions below the rounding floor are dropped and the chosen ones are
+    // re-orthonormalised in f64 below.
     let wide = d <= n;
     let m = if wide { d } else { n };
     let mut gram = Mat::<f32>::zeros(m, m);
@@ -494,25 +496,24 @@ pub fn extend_basis(u: &Basis, a: &[f32], n: usize, threshold: f64, criterion: C
     } else {
         matmul(gram.as_mut(), Accum::Replace, res.as_ref().transpose(), res.as_ref(), 1.0f32, par);
     }
-    let gram64 = Mat::<f64>::from_fn(m, m, |i, j| gram[(i, j)] as f64);
-    let mut s = Diag::<f64>::zeros(m);
-    let mut vecs = Mat::<f64>::zeros(m, m);
+    let mut s = Diag::<f32>::zeros(m);
+    let mut vecs = Mat::<f32>::zeros(m, m);
     {
-        let req = self_adjoint_evd_scratch::<f64>(m, ComputeEigenvectors::Yes, par, Default::default());
+        let req = self_adjoint_evd_scratch::<f32>(m, ComputeEigenvectors::Yes, par, Default::default());
         let mut buf = MemBuffer::new(req);
-        self_adjoint_evd(gram64.as_ref(), s.as_mut(), Some(vecs.as_mut()), par, MemStack::new(&mut buf), Default::default())
+        self_adjoint_evd(gram.as_ref(), s.as_mut(), Some(vecs.as_mut()), par, MemStack::new(&mut buf), Default::default())
             .map_err(|e| Error::value("reps", format!("eigendecomposition failed: {e:?}")))?;
     }
     // Descending energies; anything below the Gram's rounding level counts as zero.
     let ev = s.column_vector();
-    let floor = ev.iter().fold(0f64, |a, b| a.max(*b)) * (m as f64) * f32::EPSILON as f64;
-    let lam: Vec<f64> = (0..m).rev().map(|i| ev[i]).map(|l| if l > floor { l } else { 0.0 }).collect();
+    let floor = ev.iter().fold(0f64, |a, b| a.max(*b as f64)) * (m as f64) * f32::EPSILON as f64;
+    let lam: Vec<f64> = (0..m).rev().map(|i| ev[i] as f64).map(|l| if l > floor { l } else { 0.0 }).collect();
     let want = count_new(&lam, total, res_e, r0, threshold, criterion).min(d - r0);
     if want == 0 {
         return Ok(unchanged());
     }
     // New directions as f64 columns of W (d x want).
-    let sel = Mat::<f64>::from_fn(m, want, |i, c| vecs[(i, m - 1 - c)]);
+    let sel = Mat::<f64>::from_fn(m, want, |i, c| vecs[(i, m - 1 - c)] as f64);
     let mut w = if wide {
         sel
     } else {
