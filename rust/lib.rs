@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod python;
+pub mod replay;
 pub mod subspace;
 
 pub use error::{Error, Result};

@@ -8,8 +8,8 @@ pure torch elsewhere); the paper methods live in ``forgetcore.continual``,
 
 from __future__ import annotations
 
-from . import _core, datasets, reference, subspace
+from . import _core, datasets, reference, replay, subspace
 
 __version__: str = _core.__version__
 
-__all__ = ["__version__", "datasets", "reference", "subspace"]
+__all__ = ["__version__", "datasets", "reference", "replay", "subspace"]

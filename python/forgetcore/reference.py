@@ -16,6 +16,160 @@ import torch  # noqa: F401  (used by every section)
 # ---------------------------------------------------------------------------------------------
 # replay
 # ---------------------------------------------------------------------------------------------
+# The buffers' random decisions come from one xoshiro256++ stream in Rust. The reference takes
+# the same draws (from `Xoshiro256pp` below, which reproduces that stream in Python integers)
+# and applies each algorithm to them: vectorised where the algorithm allows it (Algorithm R's
+# slots, the copies), one step per item where it is sequential by nature (CBRS, whose largest
+# class changes item by item; a partial Fisher-Yates shuffle).
+
+_MASK64 = (1 << 64) - 1
+
+
+def _rotl(x: int, k: int) -> int:
+    return ((x << k) | (x >> (64 - k))) & _MASK64
+
+
+class Xoshiro256pp:
+    """xoshiro256++ (Blackman and Vigna 2021) seeded by SplitMix64, with Lemire's exact bounded
+    draws: the same stream as ``forgetcore._core.ReplayRng`` and the buffers' generators."""
+
+    def __init__(self, seed: int = 0):
+        x = seed & _MASK64
+        s = []
+        for _ in range(4):
+            x = (x + 0x9E3779B97F4A7C15) & _MASK64
+            z = x
+            z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+            s.append(z ^ (z >> 31))
+        self.s = s
+
+    def next_u64(self) -> int:
+        s = self.s
+        result = (_rotl((s[0] + s[3]) & _MASK64, 23) + s[0]) & _MASK64
+        t = (s[1] << 17) & _MASK64
+        s[2] ^= s[0]
+        s[3] ^= s[1]
+        s[1] ^= s[2]
+        s[0] ^= s[3]
+        s[2] ^= t
+        s[3] = _rotl(s[3], 45)
+        return result
+
+    def below(self, n: int) -> int:
+        """A uniform integer in ``[0, n)``: Lemire's multiply, rejecting the biased low products."""
+        m = self.next_u64() * n
+        if (m & _MASK64) < n:
+            threshold = ((1 << 64) - n) % n
+            while (m & _MASK64) < threshold:
+                m = self.next_u64() * n
+        return m >> 64
+
+
+def reservoir_draws(rng: Xoshiro256pp, seen: int, capacity: int, n: int) -> torch.Tensor:
+    """The draws Algorithm R makes for the next ``n`` items: ``r`` uniform in ``[0, t]`` for item
+    ``t = seen + i`` once ``t >= capacity``, and -1 (no draw) while the reservoir fills."""
+    return torch.tensor([rng.below(seen + i + 1) if seen + i >= capacity else -1 for i in range(n)],
+                        dtype=torch.int64)
+
+
+def reservoir_slots(seen: int, capacity: int, draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Algorithm R for a batch, vectorised: ``(slots, rows)``, the unique slots written and the
+    batch row each one takes (the last of the rows that picked it), in row order."""
+    n = len(draws)
+    t = seen + torch.arange(n, dtype=torch.int64)
+    slot = torch.where(t < capacity, t, draws)
+    keep = slot < capacity
+    rows = torch.nonzero(keep).flatten()
+    slot = slot[keep]
+    uniq, inverse = torch.unique(slot, return_inverse=True)
+    last = torch.full((len(uniq),), -1, dtype=torch.int64).scatter_reduce_(0, inverse, rows, "amax")
+    order = torch.argsort(last)
+    return uniq[order], last[order]
+
+
+def scatter_rows_(storage: torch.Tensor, batch: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """``storage[slots] = batch[rows]`` for unique slots and increasing rows: one indexed copy,
+    on any device. Every row kept (the filling phase) means ``rows`` is ``0..n``: no gather."""
+    storage.index_copy_(0, slots, batch if len(rows) == len(batch) else batch.index_select(0, rows))
+
+
+def sample_indices(rng: Xoshiro256pp, size: int, n: int) -> torch.Tensor:
+    """``n`` distinct indices of ``range(size)`` by a partial Fisher-Yates shuffle: step ``i``
+    draws ``j`` uniform in ``[i, size)`` and swaps positions ``i`` and ``j``."""
+    if n > size:
+        raise ValueError(f"n: expected at most {size}, got {n}")
+    moved: dict[int, int] = {}
+    out = []
+    for i in range(n):
+        j = i + rng.below(size - i)
+        out.append(moved.get(j, j))
+        moved[j] = moved.get(i, i)
+    return torch.tensor(out, dtype=torch.int64)
+
+
+class CbrsReference:
+    """Class-balancing reservoir sampling (Chrysakis and Moens, ICML 2020, Algorithm 1), one item
+    at a time with plain Python containers and the same draws as the Rust kernel.
+
+    Victims are picked by position in each class's slot list (a slot leaves its class by a
+    swap-remove: the last slot of the list takes its place), tied largest classes are ordered by
+    label, and a class is marked full when it is largest after a step once the memory is full.
+    """
+
+    def __init__(self, capacity: int, rng: Xoshiro256pp):
+        self.capacity = capacity
+        self.rng = rng
+        self.seen = 0
+        self.slot_label: list[int] = []
+        self.slots: dict[int, list[int]] = {}
+        self.n_seen: dict[int, int] = {}
+        self.full: set[int] = set()
+
+    def _mark_largest(self) -> None:
+        m = max(len(v) for v in self.slots.values())
+        self.full.update(k for k, v in self.slots.items() if len(v) == m)
+
+    def step(self, y: int) -> int | None:
+        self.seen += 1
+        self.n_seen[y] = self.n_seen.get(y, 0) + 1
+        own = self.slots.setdefault(y, [])
+        if len(self.slot_label) < self.capacity:
+            slot = len(self.slot_label)
+            self.slot_label.append(y)
+            own.append(slot)
+            if len(self.slot_label) == self.capacity:
+                self._mark_largest()
+            return slot
+        if y in self.full:
+            r = self.rng.below(self.n_seen[y])
+            return own[r] if r < len(own) else None
+        m = max(len(v) for v in self.slots.values())
+        tied = sorted(k for k, v in self.slots.items() if len(v) == m)
+        r = self.rng.below(len(tied) * m)
+        victims = self.slots[tied[r // m]]
+        pos = r % m
+        slot = victims[pos]
+        last = victims.pop()
+        if pos < len(victims):
+            victims[pos] = last
+        own.append(slot)
+        self.slot_label[slot] = y
+        self._mark_largest()
+        return slot
+
+    def add(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch: ``(slots, rows)`` with later rows winning a slot, in row order."""
+        written: dict[int, int] = {}
+        for row, y in enumerate(labels.tolist()):
+            slot = self.step(int(y))
+            if slot is not None:
+                written.pop(slot, None)
+                written[slot] = row
+        pairs = sorted(written.items(), key=lambda p: p[1])
+        return (torch.tensor([p[0] for p in pairs], dtype=torch.int64),
+                torch.tensor([p[1] for p in pairs], dtype=torch.int64))
+
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 
 use crate::Error;
 
+mod replay;
 mod subspace;
 
 impl From<Error> for PyErr {
@@ -48,6 +49,7 @@ fn num_threads() -> usize {
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    replay::register(m)?;
     subspace::register(m)?;
     Ok(())
 }

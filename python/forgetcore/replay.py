@@ -1,0 +1,693 @@
+"""Rehearsal buffers and schedules: reservoir, class-balanced reservoir, power-law rehearsal.
+
+- :class:`ReservoirBuffer`: a uniform sample of everything ever added (Vitter's Algorithm R).
+- :class:`ClassBalancedReservoir`: a sample that stays balanced over classes however skewed
+  the stream (CBRS, Chrysakis and Moens, ICML 2020).
+- :class:`PowerLawScheduler`: how much of each earlier task to rehearse after each new task
+  (Gandhi et al., arXiv 2401.10393).
+
+Both buffers store any set of named tensors (``x``, ``y``, ``logits``, task ids, ...), in
+storage preallocated at the first ``add``. One Rust call per batch decides every slot (the
+random stream, xoshiro256++, lives in Rust and is saved by ``state_dict``) and, for CPU
+storage, also checks the batch against the stored fields and copies the surviving rows (the
+GIL released for large copies); CUDA storage gets one ``index_copy_`` per field. Nothing runs
+per example in Python.
+
+Distributed training: every decision is a function of the seed and of what was added (batch
+sizes; labels too for CBRS), computed on the host with an exact integer generator, so the
+same seed gives the same choices on every rank and every machine. To keep one replicated
+buffer under DDP, all-gather each batch and ``add`` the gathered batch on every rank with the
+same seed: the buffers stay identical without any further communication. To keep one
+independent buffer per rank instead, seed each with ``seed + rank``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _backend, _checks
+from .reference import scatter_rows_
+from ._core import CbrsCore, ReplayRng, ReservoirCore
+
+__all__ = ["ReservoirBuffer", "ClassBalancedReservoir", "PowerLawScheduler"]
+
+_U64 = 2**64
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+               torch.uint16, torch.uint32, torch.uint64)
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _numpy_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """None when ``tensor.numpy()`` works for ``dtype``, else an integer dtype of the same size
+    to view it as (bfloat16, float8, complex32...): the copy only moves bytes."""
+    try:
+        torch.empty(0, dtype=dtype).numpy()
+        return None
+    except (TypeError, RuntimeError):
+        return _SAME_SIZE_INT[torch.empty(0, dtype=dtype).element_size()]
+
+
+def _concrete_device(device: torch.device | str) -> torch.device:
+    """``"cuda"`` -> ``cuda:0`` (the current device), so that it compares equal to tensors' devices."""
+    try:
+        return torch.empty(0, device=device).device
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: expected a usable torch device, got {device!r} ({e})") from None
+
+
+def _seed(seed: Any) -> int:
+    seed = _checks.positive_int("seed", seed, allow_zero=True)
+    if seed >= _U64:
+        raise ValueError(f"seed: expected an int below 2**64, got {seed}")
+    return seed
+
+
+def _rng_tensor(words: Sequence[int]) -> torch.Tensor:
+    return torch.tensor(list(words), dtype=torch.int64)
+
+
+def _rng_words(t: Any) -> list[int]:
+    _checks.tensor("state_dict['rng']", t, dtype=torch.int64, shape=(4,))
+    return [int(v) for v in t.tolist()]
+
+
+class _Field:
+    """One stored field: its per-row shape and dtype, the storage and (CPU) its cached numpy
+    view, which the Rust core writes through (numpy has no bfloat16 or float8: those storages
+    are viewed as integers of the same size, since only bytes are copied)."""
+
+    __slots__ = ("name", "tail", "dtype", "view_dtype", "storage", "storage_np")
+
+    def __init__(self, name: str, tail: torch.Size, dtype: torch.dtype, storage: torch.Tensor):
+        self.name, self.tail, self.dtype = name, tail, dtype
+        self.view_dtype = _numpy_dtype(dtype)
+        self.storage = storage
+        self.storage_np = None
+        if storage.device.type == "cpu":
+            s = storage if self.view_dtype is None else storage.view(self.view_dtype)
+            self.storage_np = s.numpy()
+
+
+class _Buffer:
+    """What both buffers share: field bookkeeping, checks, storage, sampling, state."""
+
+    def __init__(self, capacity: int, seed: int, device: torch.device | str | None):
+        self._capacity = _checks.positive_int("capacity", capacity)
+        self._seed = _seed(seed)
+        self._device_arg = None if device is None else _concrete_device(device)
+        self._device: torch.device | None = self._device_arg
+        self._fields: list[_Field] = []
+        self._names: frozenset[str] = frozenset()
+        self._specs: list[tuple[str, torch.Size, torch.dtype]] = []
+        self._storage_np: list[np.ndarray] = []
+        self._rust_copy = False
+
+    # -- what is stored ------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def seen(self) -> int:
+        """How many items have been offered to the buffer (every ``add``'s rows)."""
+        return int(self._core.seen)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Names of the stored fields, in the order of the first ``add`` (empty before it)."""
+        return tuple(f.name for f in self._fields)
+
+    @property
+    def device(self) -> torch.device | None:
+        return self._device
+
+    def __len__(self) -> int:
+        return len(self._core)
+
+    def data(self) -> dict[str, torch.Tensor]:
+        """The stored items, ``{field: tensor of len(self) rows}`` (views, not copies)."""
+        n = len(self)
+        return {f.name: f.storage[:n] for f in self._fields}
+
+    def get(self, index: Any) -> dict[str, torch.Tensor]:
+        """``{field: stored[index]}`` for an int, slice or index tensor into ``range(len(self))``."""
+        return {k: v[index] for k, v in self.data().items()}
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(capacity={self._capacity}, len={len(self)}, seen={self.seen}, "
+                f"fields={list(self.fields)}, device={self._device})")
+
+    # -- add -----------------------------------------------------------------------------------
+    def _check_batch(self, fields: dict[str, Any]) -> tuple[int, list[torch.Tensor]]:
+        """Validate one batch against the stored fields; return its length and its tensors in
+        field order, made contiguous. This runs on every ``add``: one pass, cached specs."""
+        if fields.keys() != self._names:
+            self._names_error(fields)
+        n = -1
+        out = []
+        device = self._device
+        for name, tail, dtype in self._specs:
+            t = fields[name]
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {_checks.describe(t)}")
+            shape = t.shape
+            if t.dtype is not dtype:
+                raise TypeError(f"{name}: expected {_dt(dtype)} tensor as stored, got {_checks.describe(t)}")
+            if not shape or shape[1:] != tail:
+                raise ValueError(f"{name}: expected shape {_rows_shape(tail)} as stored, got {_checks.describe(t)}")
+            if t.device != device:
+                raise ValueError(f"{name}: expected a tensor on {device} like the buffer, got {_checks.describe(t)}")
+            if n != shape[0]:
+                if n >= 0:
+                    raise ValueError(f"{name}: expected {n} rows like {self._specs[0][0]!r}, got {_checks.describe(t)}")
+                n = shape[0]
+            out.append(t if t.is_contiguous() else t.contiguous())
+        return n, out
+
+    def _names_error(self, fields: Mapping[str, Any]) -> None:
+        stored = ", ".join(self.fields)
+        missing = [k for k in self.fields if k not in fields]
+        if missing:
+            raise ValueError(f"{missing[0]}: missing from add(); this buffer stores the fields {stored}")
+        extra = [k for k in fields if k not in self._names]
+        raise ValueError(f"{extra[0]}: not a field of this buffer (it stores {stored}; "
+                         "the first add fixes the fields)")
+
+    def _first_batch(self, fields: dict[str, Any]) -> tuple[int, list[torch.Tensor]]:
+        """Check the batch that defines the fields (nothing is allocated here)."""
+        if not fields:
+            raise ValueError("fields: expected at least one named tensor, e.g. add(x=..., y=...)")
+        n = -1
+        first = ""
+        dev = self._device_arg
+        for name, t in fields.items():
+            if name == "index":
+                raise ValueError("index: reserved (sample(return_index=True) returns it); rename the field")
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {_checks.describe(t)}")
+            if t.dim() == 0:
+                raise ValueError(f"{name}: expected a batch (a leading batch dimension), got {_checks.describe(t)}")
+            if dev is None:
+                dev = t.device
+            elif t.device != dev:
+                raise ValueError(f"{name}: expected a tensor on {dev}, got {_checks.describe(t)}")
+            if n < 0:
+                n, first = t.shape[0], name
+            elif t.shape[0] != n:
+                raise ValueError(f"{name}: expected {n} rows like {first!r}, got {_checks.describe(t)}")
+        return n, list(fields.values())
+
+    def _allocate(self, fields: dict[str, torch.Tensor]) -> None:
+        t0 = next(iter(fields.values()))
+        device = self._device_arg if self._device_arg is not None else t0.device
+        self._set_fields([_Field(k, t.shape[1:], t.dtype,
+                                 torch.empty((self._capacity, *t.shape[1:]), dtype=t.dtype, device=device))
+                          for k, t in fields.items()])
+
+    def _set_fields(self, fields: list[_Field]) -> None:
+        self._fields = fields
+        self._names = frozenset(f.name for f in fields)
+        self._specs = [(f.name, f.tail, f.dtype) for f in fields]
+        self._storage_np = [f.storage_np for f in fields]
+        if fields:
+            self._device = fields[0].storage.device
+            self._rust_copy = _backend.choose(self._device) == _backend.RUST
+        else:
+            self._device = self._device_arg
+            self._rust_copy = False
+        # The one-call fast path of `add` (CPU storage only): the core matches each batch
+        # against these and hands it back (None) on any difference, for the checks below.
+        if self._rust_copy and self._fast_label() != -1:
+            self._core.set_fields([f.name for f in fields], [list(f.tail) for f in fields],
+                                  [f.dtype for f in fields], self._storage_np, self._fast_label())
+        else:
+            self._core.set_fields([], [], [], [])
+
+    def _fast_label(self) -> int | None:
+        """Index of the label field for the fast path, None when there is none, -1 to disable it."""
+        return None
+
+    def _unallocate(self) -> None:
+        self._set_fields([])
+
+    def _add(self, fields: dict[str, Any], return_rows: bool, labels_of=None):
+        """Shared ``add``: check, allocate on first use, one core call, CUDA copies."""
+        fresh = not self._fields
+        n, batch = self._first_batch(fields) if fresh else self._check_batch(fields)
+        if n == 0:
+            empty = torch.empty(0, dtype=torch.int64, device=self._device if not fresh else None)
+            return (empty, empty.clone()) if return_rows else empty
+        labels = labels_of(fields, fresh) if labels_of is not None else None
+        if fresh:
+            batch = [t if t.is_contiguous() else t.contiguous() for t in batch]
+            self._allocate(dict(zip(fields, batch)))
+        try:
+            if self._rust_copy:
+                slots, rows = self._decide(n, labels, batch, self._storage_np)
+                slots_t = torch.from_numpy(slots)
+                if return_rows:
+                    return slots_t, torch.from_numpy(rows)
+                return slots_t
+            slots, rows = self._decide(n, labels, [], [])
+        except BaseException:
+            if fresh:
+                self._unallocate()
+            raise
+        slots_t = torch.from_numpy(slots).to(self._device, non_blocking=True)
+        rows_t = torch.from_numpy(rows).to(self._device, non_blocking=True)
+        if len(slots):
+            for f, t in zip(self._fields, batch):
+                scatter_rows_(f.storage, t.detach(), slots_t, rows_t)
+        return (slots_t, rows_t) if return_rows else slots_t
+
+    # -- sample --------------------------------------------------------------------------------
+    def sample(self, n: int, generator: torch.Generator | None = None,
+               return_index: bool = False) -> dict[str, torch.Tensor]:
+        """``n`` distinct stored items, uniformly without replacement, in random order.
+
+        Without ``generator`` the draw uses the buffer's own stream (saved by ``state_dict``);
+        with one, ``torch.randperm`` on the generator's device. Returns ``{field: tensor}``
+        plus ``"index"`` (the slots drawn) when ``return_index``.
+        """
+        n = _checks.positive_int("n", n, allow_zero=True)
+        size = len(self)
+        if n > size:
+            raise ValueError(f"n: expected at most len(buffer) = {size} items, got {n}")
+        if generator is None:
+            idx = torch.from_numpy(self._core.sample(n))
+        elif isinstance(generator, torch.Generator):
+            idx = torch.randperm(size, generator=generator, device=generator.device)[:n]
+        else:
+            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+        if self._device is not None and idx.device != self._device:
+            idx = idx.to(self._device, non_blocking=True)
+        out = {f.name: f.storage.index_select(0, idx) for f in self._fields}
+        if return_index:
+            out["index"] = idx
+        return out
+
+    # -- state ---------------------------------------------------------------------------------
+    def _base_state(self) -> dict[str, Any]:
+        n = len(self)
+        return {
+            "type": type(self).__name__,
+            "capacity": self._capacity,
+            "fields": {f.name: f.storage[:n].clone() for f in self._fields},
+        }
+
+    def _load_fields(self, sd: Mapping[str, Any], length: int) -> list[_Field]:
+        """Check and build the stored fields of a state dict (nothing is committed here)."""
+        if not isinstance(sd, Mapping):
+            raise TypeError(f"state_dict: expected a dict, got {type(sd).__name__}")
+        if sd.get("type") != type(self).__name__:
+            raise ValueError(f"state_dict: expected a {type(self).__name__} state, got type {sd.get('type')!r}")
+        if sd.get("capacity") != self._capacity:
+            raise ValueError(f"state_dict: expected capacity {self._capacity}, got {sd.get('capacity')}")
+        stored = sd.get("fields")
+        if not isinstance(stored, Mapping):
+            raise ValueError("state_dict: expected 'fields', a dict of tensors")
+        out = []
+        for name, t in stored.items():
+            _checks.tensor(f"state_dict['fields'][{name!r}]", t)
+            if t.dim() == 0 or t.shape[0] != length:
+                raise ValueError(f"state_dict['fields'][{name!r}]: expected {length} rows, got {_checks.describe(t)}")
+            dev = self._device_arg if self._device_arg is not None else t.device
+            storage = torch.empty((self._capacity, *t.shape[1:]), dtype=t.dtype, device=dev)
+            storage[:length] = t
+            out.append(_Field(name, t.shape[1:], t.dtype, storage))
+        if length > 0 and not out:
+            raise ValueError(f"state_dict: {length} items stored but no fields")
+        return out
+
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _rows_shape(tail: torch.Size) -> str:
+    return "(" + ", ".join(["*", *map(str, tail)]) + ("," if not tail else "") + ")"
+
+
+class ReservoirBuffer(_Buffer):
+    """A uniform sample of a stream: Vitter's Algorithm R ("Random sampling with a reservoir",
+    ACM Transactions on Mathematical Software, 1985).
+
+    The ``t``-th item offered (0-based, over all batches) takes slot ``t`` while the buffer
+    fills; afterwards it draws ``r`` uniform in ``[0, t]`` and replaces slot ``r`` if
+    ``r < capacity``. Every item of the stream is therefore held with probability
+    ``capacity / seen``, whatever the batch sizes. A batch is decided in one Rust call in
+    stream order, exactly as item by item: when two items of one batch draw the same slot,
+    the later one wins and only it is copied. This is the sampling rule of Mammoth's
+    ``Buffer`` (``reservoir``) and of ER (Chaudhry et al. 2019); unlike Mammoth, draws come
+    from the buffer's own seeded generator (not numpy's global one), so they are saved with
+    the buffer and identical on every rank and machine.
+
+    Args:
+        capacity: how many items the buffer holds (>= 1).
+        seed: seeds the buffer's xoshiro256++ stream (slot decisions and ``sample``).
+        device: where storage lives; default: the device of the first batch. Later batches
+            must be on it (no hidden transfers).
+
+    ``add(**fields)`` takes a batch of named tensors with one leading batch length; the first
+    non-empty ``add`` fixes the field names, per-row shapes and dtypes and allocates storage
+    (``capacity`` rows each). It returns the slots written (int64, unique, in batch order)
+    and, with ``return_rows=True`` (a reserved name), also the batch row each slot took. An
+    empty batch is a no-op. A call that raises leaves the buffer as it was (``seen`` and the
+    random stream included).
+    """
+
+    def __init__(self, capacity: int, seed: int = 0, device: torch.device | str | None = None):
+        super().__init__(capacity, seed, device)
+        self._core = ReservoirCore(self._capacity, self._seed)
+
+    def add(self, return_rows: bool = False, **fields: torch.Tensor):
+        # CPU storage and a batch exactly like the stored fields: one Rust call does it all.
+        done = self._core.add_fields(fields)
+        if done is not None:
+            return (torch.from_numpy(done[0]), torch.from_numpy(done[1])) if return_rows else torch.from_numpy(done[0])
+        return self._add(fields, return_rows)
+
+    def _decide(self, n, labels, batch, storage):
+        return self._core.add(n, batch, storage)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-identically: stored rows, ``seen``, the random
+        stream. Tensors and plain Python types only (``torch.load(weights_only=True)``)."""
+        seen, rng = self._core.get_state()
+        sd = self._base_state()
+        sd.update(seen=int(seen), rng=_rng_tensor(rng))
+        return sd
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        seen = state_dict.get("seen") if isinstance(state_dict, Mapping) else None
+        if isinstance(seen, bool) or not isinstance(seen, int) or not 0 <= seen < _U64:
+            raise ValueError(f"state_dict: expected 'seen', a non-negative int, got {seen!r}")
+        fields = self._load_fields(state_dict, min(seen, self._capacity))
+        rng = _rng_words(state_dict.get("rng"))
+        core = ReservoirCore(self._capacity, self._seed)
+        core.set_state(seen, rng)
+        self._core = core
+        self._set_fields(fields)
+
+
+class ClassBalancedReservoir(_Buffer):
+    """Class-balancing reservoir sampling, CBRS: Chrysakis and Moens, "Online Continual
+    Learning from Imbalanced Data", ICML 2020 (Algorithm 1).
+
+    While the memory is not full every item is stored. Once it is full, an item of a class
+    that is not *full* overwrites a random stored item of the currently *largest* class (ties:
+    uniform over all instances of the tied classes); an item of a full class ``c`` goes
+    through ``c``'s own reservoir, kept with probability ``m_c / n_c`` (``m_c`` stored,
+    ``n_c`` seen) in place of a random stored item of ``c``. A class becomes full once it has
+    been the largest and stays full. Hence a minority class keeps every one of its items while
+    the large classes share out the rest, whatever the imbalance of the stream.
+
+    Where the paper is silent: "has been the largest" is judged only once the memory is full
+    (at every step, before the item is placed), not during the filling phase; tied largest
+    classes are ordered by label, so decisions depend only on the seed and the labels. Per
+    class, counts and slot lists live in Rust: an item costs O(1), never a scan of the buffer.
+    Under CUDA storage the labels travel to the host once per batch (the decisions need them).
+
+    Same ``add`` / ``sample`` / ``state_dict`` API as :class:`ReservoirBuffer`; ``label_key``
+    names the field holding the labels, a 1-D integer tensor.
+    """
+
+    def __init__(self, capacity: int, seed: int = 0, label_key: str = "y",
+                 device: torch.device | str | None = None):
+        super().__init__(capacity, seed, device)
+        if not isinstance(label_key, str):
+            raise TypeError(f"label_key: expected a str, got {type(label_key).__name__}")
+        self._label_key = label_key
+        self._core = CbrsCore(self._capacity, self._seed)
+
+    @property
+    def label_key(self) -> str:
+        return self._label_key
+
+    def add(self, return_rows: bool = False, **fields: torch.Tensor):
+        done = self._core.add_fields(fields)  # see ReservoirBuffer.add
+        if done is not None:
+            return (torch.from_numpy(done[0]), torch.from_numpy(done[1])) if return_rows else torch.from_numpy(done[0])
+        return self._add(fields, return_rows, labels_of=self._labels)
+
+    def _fast_label(self) -> int | None:
+        # The fast path reads int64 labels in place; other integer dtypes take the checked path.
+        for i, f in enumerate(self._fields):
+            if f.name == self._label_key and f.dtype is torch.int64 and f.tail == ():
+                return i
+        return -1
+
+    def _labels(self, fields: dict[str, Any], fresh: bool) -> np.ndarray:
+        key = self._label_key
+        if key not in fields:
+            raise ValueError(f"label_key: the labels field {key!r} is not among the fields added "
+                             f"({', '.join(fields)})")
+        y = fields[key]
+        if y.dtype not in _INT_DTYPES:
+            raise TypeError(f"{key}: expected an integer tensor of class labels, got {_checks.describe(y)}")
+        if y.dim() != 1:
+            raise ValueError(f"{key}: expected a 1-D tensor of labels, got {_checks.describe(y)}")
+        if y.dtype is torch.int64 and y.device.type == "cpu":
+            return (y if y.is_contiguous() else y.contiguous()).numpy()
+        if y.dtype is torch.uint64 and bool((y > torch.iinfo(torch.int64).max).any()):
+            raise ValueError(f"{key}: expected labels below 2**63, got {_checks.describe(y)}")
+        return y.to("cpu", torch.int64).numpy()
+
+    def _decide(self, n, labels, views, storage):
+        return self._core.add(labels, views, storage)
+
+    def class_counts(self) -> dict[int, int]:
+        """``{label: items stored}`` for every class seen (0 for a class all of whose items were replaced)."""
+        labels, stored, _, _ = self._core.classes()
+        return dict(zip(labels.tolist(), stored.tolist()))
+
+    def full_classes(self) -> list[int]:
+        """Labels of the classes that are full (have been the largest once the memory filled)."""
+        labels, _, _, full = self._core.classes()
+        return labels[full].tolist()
+
+    def state_dict(self) -> dict[str, Any]:
+        """As :meth:`ReservoirBuffer.state_dict`, plus the per-class bookkeeping (labels,
+        stream counts, full flags and slot lists, whose order decides future victims)."""
+        seen, rng, labels, n_seen, full, offsets, slots = self._core.get_state()
+        sd = self._base_state()
+        sd.update(seen=int(seen), rng=_rng_tensor(rng), label_key=self._label_key,
+                  classes={"labels": torch.from_numpy(labels), "n_seen": torch.from_numpy(n_seen),
+                           "full": torch.from_numpy(full), "offsets": torch.from_numpy(offsets),
+                           "slots": torch.from_numpy(slots)})
+        return sd
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict: expected a dict, got {type(state_dict).__name__}")
+        seen = state_dict.get("seen")
+        if isinstance(seen, bool) or not isinstance(seen, int) or not 0 <= seen < _U64:
+            raise ValueError(f"state_dict: expected 'seen', a non-negative int, got {seen!r}")
+        if state_dict.get("label_key") != self._label_key:
+            raise ValueError(f"state_dict: expected label_key {self._label_key!r}, got {state_dict.get('label_key')!r}")
+        classes = state_dict.get("classes")
+        if not isinstance(classes, Mapping):
+            raise ValueError("state_dict: expected 'classes', a dict of tensors")
+        parts = {}
+        for key, dtype in (("labels", torch.int64), ("n_seen", torch.int64), ("full", torch.bool),
+                           ("offsets", torch.int64), ("slots", torch.int64)):
+            parts[key] = _checks.tensor(f"state_dict['classes'][{key!r}]", classes.get(key), dtype=dtype, ndim=1).tolist()
+        length = len(parts["slots"])
+        fields = self._load_fields(state_dict, length)
+        rng = _rng_words(state_dict.get("rng"))
+        core = CbrsCore(self._capacity, self._seed)
+        core.set_state(seen, rng, parts["labels"], parts["n_seen"], parts["full"], parts["offsets"], parts["slots"])
+        self._core = core
+        self._set_fields(fields)
+
+
+class PowerLawScheduler:
+    """How much of each earlier task to rehearse when a new task arrives, with weights that fall
+    as a power law of the time since the task was last seen: Gandhi, Shah, Marupudi and Varma,
+    "Catastrophic Interference is Mitigated in Naturalistic Power-Law Learning Environments"
+    (arXiv 2401.10393, 2024; v3 "Natural Mitigation of Catastrophic Interference: Continual
+    Learning in Power-Law Learning Environments"), after Anderson and Schooler (1991).
+
+    Phase ``t`` (0-based) learns task ``t`` and rehearses every earlier task ``i < t``, whose
+    age is ``delta_i = t - last_seen_i >= 1`` (``last_seen_i = i`` at first). Weights:
+
+    - ``schedule="power"``: ``g(delta) = (delta + c) ** -d``;
+    - ``schedule="exponential"`` (the paper's control): ``g(delta) = exp(-lam * delta)``;
+    - ``schedule="uniform"``: ``g = 1`` (rehearsal without recency, the other natural control).
+
+    Budget (``variant``):
+
+    - ``"total"`` (variant A): a fixed total ``budget`` per phase split in proportion to the
+      weights, ``n_i = budget * g_i / sum_j g_j``, rounded by largest remainder so that the
+      counts sum to ``budget`` exactly (ties go to the earlier task);
+    - ``"per_task"`` (variant B): ``n_i = round(budget * g_i)`` (half up), no renormalisation,
+      so the total grows with the number of tasks.
+
+    ``reset_on_rehearsal=True`` makes rehearsal count as seeing the task again (true
+    Anderson-Schooler re-occurrence: ``last_seen_i = t`` after a phase that rehearsed it);
+    ``False`` counts ages from the task's own phase.
+
+    What is established: the functional forms, the comparison of power-law against
+    exponential rehearsal, and the cognitive basis (need probability falling as ``t ** -d``
+    with ``d`` near 0.5 in Anderson and Schooler). What is not: no official code was found,
+    and the published constants are unknown; ``c``, ``d``, ``lam``, the budget, whether
+    rehearsal resets "last seen" and the rounding are all parameters. Defaults: ``d = 1``
+    (Zipf-like), ``c = 1``, ``reset_on_rehearsal=False`` (as in the spec), and
+    ``lam = d * ln(1 + c)``, which makes ``g_exp(1) = g_pow(1)``; :meth:`area_matched_lambda`
+    gives the rate whose weights have the same sum over a horizon instead. Compare schedules
+    at the same total (``variant="total"``): otherwise the comparison measures the budget.
+
+    :meth:`sample_indices` draws which examples of each task to rehearse, from a seeded
+    xoshiro256++ stream saved by ``state_dict`` (same seed, same draws on every rank).
+    """
+
+    SCHEDULES = ("power", "exponential", "uniform")
+    VARIANTS = ("total", "per_task")
+
+    def __init__(self, budget: int, *, schedule: str = "power", variant: str = "total",
+                 c: float = 1.0, d: float = 1.0, lam: float | None = None,
+                 reset_on_rehearsal: bool = False, seed: int = 0):
+        self.budget = _checks.positive_int("budget", budget, allow_zero=True)
+        if schedule not in self.SCHEDULES:
+            raise ValueError(f"schedule: expected one of {', '.join(self.SCHEDULES)}, got {schedule!r}")
+        if variant not in self.VARIANTS:
+            raise ValueError(f"variant: expected one of {', '.join(self.VARIANTS)}, got {variant!r}")
+        self.schedule, self.variant = schedule, variant
+        self.c = _checks.real("c", c, low=0.0)
+        self.d = _checks.real("d", d, low=0.0)
+        if lam is None:
+            lam = self.d * math.log1p(self.c)
+            if schedule == "exponential" and lam == 0.0:
+                raise ValueError("lam: the default d * ln(1 + c) is 0 here (c = 0 or d = 0), which is "
+                                 "uniform rehearsal; pass lam explicitly")
+        self.lam = _checks.real("lam", lam, low=0.0)
+        if not isinstance(reset_on_rehearsal, bool):
+            raise TypeError(f"reset_on_rehearsal: expected a bool, got {type(reset_on_rehearsal).__name__}")
+        self.reset_on_rehearsal = reset_on_rehearsal
+        self.seed = _seed(seed)
+        self._rng = ReplayRng(self.seed)
+        self._phase = 0
+        self._last_seen: list[int] = []
+
+    @property
+    def phase(self) -> int:
+        """The next phase :meth:`step` plans (= the number of tasks already introduced)."""
+        return self._phase
+
+    @property
+    def last_seen(self) -> list[int]:
+        return list(self._last_seen)
+
+    def g(self, delta: torch.Tensor | float) -> torch.Tensor:
+        """The weight of a task last seen ``delta >= 1`` phases ago (float64)."""
+        delta = torch.as_tensor(delta, dtype=torch.float64)
+        if self.schedule == "power":
+            return (delta + self.c) ** -self.d
+        if self.schedule == "exponential":
+            return torch.exp(-self.lam * delta)
+        return torch.ones_like(delta)
+
+    def weights(self) -> torch.Tensor:
+        """Weights of tasks ``0 .. phase-1`` for the coming phase (float64; empty in phase 0)."""
+        delta = torch.tensor([self._phase - s for s in self._last_seen], dtype=torch.float64)
+        return self.g(delta)
+
+    def counts(self) -> list[int]:
+        """How many examples of each earlier task the coming phase rehearses (no state change)."""
+        w = self.weights()
+        if len(w) == 0:
+            return []
+        if self.variant == "per_task":
+            return [int(v) for v in torch.floor(self.budget * w + 0.5).tolist()]
+        quota = self.budget * (w / w.sum())
+        base = torch.floor(quota)
+        # The floors sum to at most budget (each is below its quota) and to more than budget - k.
+        short = self.budget - int(base.sum())
+        order = sorted(range(len(w)), key=lambda i: -float(quota[i] - base[i]))
+        out = [int(v) for v in base.tolist()]
+        for i in order[:short]:
+            out[i] += 1
+        return out
+
+    def step(self) -> list[int]:
+        """Begin the next phase (a new task arrives): return the rehearsal count of each earlier
+        task, then advance ``phase`` (and reset ``last_seen`` of rehearsed tasks if asked)."""
+        counts = self.counts()
+        t = self._phase
+        if self.reset_on_rehearsal:
+            self._last_seen = [t if n > 0 else s for s, n in zip(self._last_seen, counts)]
+        self._last_seen.append(t)
+        self._phase = t + 1
+        return counts
+
+    def sample_indices(self, counts: Sequence[int], sizes: Sequence[int]) -> list[torch.Tensor]:
+        """Which examples to rehearse: for task ``i``, ``counts[i]`` indices into its
+        ``sizes[i]`` examples, drawn without replacement (while ``counts[i] > sizes[i]``, each
+        whole pass is a fresh permutation, so every example appears ``q`` or ``q + 1`` times)."""
+        if len(counts) != len(sizes):
+            raise ValueError(f"sizes: expected one size per task ({len(counts)}), got {len(sizes)}")
+        counts = [_checks.positive_int(f"counts[{i}]", n, allow_zero=True) for i, n in enumerate(counts)]
+        sizes = [_checks.positive_int(f"sizes[{i}]", s, allow_zero=True) for i, s in enumerate(sizes)]
+        for i, (n, s) in enumerate(zip(counts, sizes)):
+            if n > 0 and s == 0:
+                raise ValueError(f"sizes[{i}]: task {i} has no examples but {n} are to be rehearsed")
+        out = []
+        for n, s in zip(counts, sizes):
+            parts = [self._rng.sample(s, s) for _ in range(n // s)] if s else []
+            parts.append(self._rng.sample(s, n - (n // s) * s if s else 0))
+            out.append(torch.from_numpy(np.concatenate(parts)))
+        return out
+
+    @staticmethod
+    def area_matched_lambda(c: float, d: float, horizon: int) -> float:
+        """The rate ``lam`` with ``sum_{delta=1..horizon} exp(-lam delta)`` equal to
+        ``sum_{delta=1..horizon} (delta + c) ** -d`` (bisection), when that sum is below
+        ``horizon``; the spec's "area matches" reading of the exponential control."""
+        c = _checks.real("c", c, low=0.0)
+        d = _checks.real("d", d, low=0.0)
+        horizon = _checks.positive_int("horizon", horizon)
+        deltas = torch.arange(1, horizon + 1, dtype=torch.float64)
+        target = float(((deltas + c) ** -d).sum())
+        if target >= horizon:
+            raise ValueError(f"d: the power-law weights sum to {target} >= horizon, so no rate lam >= 0 matches")
+        lo, hi = 0.0, 1.0
+        while float(torch.exp(-hi * deltas).sum()) > target:
+            hi *= 2.0
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if float(torch.exp(-mid * deltas).sum()) > target:
+                lo = mid
+            else:
+                hi = mid
+        return 0.5 * (lo + hi)
+
+    def _config(self) -> dict[str, Any]:
+        return {"budget": self.budget, "schedule": self.schedule, "variant": self.variant, "c": self.c,
+                "d": self.d, "lam": self.lam, "reset_on_rehearsal": self.reset_on_rehearsal}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"type": "PowerLawScheduler", "config": self._config(), "phase": self._phase,
+                "last_seen": torch.tensor(self._last_seen, dtype=torch.int64),
+                "rng": _rng_tensor(self._rng.get_state())}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        if not isinstance(state_dict, Mapping) or state_dict.get("type") != "PowerLawScheduler":
+            raise ValueError("state_dict: expected a PowerLawScheduler state")
+        if state_dict.get("config") != self._config():
+            raise ValueError(f"state_dict: expected the configuration {self._config()}, got {state_dict.get('config')}")
+        phase = state_dict.get("phase")
+        if isinstance(phase, bool) or not isinstance(phase, int) or phase < 0:
+            raise ValueError(f"state_dict: expected 'phase', a non-negative int, got {phase!r}")
+        last = _checks.tensor("state_dict['last_seen']", state_dict.get("last_seen"), dtype=torch.int64, shape=(phase,))
+        last_seen = [int(v) for v in last.tolist()]
+        if any(not i <= s < phase for i, s in enumerate(last_seen)):
+            raise ValueError(f"state_dict['last_seen']: expected task i last seen in [i, {phase}), got {last_seen}")
+        rng = ReplayRng(self.seed)
+        rng.set_state(_rng_words(state_dict.get("rng")))
+        self._rng, self._phase, self._last_seen = rng, phase, last_seen
