@@ -442,7 +442,7 @@ pub fn count_new(lam: &[f64], total: f64, res: f64, old_rank: usize, threshold: 
 /// samples as columns): remove A's component in span(U), decompose the residual R (through the
 /// eigendecomposition of the smaller Gram matrix, R R^T or R^T R), add the leading left singular
 /// directions chosen by `criterion`, and re-orthonormalise the new columns against the old ones
-/// and each other (Gram-Schmidt twice, in f64). The old columns are kept bit for bit; the basis
+/// and each other (projection twice, then a QR, in f64). The old columns are kept bit for bit; the basis
 /// never exceeds `dim` (a full basis stays full). Numerically zero directions are never added.
 pub fn extend_basis(u: &Basis, a: &[f32], n: usize, threshold: f64, criterion: Criterion, par: Par) -> Result<Extension> {
     check_basis(u, "basis")?;
@@ -523,7 +523,7 @@ pub fn extend_basis(u: &Basis, a: &[f32], n: usize, threshold: f64, criterion: C
         matmul(w.as_mut(), Accum::Replace, res64.as_ref(), sel.as_ref(), 1.0, par);
         w
     };
-    // Re-orthonormalise: against U twice (block), then Gram-Schmidt twice among the new ones.
+    // Re-orthonormalise: against U twice (block matmuls).
     let u64m = Mat::<f64>::from_fn(d, r0, |i, j| u.data[i * r0 + j] as f64);
     for _ in 0..2 {
         if r0 > 0 {
@@ -532,30 +532,22 @@ pub fn extend_basis(u: &Basis, a: &[f32], n: usize, threshold: f64, criterion: C
             matmul(w.as_mut(), Accum::Add, u64m.as_ref(), c.as_ref(), -1.0, par);
         }
     }
-    let mut kept: Vec<Vec<f64>> = Vec::with_capacity(want);
-    for c in 0..want {
-        let mut v: Vec<f64> = (0..d).map(|i| w[(i, c)]).collect();
-        let norm0 = v.iter().map(|x| x * x).sum::<f64>().sqrt();
-        for _ in 0..2 {
-            for q in &kept {
-                let p: f64 = v.iter().zip(q).map(|(a, b)| a * b).sum();
-                v.iter_mut().zip(q).for_each(|(a, b)| *a -= p * b);
-            }
-        }
-        let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
-        if norm0 == 0.0 || norm <= 1e-6 * norm0.max(1e-300) || norm < 1e-12 {
-            continue;
-        }
-        v.iter_mut().for_each(|x| *x /= norm);
-        kept.push(v);
-    }
+    // Then a Householder QR of the new block (same span as Gram-Schmidt, blocked, so it costs
+    // milliseconds); a direction whose R diagonal is negligible against its norm is dropped.
+    let norms: Vec<f64> = (0..want).map(|c| w.col(c).iter().map(|x| x * x).sum::<f64>().sqrt()).collect();
+    let qr = w.qr();
+    let q = qr.compute_thin_Q();
+    let r = qr.thin_R();
+    let kept: Vec<usize> = (0..want)
+        .filter(|&c| norms[c] > 1e-12 && r[(c, c)].abs() > 1e-6 * norms[c])
+        .collect();
     let added = kept.len();
     let rank = r0 + added;
     let mut basis = vec![0f32; d * rank];
     for i in 0..d {
         basis[i * rank..i * rank + r0].copy_from_slice(&u.data[i * r0..(i + 1) * r0]);
-        for (c, q) in kept.iter().enumerate() {
-            basis[i * rank + r0 + c] = q[i] as f32;
+        for (c, &k) in kept.iter().enumerate() {
+            basis[i * rank + r0 + c] = q[(i, k)] as f32;
         }
     }
     // One more pass in f32 would not improve on this: the f64 columns rounded to f32 are
