@@ -10,5 +10,6 @@ pub mod importance;
 pub mod kvscore;
 pub mod python;
 pub mod replay;
+pub mod subspace;
 
 pub use error::{Error, Result};

@@ -12,7 +12,7 @@ import importlib
 from typing import Any
 
 from . import _core, datasets, reference
-from . import importance, kvscore, replay
+from . import importance, kvscore, replay, subspace
 
 __version__: str = _core.__version__
 
@@ -20,7 +20,7 @@ __version__: str = _core.__version__
 _METHOD_PACKAGES = ("continual", "evaluation", "kvcache", "unlearning")
 
 __all__ = ["__version__", "datasets", "reference"]
-__all__ += ["importance", "kvscore", "replay"]
+__all__ += ["importance", "kvscore", "replay", "subspace"]
 __all__ += list(_METHOD_PACKAGES)
 
 

@@ -22,6 +22,7 @@ __all__ += [
     "cuda_ssd_dampen_",
 ]
 __all__ += ["kv_accumulate_", "kv_evict_one", "kv_select_keep"]
+__all__ += ["project_out_", "project_out_flat_", "orthonormalize", "extend_bases"]
 __version__: str
 
 def num_threads() -> int: ...
@@ -147,3 +148,21 @@ def kv_evict_one(
     n_sink: int,
     n_recent: int,
 ) -> npt.NDArray[np.int64]: ...
+# subspace (rust/python/subspace.rs)
+def project_out_(
+    grads: list[npt.NDArray[np.float32]], bases: list[npt.NDArray[np.float32]], check: bool = True
+) -> None: ...
+def project_out_flat_(
+    g: npt.NDArray[np.float32], vectors: npt.NDArray[np.float32], check: bool = True
+) -> None: ...
+def orthonormalize(
+    vectors: npt.NDArray[np.float32], tol: float
+) -> tuple[npt.NDArray[np.float32], list[int]]: ...
+def extend_bases(
+    bases: list[npt.NDArray[np.float32]],
+    reps: list[npt.NDArray[np.float32]],
+    thresholds: list[float],
+    criterion: str = "energy",
+    count: str = "official",
+    ratios: list[float | None] | None = None,
+) -> list[npt.NDArray[np.float32]]: ...

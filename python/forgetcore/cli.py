@@ -20,6 +20,8 @@ DEMOS: dict[str, tuple[str, str, str]] = {
     "cl": ("forgetcore.continual.demo", "run", "Split-Digits class-incremental: Finetune, ER, Joint"),
     "unlearn": ("forgetcore.unlearning.demo", "run", "SSD vs Retrain/Finetune/GradientAscent, full-class and random, with MIA"),
     "kv": ("forgetcore.kvcache.demo", "run", "KV-cache eviction on SmolLM2: A2SF vs H2O vs RecentWindow"),
+    "subspace": ("forgetcore.continual.subspace_demo", "run",
+                 "Permuted-Digits: GPM vs Finetune vs ER; federated FOT vs FedAvg"),
 }
 
 

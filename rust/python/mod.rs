@@ -15,6 +15,7 @@ mod cuda;
 mod replay;
 mod importance;
 mod kvscore;
+mod subspace;
 
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
@@ -55,5 +56,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     replay::register(m)?;
     importance::register(m)?;
     kvscore::register(m)?;
+    subspace::register(m)?;
     Ok(())
 }
