@@ -15,14 +15,6 @@ import torch
 from forgetcore.continual import demo, scenarios
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny MLP: more intra-op threads only add contention
-    yield
-    torch.set_num_threads(n)
-
-
 def test_er_beats_finetune_and_joint_bounds_er():
     # Split-Digits class-IL, 5 tasks x 2 classes, seed 0, the demo's settings with 5 epochs per
     # task (the demo uses 10), ER memory of 200, stream batch 10 + 10 replayed.

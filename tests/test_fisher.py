@@ -18,15 +18,6 @@ from forgetcore.importance import fisher_diagonal, output_norm_loss
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: one intra-op thread is faster and steadier on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def close(got: dict, want: dict) -> None:
     """The issue's tolerance: rtol 1e-5 and atol 1e-6 * max F."""
     assert got.keys() == want.keys()

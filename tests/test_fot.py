@@ -11,14 +11,6 @@ from forgetcore import subspace
 from forgetcore.continual.fot import FOT, client_sketch, server_step, split_clients
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 100, bias=False), nn.ReLU(),

@@ -6,19 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+import forgetcore.continual.trainer as trainer_mod
+import forgetcore.evaluation.continual as metrics
+from forgetcore.continual import scenarios
 from forgetcore.continual.gpm import GPM
-
-trainer_mod = pytest.importorskip("forgetcore.continual.trainer", reason="needs the continual Trainer")
-scenarios = pytest.importorskip("forgetcore.continual.scenarios", reason="needs continual scenarios")
-metrics = pytest.importorskip("forgetcore.evaluation.continual", reason="needs continual metrics")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only add overhead on the shared CI machine
-    yield
-    torch.set_num_threads(n)
 
 
 def mlp():

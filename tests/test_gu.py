@@ -15,14 +15,6 @@ from forgetcore import datasets
 from forgetcore.unlearning.gu import GU
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def flat(ts):
     return torch.cat([t.reshape(-1) for t in ts]).double()
 

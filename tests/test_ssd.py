@@ -15,14 +15,6 @@ SEEDS = (0, 1, 2)
 CLASSES = (1, 3, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def originals():
     # One model per seed, trained on the whole training split; the forget class only decides how

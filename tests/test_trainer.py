@@ -9,15 +9,6 @@ import torch
 from forgetcore.continual import ER, Finetune, Joint, Plugin, Scenario, Trainer, scenarios
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: extra intra-op threads only add contention on a busy 2-core machine (30x here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def split5():
     return scenarios.split("digits", n_tasks=5, mode="class", seed=0)

@@ -12,14 +12,6 @@ from forgetcore.evaluation import unlearning as ev
 from forgetcore.unlearning import SSD, GradientAscent, RetainFinetune, Retrain, UnlearnData
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def full():
     data = ev.full_class("digits", 3, 0)
