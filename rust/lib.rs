@@ -6,5 +6,6 @@
 
 pub mod error;
 pub mod python;
+pub mod spectral;
 
 pub use error::{Error, Result};

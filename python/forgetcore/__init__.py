@@ -9,7 +9,8 @@ pure torch elsewhere); the paper methods live in ``forgetcore.continual``,
 from __future__ import annotations
 
 from . import _core, datasets, reference
+from . import spectral
 
 __version__: str = _core.__version__
 
-__all__ = ["__version__", "datasets", "reference"]
+__all__ = ["__version__", "datasets", "reference", "spectral"]

@@ -11,6 +11,8 @@ use pyo3::prelude::*;
 
 use crate::Error;
 
+mod spectral;
+
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
         match e {
@@ -46,5 +48,6 @@ fn num_threads() -> usize {
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    spectral::register(m)?;
     Ok(())
 }
