@@ -18,6 +18,7 @@ from pathlib import Path
 # progress) and return a dict of results; imports are lazy so `forgetcore --help` is instant.
 DEMOS: dict[str, tuple[str, str, str]] = {
     "cl": ("forgetcore.continual.demo", "run", "Split-Digits class-incremental: Finetune, ER, Joint"),
+    "kappa": ("forgetcore.finetune.demo", "run", "KappaTune on SmolLM2-135M: kappa of every matrix, fine-tune vs full"),
 }
 
 
