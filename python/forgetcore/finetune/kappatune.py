@@ -168,14 +168,14 @@ class KappaTune:
 
     def _apply(self) -> None:
         model = self.model
-        for p in model.parameters():
-            p.requires_grad_(False)
         if self.lora is None:
+            for p in model.parameters():
+                p.requires_grad_(False)
             params = dict(model.named_parameters())
             for n in self.selected:
                 params[n].requires_grad_(True)
         else:
-            self.model = self._wrap_lora(model)
+            self.model = self._wrap_lora(model)  # peft freezes every base weight itself
         for p in self._extra_params(model):
             p.requires_grad_(True)
         log.info("KappaTune(select=%s, k=%d): training %s", self.select, self.k, self.selected)
