@@ -13,7 +13,8 @@ Sets: GPT-2-small-shaped (12 x {768x2304, 768x768, 768x3072, 3072x768}, random i
 largest relative deviation of kappa from the reference. The kernels are compute-bound (O(m n^2)
 flops on O(m n) bytes), so no bandwidth column.
 
-    PYTHONPATH=python python benches/bench_spectral.py [--sets gpt2,big,smollm2] [--repeat N] [--no-reference]
+    PYTHONPATH=python python benches/bench_spectral.py [--sets gpt2,big,smollm2] [--repeat N]
+        [--methods auto,gram,svd] [--no-reference] [--torch-threads 1]
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def main() -> None:
     ap.add_argument("--sets", default="gpt2,big,smollm2")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-reference", action="store_true", help="skip the float64 reference (slow on big sets)")
+    ap.add_argument("--methods", default="auto,gram,svd", help="forgetcore methods to time")
     ap.add_argument("--torch-threads", type=int, default=1, help="torch threads for baseline and reference")
     args = ap.parse_args()
     torch.set_num_threads(args.torch_threads)
@@ -98,13 +100,13 @@ def main() -> None:
         mats = make()
         repeat = args.repeat if key != "big" else 1
         t_base, k_base = timed(lambda: baseline(mats), repeat)
-        sides = {"forgetcore auto": lambda: spectral.kappa(mats).numpy(),
-                 "forgetcore gram": lambda: spectral.kappa(mats, method="gram").numpy(),
-                 "forgetcore svd": lambda: spectral.kappa(mats, method="svd").numpy()}
-        res = {name: timed(fn, repeat) for name, fn in sides.items()}
+        methods = args.methods.split(",")
+        res = {f"forgetcore {m}": timed(lambda m=m: spectral.kappa(mats, method=m).numpy(), repeat)
+               for m in methods}
         if args.no_reference:
-            ref = res["forgetcore svd"][1]  # float64 SVD of the same float32 matrices
-            ref_name = "forgetcore svd"
+            # float64 SVD of the same float32 matrices when it ran, else the Auto result.
+            ref_name = "forgetcore svd" if "svd" in methods else f"forgetcore {methods[0]}"
+            ref = res[ref_name][1]
         else:
             t_ref, ref = timed(lambda: reference.kappa(mats).numpy(), 1)
             ref_name = "reference"
