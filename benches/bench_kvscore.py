@@ -114,7 +114,7 @@ def prefill_chunk(h=32, t=4096, q=512, alpha=0.9, reps=5):
 def _e2e_child(budget_frac: float | None, prompt_tokens: int, new_tokens: int) -> dict:
     from forgetcore.kvcache import A2SF, cache_bytes
     from forgetcore.kvcache.presses import cache_kwarg
-    from forgetcore.kvcache._model import load_smollm2
+    from forgetcore.models import load_smollm2
     from forgetcore.kvcache.evaluation import prose_chunks
     from transformers import DynamicCache
 

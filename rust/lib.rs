@@ -11,5 +11,6 @@ pub mod kvscore;
 pub mod python;
 pub mod replay;
 pub mod subspace;
+pub mod spectral;
 
 pub use error::{Error, Result};

@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 from hypothesis import HealthCheck, settings
 
 # CI: reproducible examples, no wall-clock deadline (the machine is shared and noisy).
@@ -15,3 +17,13 @@ import torch
 # The models under test are tiny: extra intra-op threads only add contention on a busy
 # 2-core machine (measured 30x slower under load). Rust kernels keep their own rayon pool.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct and its tokenizer, loaded offline once per test session (~10 s)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    from forgetcore.models import load_smollm2
+
+    return load_smollm2()

@@ -17,12 +17,8 @@ PROMPTS = ["The capital of France is Paris. The capital of Italy is Rome. The ca
 
 
 @pytest.fixture(scope="module")
-def lm():
-    from forgetcore.kvcache._model import load_smollm2
-    try:
-        model, tok = load_smollm2()
-    except ImportError as e:
-        pytest.skip(f"SmolLM2 not available: {e}")
+def lm(smollm2):
+    model, tok = smollm2
     tok.padding_side = "left"
     return model, tok
 

@@ -12,15 +12,15 @@ import importlib
 from typing import Any
 
 from . import _core, datasets, reference
-from . import importance, kvscore, replay, subspace
+from . import importance, kvscore, replay, spectral, subspace
 
 __version__: str = _core.__version__
 
 # Method packages: loaded on first attribute access (``forgetcore.continual.ER``).
-_METHOD_PACKAGES = ("continual", "evaluation", "kvcache", "unlearning")
+_METHOD_PACKAGES = ("continual", "evaluation", "finetune", "kvcache", "unlearning")
 
 __all__ = ["__version__", "datasets", "reference"]
-__all__ += ["importance", "kvscore", "replay", "subspace"]
+__all__ += ["importance", "kvscore", "replay", "spectral", "subspace"]
 __all__ += list(_METHOD_PACKAGES)
 
 

@@ -23,6 +23,7 @@ __all__ += [
 ]
 __all__ += ["kv_accumulate_", "kv_evict_one", "kv_select_keep"]
 __all__ += ["project_out_", "project_out_flat_", "orthonormalize", "extend_bases"]
+__all__ += ["spectral_condition_numbers", "spectral_norm_estimates", "spectral_singular_values"]
 __version__: str
 
 def num_threads() -> int: ...
@@ -166,3 +167,15 @@ def extend_bases(
     count: str = "official",
     ratios: list[float | None] | None = None,
 ) -> list[npt.NDArray[np.float32]]: ...
+
+# spectral (rust/python/spectral.rs)
+
+def spectral_singular_values(
+    matrices: list[npt.NDArray[np.float32]], method: str = "auto"
+) -> list[npt.NDArray[np.float64]]: ...
+def spectral_condition_numbers(
+    matrices: list[npt.NDArray[np.float32]], method: str = "auto"
+) -> npt.NDArray[np.float64]: ...
+def spectral_norm_estimates(
+    matrices: list[npt.NDArray[np.float32]], tol: float = 1e-6, max_iter: int = 100, seed: int = 0
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.uint64], npt.NDArray[np.bool_]]: ...

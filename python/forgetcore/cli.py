@@ -22,6 +22,7 @@ DEMOS: dict[str, tuple[str, str, str]] = {
     "kv": ("forgetcore.kvcache.demo", "run", "KV-cache eviction on SmolLM2: A2SF vs H2O vs RecentWindow"),
     "subspace": ("forgetcore.continual.subspace_demo", "run",
                  "Permuted-Digits: GPM vs Finetune vs ER; federated FOT vs FedAvg"),
+    "kappa": ("forgetcore.finetune.demo", "run", "KappaTune on SmolLM2-135M: kappa of every matrix, fine-tune vs full"),
 }
 
 

@@ -16,6 +16,7 @@ mod replay;
 mod importance;
 mod kvscore;
 mod subspace;
+mod spectral;
 
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
@@ -57,5 +58,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     importance::register(m)?;
     kvscore::register(m)?;
     subspace::register(m)?;
+    spectral::register(m)?;
     Ok(())
 }

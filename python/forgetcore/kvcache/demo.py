@@ -47,7 +47,7 @@ def _table(title: str, rows: dict, fmt: str) -> str:
 
 
 def run(out_dir, seeds=None, quick: bool = False, progress: bool = True) -> dict:
-    from ._model import load_smollm2
+    from ..models import load_smollm2
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
