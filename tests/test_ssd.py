@@ -1,15 +1,19 @@
 """SSD: faithful to the official code, the paper's claim in miniature on real digits, bad input."""
 
 import statistics
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from forgetcore.evaluation import unlearning as ev
 from forgetcore.unlearning import LFSSD, SSD, Retrain, UnlearnData
 from forgetcore.unlearning.ssd import _choose
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for benches/
+from benches.baselines import ssd_official  # noqa: E402
 
 SEEDS = (0, 1, 2)
 CLASSES = (1, 3, 8)
@@ -23,31 +27,14 @@ def originals():
 
 
 def official_ssd(model, data: UnlearnData, alpha: float, lam: float, seed: int) -> None:
-    """The official ParameterPerturber: calc_importance twice, then modify_weight with boolean masks."""
+    """The official ParameterPerturber (the benchmark baseline): calc_importance on the forget set
+    and on the seeded mix of retain and forget, then modify_weight with boolean masks."""
     model.eval()
-
-    def calc_importance(loader):
-        imp = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-        for x, y in loader:
-            model.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            for n, p in model.named_parameters():
-                if p.grad is not None:
-                    imp[n].data += p.grad.data.clone().pow(2)
-        for n in imp:
-            imp[n].data /= float(len(loader))
-        return imp
-
-    f_imp = calc_importance(DataLoader(data.forget, batch_size=64, shuffle=False))
-    d_imp = calc_importance(DataLoader(data.full(seed), batch_size=64, shuffle=False))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            oimp, fimp = d_imp[n], f_imp[n]
-            locations = torch.where(fimp > oimp.mul(alpha))
-            weight = ((oimp.mul(lam)).div(fimp)).pow(1)
-            update = weight[locations]
-            update[torch.where(update > 1)] = 1
-            p[locations] = p[locations].mul(update)
+    f_imp = ssd_official.calc_importance(model, DataLoader(data.forget, batch_size=64, shuffle=False))
+    d_imp = ssd_official.calc_importance(model, DataLoader(data.full(seed), batch_size=64, shuffle=False))
+    names = [n for n, _ in model.named_parameters()]
+    ssd_official.modify_weight([p for _, p in model.named_parameters()], [d_imp[n] for n in names],
+                               [f_imp[n] for n in names], alpha, lam)
 
 
 def test_fixed_alpha_matches_official_code_bit_for_bit(originals):
