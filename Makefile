@@ -31,6 +31,7 @@ demo: install
 test: build test-rust stubtest test-python
 
 test-rust:
+	cargo fmt --check
 	cargo test --quiet
 
 stubtest:

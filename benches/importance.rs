@@ -32,12 +32,17 @@ fn bench(c: &mut Criterion) {
     let n: usize = sizes.iter().sum();
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(0);
     let mk = |rng: &mut Xoshiro256PlusPlus, scale: f32| -> Vec<Vec<f32>> {
-        sizes.iter().map(|&s| (0..s).map(|_| rng.random::<f32>() * scale).collect()).collect()
+        sizes
+            .iter()
+            .map(|&s| (0..s).map(|_| rng.random::<f32>() * scale).collect())
+            .collect()
     };
     let mut params = mk(&mut rng, 1.0);
     let full = mk(&mut rng, 1.0);
-    let forget: Vec<Vec<f32>> =
-        full.iter().map(|d| d.iter().map(|&x| x * rng.random::<f32>() * 10.1).collect()).collect();
+    let forget: Vec<Vec<f32>> = full
+        .iter()
+        .map(|d| d.iter().map(|&x| x * rng.random::<f32>() * 10.1).collect())
+        .collect();
     let dref: Vec<&[f32]> = full.iter().map(|v| v.as_slice()).collect();
     let fref: Vec<&[f32]> = forget.iter().map(|v| v.as_slice()).collect();
 
@@ -51,7 +56,9 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.throughput(Throughput::Bytes((8 * n) as u64));
-    g.bench_function("validate_two_importances", |b| b.iter(|| (validate(&dref), validate(&fref))));
+    g.bench_function("validate_two_importances", |b| {
+        b.iter(|| (validate(&dref), validate(&fref)))
+    });
     g.throughput(Throughput::Bytes((12 * n) as u64));
     let mut acc = mk(&mut rng, 1.0);
     g.bench_function("accumulate_sq", |b| {

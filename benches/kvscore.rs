@@ -7,7 +7,9 @@ use forgetcore::kvscore::{accumulate, evict_one, select_keep, Attn, Dims};
 fn rnd(n: usize, mut x: u64) -> Vec<f32> {
     (0..n)
         .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (x >> 40) as f32 / (1u64 << 24) as f32
         })
         .collect()
@@ -15,7 +17,11 @@ fn rnd(n: usize, mut x: u64) -> Vec<f32> {
 
 fn bench(c: &mut Criterion) {
     let (h, t, budget) = (32usize, 4096usize, 1024 + 128 + 4);
-    let dims = Dims { batch: 1, heads: h, slots: t };
+    let dims = Dims {
+        batch: 1,
+        heads: h,
+        slots: t,
+    };
     let mut scores = rnd(h * t, 1);
     let row = rnd(h * t, 2);
     let pos: Vec<i64> = (0..h).flat_map(|_| 0..t as i64).collect();
@@ -27,7 +33,11 @@ fn bench(c: &mut Criterion) {
     c.bench_function("select_keep 4096 -> 1156 (32 heads)", |b| {
         b.iter(|| select_keep(&scores, &pos, &valid, dims, budget, 4, 128, &mut out).unwrap())
     });
-    let sd = Dims { batch: 1, heads: h, slots: budget + 1 };
+    let sd = Dims {
+        batch: 1,
+        heads: h,
+        slots: budget + 1,
+    };
     let s2 = rnd(h * (budget + 1), 3);
     let p2: Vec<i64> = (0..h).flat_map(|_| 0..(budget + 1) as i64).collect();
     let v2 = vec![true; h * (budget + 1)];

@@ -40,7 +40,9 @@ fn reservoir_benches(c: &mut Criterion) {
         let batch = vec![1u8; BATCH * ROW];
         let mut start = 0i64;
         b.iter(|| {
-            let pairs: Vec<(i64, i64)> = (0..BATCH as i64).map(|r| ((start + r) % CAPACITY as i64, r)).collect();
+            let pairs: Vec<(i64, i64)> = (0..BATCH as i64)
+                .map(|r| ((start + r) % CAPACITY as i64, r))
+                .collect();
             copy::scatter_rows(&mut storage, &batch, ROW, &pairs).unwrap();
             start = (start + BATCH as i64) % CAPACITY as i64;
         })

@@ -14,9 +14,20 @@ fn randn(rng: &mut Xoshiro256PlusPlus, n: usize) -> Vec<f32> {
 
 fn basis(rng: &mut Xoshiro256PlusPlus, d: usize, r: usize) -> Vec<f32> {
     let a = randn(rng, d * r);
-    forgetcore::subspace::extend_basis(&Basis { data: &[], dim: d, rank: 0 }, &a, r, 1.0, Crit::Energy(Count::Reach), Par::rayon(0))
-        .unwrap()
-        .basis
+    forgetcore::subspace::extend_basis(
+        &Basis {
+            data: &[],
+            dim: d,
+            rank: 0,
+        },
+        &a,
+        r,
+        1.0,
+        Crit::Energy(Count::Reach),
+        Par::rayon(0),
+    )
+    .unwrap()
+    .basis
 }
 
 fn bench(c: &mut Criterion) {
@@ -27,8 +38,22 @@ fn bench(c: &mut Criterion) {
         let bases: Vec<Vec<f32>> = (0..layers).map(|_| basis(&mut rng, inp, rank)).collect();
         c.bench_function(&format!("project_out_ 12x768x3072 rank {rank}"), |b| {
             b.iter(|| {
-                let mut views: Vec<GradMut> = grads.iter_mut().map(|g| GradMut { data: g, rows: out, cols: inp }).collect();
-                let bs: Vec<Basis> = bases.iter().map(|u| Basis { data: u, dim: inp, rank }).collect();
+                let mut views: Vec<GradMut> = grads
+                    .iter_mut()
+                    .map(|g| GradMut {
+                        data: g,
+                        rows: out,
+                        cols: inp,
+                    })
+                    .collect();
+                let bs: Vec<Basis> = bases
+                    .iter()
+                    .map(|u| Basis {
+                        data: u,
+                        dim: inp,
+                        rank,
+                    })
+                    .collect();
                 project_out_(&mut views, &bs, true).unwrap();
             })
         });
@@ -38,7 +63,14 @@ fn bench(c: &mut Criterion) {
     let bases: Vec<Vec<f32>> = (0..layers).map(|_| basis(&mut rng, d, r0)).collect();
     c.bench_function("extend_bases 12x768x512 from rank 64", |b| {
         b.iter(|| {
-            let bs: Vec<Basis> = bases.iter().map(|u| Basis { data: u, dim: d, rank: r0 }).collect();
+            let bs: Vec<Basis> = bases
+                .iter()
+                .map(|u| Basis {
+                    data: u,
+                    dim: d,
+                    rank: r0,
+                })
+                .collect();
             let rs: Vec<(&[f32], usize)> = reps.iter().map(|a| (a.as_slice(), n)).collect();
             extend_bases(&bs, &rs, &[0.97; 12], &[Crit::Energy(Count::Official); 12]).unwrap()
         })

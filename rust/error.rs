@@ -16,10 +16,16 @@ pub enum Error {
 
 impl Error {
     pub fn value(arg: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Value { arg: arg.into(), msg: msg.into() }
+        Error::Value {
+            arg: arg.into(),
+            msg: msg.into(),
+        }
     }
     pub fn type_(arg: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Type { arg: arg.into(), msg: msg.into() }
+        Error::Type {
+            arg: arg.into(),
+            msg: msg.into(),
+        }
     }
 }
 
@@ -51,8 +57,14 @@ mod tests {
     #[test]
     fn message_names_the_argument_first() {
         let e = Error::value("capacity", "expected a positive integer, got 0");
-        assert_eq!(e.to_string(), "capacity: expected a positive integer, got 0");
+        assert_eq!(
+            e.to_string(),
+            "capacity: expected a positive integer, got 0"
+        );
         assert!(ensure(true, "x", || unreachable!()).is_ok());
-        assert_eq!(ensure(false, "x", || "bad".into()), Err(Error::value("x", "bad")));
+        assert_eq!(
+            ensure(false, "x", || "bad".into()),
+            Err(Error::value("x", "bad"))
+        );
     }
 }

@@ -10,7 +10,7 @@ pub mod importance;
 pub mod kvscore;
 pub mod python;
 pub mod replay;
-pub mod subspace;
 pub mod spectral;
+pub mod subspace;
 
 pub use error::{Error, Result};

@@ -10,9 +10,15 @@ use crate::error::ensure;
 pub const THREADS: u32 = 256;
 
 fn check_table(n: i64, chunk: i64, blocks: i64) -> Result<()> {
-    ensure(n >= 0 && n <= i32::MAX as i64, "n", || format!("expected a tensor count in [0, 2^31), got {n}"))?;
-    ensure(chunk > 0 && chunk % 4 == 0, "chunk", || format!("expected a positive multiple of 4, got {chunk}"))?;
-    ensure((0..=i32::MAX as i64).contains(&blocks), "blocks", || format!("expected a block count in [0, 2^31), got {blocks}"))?;
+    ensure(n >= 0 && n <= i32::MAX as i64, "n", || {
+        format!("expected a tensor count in [0, 2^31), got {n}")
+    })?;
+    ensure(chunk > 0 && chunk % 4 == 0, "chunk", || {
+        format!("expected a positive multiple of 4, got {chunk}")
+    })?;
+    ensure((0..=i32::MAX as i64).contains(&blocks), "blocks", || {
+        format!("expected a block count in [0, 2^31), got {blocks}")
+    })?;
     Ok(())
 }
 
@@ -33,10 +39,27 @@ pub unsafe fn accumulate(
     abs: bool,
 ) -> Result<()> {
     check_table(n, chunk, blocks)?;
-    crate::error::ensure(scale.is_finite(), "scale", || format!("expected a finite number, got {scale}"))?;
-    let (mut meta, mut n, mut chunk, mut scale, mut mode) = (meta, n as i32, chunk, scale, abs as i32);
-    let mut params = [arg(&mut meta), arg(&mut n), arg(&mut chunk), arg(&mut scale), arg(&mut mode)];
-    launch(device, stream, "accumulate", (blocks as u32, 1, 1), THREADS, 0, &mut params)
+    crate::error::ensure(scale.is_finite(), "scale", || {
+        format!("expected a finite number, got {scale}")
+    })?;
+    let (mut meta, mut n, mut chunk, mut scale, mut mode) =
+        (meta, n as i32, chunk, scale, abs as i32);
+    let mut params = [
+        arg(&mut meta),
+        arg(&mut n),
+        arg(&mut chunk),
+        arg(&mut scale),
+        arg(&mut mode),
+    ];
+    launch(
+        device,
+        stream,
+        "accumulate",
+        (blocks as u32, 1, 1),
+        THREADS,
+        0,
+        &mut params,
+    )
 }
 
 /// SSD dampening over every tensor of the table; adds the selected counts to `counts`.
@@ -57,12 +80,31 @@ pub unsafe fn ssd_dampen(
     counts: u64,
 ) -> Result<()> {
     check_table(n, chunk, blocks)?;
-    ensure(alpha.is_finite() && alpha >= 0.0, "alpha", || format!("expected a finite number >= 0, got {alpha}"))?;
-    ensure(lam.is_finite() && lam >= 0.0, "lam", || format!("expected a finite number >= 0, got {lam}"))?;
-    let (mut meta, mut n, mut chunk, mut alpha, mut lam, mut counts) = (meta, n as i32, chunk, alpha, lam, counts);
-    let mut params =
-        [arg(&mut meta), arg(&mut n), arg(&mut chunk), arg(&mut alpha), arg(&mut lam), arg(&mut counts)];
-    launch(device, stream, "ssd_dampen", (blocks as u32, 1, 1), THREADS, 0, &mut params)
+    ensure(alpha.is_finite() && alpha >= 0.0, "alpha", || {
+        format!("expected a finite number >= 0, got {alpha}")
+    })?;
+    ensure(lam.is_finite() && lam >= 0.0, "lam", || {
+        format!("expected a finite number >= 0, got {lam}")
+    })?;
+    let (mut meta, mut n, mut chunk, mut alpha, mut lam, mut counts) =
+        (meta, n as i32, chunk, alpha, lam, counts);
+    let mut params = [
+        arg(&mut meta),
+        arg(&mut n),
+        arg(&mut chunk),
+        arg(&mut alpha),
+        arg(&mut lam),
+        arg(&mut counts),
+    ];
+    launch(
+        device,
+        stream,
+        "ssd_dampen",
+        (blocks as u32, 1, 1),
+        THREADS,
+        0,
+        &mut params,
+    )
 }
 
 /// Per tensor the lowest flat index of a NaN, infinite or negative value, into `first`.
@@ -70,9 +112,30 @@ pub unsafe fn ssd_dampen(
 /// # Safety
 /// `meta` must point to `[imp[n], numel[n], block_start[n + 1]]` on `device`, with
 /// `block_start[n] == blocks`; `first` to `n` int64 on `device` holding `i64::MAX`.
-pub unsafe fn find_invalid(device: i32, stream: u64, meta: u64, n: i64, chunk: i64, blocks: i64, first: u64) -> Result<()> {
+pub unsafe fn find_invalid(
+    device: i32,
+    stream: u64,
+    meta: u64,
+    n: i64,
+    chunk: i64,
+    blocks: i64,
+    first: u64,
+) -> Result<()> {
     check_table(n, chunk, blocks)?;
     let (mut meta, mut n, mut chunk, mut first) = (meta, n as i32, chunk, first);
-    let mut params = [arg(&mut meta), arg(&mut n), arg(&mut chunk), arg(&mut first)];
-    launch(device, stream, "find_invalid", (blocks as u32, 1, 1), THREADS, 0, &mut params)
+    let mut params = [
+        arg(&mut meta),
+        arg(&mut n),
+        arg(&mut chunk),
+        arg(&mut first),
+    ];
+    launch(
+        device,
+        stream,
+        "find_invalid",
+        (blocks as u32, 1, 1),
+        THREADS,
+        0,
+        &mut params,
+    )
 }

@@ -26,7 +26,11 @@ impl Dtype {
             "float32" => Ok(Dtype::F32),
             "float16" => Ok(Dtype::F16),
             "bfloat16" => Ok(Dtype::Bf16),
-            other => Err(Error::type_("attn", format!("expected float32, float16 or bfloat16, got {other}")).into()),
+            other => Err(Error::type_(
+                "attn",
+                format!("expected float32, float16 or bfloat16, got {other}"),
+            )
+            .into()),
         }
     }
 }
@@ -52,12 +56,16 @@ pub struct Shape {
 }
 
 fn small(name: &str, v: i64) -> Result<i32> {
-    ensure((0..=i32::MAX as i64).contains(&v), name, || format!("expected an int in [0, 2^31), got {v}"))?;
+    ensure((0..=i32::MAX as i64).contains(&v), name, || {
+        format!("expected an int in [0, 2^31), got {v}")
+    })?;
     Ok(v as i32)
 }
 
 fn grid(name: &str, blocks: i64) -> Result<u32> {
-    ensure(blocks <= i32::MAX as i64, name, || format!("too large for one launch ({blocks} blocks)"))?;
+    ensure(blocks <= i32::MAX as i64, name, || {
+        format!("too large for one launch ({blocks} blocks)")
+    })?;
     Ok(blocks as u32)
 }
 
@@ -80,10 +88,14 @@ pub unsafe fn accumulate(
     shape: Shape,
     alpha: f32,
 ) -> Result<()> {
-    ensure(alpha.is_finite() && (0.0..=1.0).contains(&alpha), "alpha", || {
-        format!("expected a number in [0, 1], got {alpha}")
+    ensure(
+        alpha.is_finite() && (0.0..=1.0).contains(&alpha),
+        "alpha",
+        || format!("expected a number in [0, 1], got {alpha}"),
+    )?;
+    ensure(shape.group >= 1, "group", || {
+        format!("expected an int >= 1, got {}", shape.group)
     })?;
-    ensure(shape.group >= 1, "group", || format!("expected an int >= 1, got {}", shape.group))?;
     let kv_heads = small("kv_heads", shape.kv_heads)?;
     let group = small("group", shape.group)?;
     let q = small("q", shape.q)?;
@@ -97,8 +109,24 @@ pub unsafe fn accumulate(
     let (mut kv_heads, mut group, mut q, mut t) = (kv_heads, group, q, t);
     if inv != 0 {
         let blocks = grid("attn", rows * shape.group * shape.q)?;
-        let mut params = [arg(&mut attn), arg(&mut valid), arg(&mut kv_heads), arg(&mut group), arg(&mut q), arg(&mut t), arg(&mut inv)];
-        launch(device, stream, "kv_rowsum", (blocks, 1, 1), ROWSUM_THREADS, 0, &mut params)?;
+        let mut params = [
+            arg(&mut attn),
+            arg(&mut valid),
+            arg(&mut kv_heads),
+            arg(&mut group),
+            arg(&mut q),
+            arg(&mut t),
+            arg(&mut inv),
+        ];
+        launch(
+            device,
+            stream,
+            "kv_rowsum",
+            (blocks, 1, 1),
+            ROWSUM_THREADS,
+            0,
+            &mut params,
+        )?;
     }
     let tiles = (shape.slots + ACC_THREADS as i64 - 1) / ACC_THREADS as i64;
     let blocks = grid("scores", rows * tiles)?;
@@ -114,7 +142,15 @@ pub unsafe fn accumulate(
         arg(&mut t),
         arg(&mut alpha),
     ];
-    launch(device, stream, "kv_accumulate", (blocks, 1, 1), ACC_THREADS, 0, &mut params)
+    launch(
+        device,
+        stream,
+        "kv_accumulate",
+        (blocks, 1, 1),
+        ACC_THREADS,
+        0,
+        &mut params,
+    )
 }
 
 /// Dynamic shared memory of the selection kernels: the kept bitmask, one bit per slot.
@@ -122,7 +158,10 @@ fn bitmask_bytes(slots: i64) -> Result<u32> {
     let bytes = (slots + 31) / 32 * 4;
     // 227 KiB is the most any current GPU gives one block; the driver checks the real limit.
     ensure(bytes <= 227 * 1024, "scores", || {
-        format!("expected at most {} slots per row on the GPU, got {slots}", 227 * 1024 * 8)
+        format!(
+            "expected at most {} slots per row on the GPU, got {slots}",
+            227 * 1024 * 8
+        )
     })?;
     Ok(bytes as u32)
 }
@@ -150,9 +189,14 @@ pub unsafe fn select_keep(
     let b = small("budget", budget)?;
     let ns = small("n_sink", n_sink)?;
     let nr = small("n_recent", n_recent)?;
-    ensure(budget <= slots, "budget", || format!("expected at most the {slots} cached slots, got {budget}"))?;
+    ensure(budget <= slots, "budget", || {
+        format!("expected at most the {slots} cached slots, got {budget}")
+    })?;
     ensure(n_sink + n_recent <= budget, "budget", || {
-        format!("expected at least n_sink + n_recent = {}, got {budget}", n_sink + n_recent)
+        format!(
+            "expected at least n_sink + n_recent = {}, got {budget}",
+            n_sink + n_recent
+        )
     })?;
     if rows == 0 || budget == 0 {
         return Ok(());
@@ -161,9 +205,25 @@ pub unsafe fn select_keep(
     let blocks = grid("scores", rows)?;
     let (mut scores, mut positions, mut valid, mut out) = (scores, positions, valid, out);
     let (mut t, mut b, mut ns, mut nr) = (t, b, ns, nr);
-    let mut params =
-        [arg(&mut scores), arg(&mut positions), arg(&mut valid), arg(&mut t), arg(&mut b), arg(&mut ns), arg(&mut nr), arg(&mut out)];
-    launch(device, stream, "kv_select_keep", (blocks, 1, 1), SEL_THREADS, smem, &mut params)
+    let mut params = [
+        arg(&mut scores),
+        arg(&mut positions),
+        arg(&mut valid),
+        arg(&mut t),
+        arg(&mut b),
+        arg(&mut ns),
+        arg(&mut nr),
+        arg(&mut out),
+    ];
+    launch(
+        device,
+        stream,
+        "kv_select_keep",
+        (blocks, 1, 1),
+        SEL_THREADS,
+        smem,
+        &mut params,
+    )
 }
 
 /// Per row the slot to evict (lowest score among unprotected valid slots), or -1, into `out`.
@@ -193,9 +253,24 @@ pub unsafe fn evict_one(
     let blocks = grid("scores", rows)?;
     let (mut scores, mut positions, mut valid, mut out) = (scores, positions, valid, out);
     let (mut t, mut ns, mut nr) = (t, ns, nr);
-    let mut params =
-        [arg(&mut scores), arg(&mut positions), arg(&mut valid), arg(&mut t), arg(&mut ns), arg(&mut nr), arg(&mut out)];
-    launch(device, stream, "kv_evict_one", (blocks, 1, 1), SEL_THREADS, smem, &mut params)
+    let mut params = [
+        arg(&mut scores),
+        arg(&mut positions),
+        arg(&mut valid),
+        arg(&mut t),
+        arg(&mut ns),
+        arg(&mut nr),
+        arg(&mut out),
+    ];
+    launch(
+        device,
+        stream,
+        "kv_evict_one",
+        (blocks, 1, 1),
+        SEL_THREADS,
+        smem,
+        &mut params,
+    )
 }
 
 #[cfg(test)]
@@ -211,8 +286,18 @@ mod tests {
 
     #[test]
     fn shape_errors_come_before_any_cuda_call() {
-        let s = Shape { batch: 1, kv_heads: 1, group: 0, q: 1, slots: 4 };
-        let a = AttnView { ptr: 0, dtype: 0, strides: [0; 4] };
+        let s = Shape {
+            batch: 1,
+            kv_heads: 1,
+            group: 0,
+            q: 1,
+            slots: 4,
+        };
+        let a = AttnView {
+            ptr: 0,
+            dtype: 0,
+            strides: [0; 4],
+        };
         let e = unsafe { accumulate(0, 0, 0, a, 0, 0, s, 0.5) }.unwrap_err();
         assert!(e.to_string().starts_with("group:"));
         let e = unsafe { accumulate(0, 0, 0, a, 0, 0, Shape { group: 1, ..s }, 1.5) }.unwrap_err();

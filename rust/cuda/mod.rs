@@ -42,7 +42,11 @@ pub enum CudaError {
     /// libnvrtc or the driver library cannot be loaded, or no device: `RuntimeError`.
     Unavailable(String),
     /// NVRTC rejected a source; carries the compiler log.
-    Compile { source: String, arch: u32, log: String },
+    Compile {
+        source: String,
+        arch: u32,
+        log: String,
+    },
     /// A driver or NVRTC call failed.
     Call { call: &'static str, code: String },
 }
@@ -53,7 +57,10 @@ impl fmt::Display for CudaError {
             CudaError::Arg(e) => write!(f, "{e}"),
             CudaError::Unavailable(m) => write!(f, "{m}"),
             CudaError::Compile { source, arch, log } => {
-                write!(f, "NVRTC could not compile cuda/{source}.cu for sm_{arch}:\n{log}")
+                write!(
+                    f,
+                    "NVRTC could not compile cuda/{source}.cu for sm_{arch}:\n{log}"
+                )
             }
             CudaError::Call { call, code } => write!(f, "CUDA: {call} failed: {code}"),
         }
@@ -95,7 +102,10 @@ fn nvrtc_check(r: nv::nvrtcResult, call: &'static str) -> Result<()> {
     }
     // SAFETY: nvrtcGetErrorString returns a static string for every result code.
     let name = unsafe { CStr::from_ptr(nv::nvrtcGetErrorString(r)) };
-    Err(CudaError::Call { call, code: name.to_string_lossy().into_owned() })
+    Err(CudaError::Call {
+        call,
+        code: name.to_string_lossy().into_owned(),
+    })
 }
 
 /// Load libnvrtc (already loaded by `forgetcore._cuda` from torch's nvidia wheels, or found on
@@ -123,7 +133,10 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
         ensure_nvrtc()?;
         let (mut major, mut minor) = (0, 0);
         // SAFETY: two out-pointers to live integers.
-        nvrtc_check(unsafe { nv::nvrtcVersion(&mut major, &mut minor) }, "nvrtcVersion")?;
+        nvrtc_check(
+            unsafe { nv::nvrtcVersion(&mut major, &mut minor) },
+            "nvrtcVersion",
+        )?;
         Ok((major, minor))
     })
 }
@@ -134,9 +147,15 @@ pub fn supported_archs() -> Result<Vec<u32>> {
         ensure_nvrtc()?;
         let mut n = 0;
         // SAFETY: out-pointer, then a buffer of exactly the reported size.
-        nvrtc_check(unsafe { nv::nvrtcGetNumSupportedArchs(&mut n) }, "nvrtcGetNumSupportedArchs")?;
+        nvrtc_check(
+            unsafe { nv::nvrtcGetNumSupportedArchs(&mut n) },
+            "nvrtcGetNumSupportedArchs",
+        )?;
         let mut archs = vec![0i32; n.max(0) as usize];
-        nvrtc_check(unsafe { nv::nvrtcGetSupportedArchs(archs.as_mut_ptr()) }, "nvrtcGetSupportedArchs")?;
+        nvrtc_check(
+            unsafe { nv::nvrtcGetSupportedArchs(archs.as_mut_ptr()) },
+            "nvrtcGetSupportedArchs",
+        )?;
         Ok(archs.into_iter().map(|a| a as u32).collect())
     })
 }
@@ -169,18 +188,33 @@ pub fn compile(source: &str, arch: u32, out: Output) -> Result<Vec<u8>> {
         .iter()
         .find(|(n, _)| *n == source)
         .map(|(_, c)| *c)
-        .ok_or_else(|| crate::Error::value("source", format!("expected one of {:?}, got {source:?}", names())))?;
+        .ok_or_else(|| {
+            crate::Error::value(
+                "source",
+                format!("expected one of {:?}, got {source:?}", names()),
+            )
+        })?;
     crate::error::ensure((30..=200).contains(&arch), "arch", || {
         format!("expected a compute capability such as 80 or 90, got {arch}")
     })?;
     guarded("libnvrtc", || {
         ensure_nvrtc()?;
-        let src = CString::new(code).map_err(|_| crate::Error::value("source", "contains a NUL byte"))?;
+        let src =
+            CString::new(code).map_err(|_| crate::Error::value("source", "contains a NUL byte"))?;
         let name = CString::new(format!("{source}.cu")).expect("no NUL in a family name");
         let mut raw = std::ptr::null_mut();
         // SAFETY: valid C strings; no headers.
         nvrtc_check(
-            unsafe { nv::nvrtcCreateProgram(&mut raw, src.as_ptr(), name.as_ptr(), 0, std::ptr::null(), std::ptr::null()) },
+            unsafe {
+                nv::nvrtcCreateProgram(
+                    &mut raw,
+                    src.as_ptr(),
+                    name.as_ptr(),
+                    0,
+                    std::ptr::null(),
+                    std::ptr::null(),
+                )
+            },
             "nvrtcCreateProgram",
         )?;
         let prog = Program(raw);
@@ -188,15 +222,25 @@ pub fn compile(source: &str, arch: u32, out: Output) -> Result<Vec<u8>> {
             Output::Ptx => format!("--gpu-architecture=compute_{arch}"),
             Output::Cubin => format!("--gpu-architecture=sm_{arch}"),
         };
-        let opts: Vec<CString> = [target.as_str(), "--std=c++17", "--fmad=false", "--prec-div=true", "--prec-sqrt=true"]
-            .iter()
-            .map(|s| CString::new(*s).expect("no NUL in an option"))
-            .collect();
+        let opts: Vec<CString> = [
+            target.as_str(),
+            "--std=c++17",
+            "--fmad=false",
+            "--prec-div=true",
+            "--prec-sqrt=true",
+        ]
+        .iter()
+        .map(|s| CString::new(*s).expect("no NUL in an option"))
+        .collect();
         let ptrs: Vec<*const std::ffi::c_char> = opts.iter().map(|o| o.as_ptr()).collect();
         // SAFETY: the option array outlives the call.
         let r = unsafe { nv::nvrtcCompileProgram(prog.0, ptrs.len() as i32, ptrs.as_ptr()) };
         if r != nv::nvrtcResult::NVRTC_SUCCESS {
-            return Err(CudaError::Compile { source: source.into(), arch, log: program_log(&prog) });
+            return Err(CudaError::Compile {
+                source: source.into(),
+                arch,
+                log: program_log(&prog),
+            });
         }
         let mut size = 0usize;
         let mut buf;
@@ -206,12 +250,21 @@ pub fn compile(source: &str, arch: u32, out: Output) -> Result<Vec<u8>> {
                 Output::Ptx => {
                     nvrtc_check(nv::nvrtcGetPTXSize(prog.0, &mut size), "nvrtcGetPTXSize")?;
                     buf = vec![0u8; size];
-                    nvrtc_check(nv::nvrtcGetPTX(prog.0, buf.as_mut_ptr().cast()), "nvrtcGetPTX")?;
+                    nvrtc_check(
+                        nv::nvrtcGetPTX(prog.0, buf.as_mut_ptr().cast()),
+                        "nvrtcGetPTX",
+                    )?;
                 }
                 Output::Cubin => {
-                    nvrtc_check(nv::nvrtcGetCUBINSize(prog.0, &mut size), "nvrtcGetCUBINSize")?;
+                    nvrtc_check(
+                        nv::nvrtcGetCUBINSize(prog.0, &mut size),
+                        "nvrtcGetCUBINSize",
+                    )?;
                     buf = vec![0u8; size];
-                    nvrtc_check(nv::nvrtcGetCUBIN(prog.0, buf.as_mut_ptr().cast()), "nvrtcGetCUBIN")?;
+                    nvrtc_check(
+                        nv::nvrtcGetCUBIN(prog.0, buf.as_mut_ptr().cast()),
+                        "nvrtcGetCUBIN",
+                    )?;
                 }
             }
         }
@@ -227,10 +280,13 @@ fn program_log(prog: &Program) -> String {
             return "(no log)".into();
         }
         let mut buf = vec![0u8; size];
-        if nv::nvrtcGetProgramLog(prog.0, buf.as_mut_ptr().cast()) != nv::nvrtcResult::NVRTC_SUCCESS {
+        if nv::nvrtcGetProgramLog(prog.0, buf.as_mut_ptr().cast()) != nv::nvrtcResult::NVRTC_SUCCESS
+        {
             return "(no log)".into();
         }
-        String::from_utf8_lossy(&buf).trim_end_matches('\0').to_string()
+        String::from_utf8_lossy(&buf)
+            .trim_end_matches('\0')
+            .to_string()
     }
 }
 
@@ -338,26 +394,53 @@ fn open_device(ordinal: i32) -> Result<Device> {
     ensure_driver()?;
     let mut count = 0;
     // SAFETY: out-pointers to live integers.
-    cu_check(unsafe { cu::cuDeviceGetCount(&mut count) }, "cuDeviceGetCount")?;
+    cu_check(
+        unsafe { cu::cuDeviceGetCount(&mut count) },
+        "cuDeviceGetCount",
+    )?;
     if ordinal < 0 || ordinal >= count {
-        return Err(crate::Error::value("device", format!("expected a CUDA device index below {count}, got {ordinal}")).into());
+        return Err(crate::Error::value(
+            "device",
+            format!("expected a CUDA device index below {count}, got {ordinal}"),
+        )
+        .into());
     }
     let mut dev = 0;
     cu_check(unsafe { cu::cuDeviceGet(&mut dev, ordinal) }, "cuDeviceGet")?;
     let (mut major, mut minor) = (0, 0);
     use cu::CUdevice_attribute::*;
     cu_check(
-        unsafe { cu::cuDeviceGetAttribute(&mut major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev) },
+        unsafe {
+            cu::cuDeviceGetAttribute(
+                &mut major,
+                CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+                dev,
+            )
+        },
         "cuDeviceGetAttribute",
     )?;
     cu_check(
-        unsafe { cu::cuDeviceGetAttribute(&mut minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev) },
+        unsafe {
+            cu::cuDeviceGetAttribute(
+                &mut minor,
+                CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+                dev,
+            )
+        },
         "cuDeviceGetAttribute",
     )?;
     let mut ctx = std::ptr::null_mut();
     // The primary context torch's runtime uses; retained for the life of the process.
-    cu_check(unsafe { cu::cuDevicePrimaryCtxRetain(&mut ctx, dev) }, "cuDevicePrimaryCtxRetain")?;
-    Ok(Device { ctx, arch: (major * 10 + minor) as u32, functions: HashMap::new(), modules: HashMap::new() })
+    cu_check(
+        unsafe { cu::cuDevicePrimaryCtxRetain(&mut ctx, dev) },
+        "cuDevicePrimaryCtxRetain",
+    )?;
+    Ok(Device {
+        ctx,
+        arch: (major * 10 + minor) as u32,
+        functions: HashMap::new(),
+        modules: HashMap::new(),
+    })
 }
 
 /// The cubin of `source` for `arch`, compiled once per process and architecture.
@@ -378,7 +461,9 @@ fn cubin(source: &'static str, arch: u32) -> Result<Vec<u8>> {
     }
     let bin = compile(source, arch, Output::Cubin)?;
     let mut cache = CUBINS.lock().unwrap_or_else(|e| e.into_inner());
-    cache.get_or_insert_with(HashMap::new).insert((source, arch), bin.clone());
+    cache
+        .get_or_insert_with(HashMap::new)
+        .insert((source, arch), bin.clone());
     Ok(bin)
 }
 
@@ -401,7 +486,8 @@ pub unsafe fn launch(
     if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
         return Ok(());
     }
-    let source = source_of(kernel).ok_or_else(|| crate::Error::value("kernel", format!("unknown kernel {kernel:?}")))?;
+    let source = source_of(kernel)
+        .ok_or_else(|| crate::Error::value("kernel", format!("unknown kernel {kernel:?}")))?;
     guarded("CUDA driver", || {
         let mut devices = DEVICES.lock().unwrap_or_else(|e| e.into_inner());
         let devices = devices.get_or_insert_with(HashMap::new);
@@ -415,7 +501,10 @@ pub unsafe fn launch(
             let bin = cubin(source, dev.arch)?;
             let mut module = std::ptr::null_mut();
             // SAFETY: a cubin NVRTC produced for this device's architecture.
-            cu_check(unsafe { cu::cuModuleLoadData(&mut module, bin.as_ptr().cast()) }, "cuModuleLoadData")?;
+            cu_check(
+                unsafe { cu::cuModuleLoadData(&mut module, bin.as_ptr().cast()) },
+                "cuModuleLoadData",
+            )?;
             dev.modules.insert(source, module);
         }
         let func = match dev.functions.get(kernel) {
@@ -424,7 +513,10 @@ pub unsafe fn launch(
                 let name = CString::new(kernel).expect("no NUL in a kernel name");
                 let mut f = std::ptr::null_mut();
                 // SAFETY: module loaded above; the name is a C string.
-                cu_check(unsafe { cu::cuModuleGetFunction(&mut f, dev.modules[source], name.as_ptr()) }, "cuModuleGetFunction")?;
+                cu_check(
+                    unsafe { cu::cuModuleGetFunction(&mut f, dev.modules[source], name.as_ptr()) },
+                    "cuModuleGetFunction",
+                )?;
                 dev.functions.insert(kernel, f);
                 f
             }
@@ -432,7 +524,10 @@ pub unsafe fn launch(
         if smem > 48 * 1024 {
             use cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_SMEM;
             // SAFETY: a function handle of this context.
-            cu_check(unsafe { cu::cuFuncSetAttribute(func, MAX_SMEM, smem as i32) }, "cuFuncSetAttribute")?;
+            cu_check(
+                unsafe { cu::cuFuncSetAttribute(func, MAX_SMEM, smem as i32) },
+                "cuFuncSetAttribute",
+            )?;
         }
         // SAFETY: the caller guarantees the arguments; the stream comes from torch.
         cu_check(
@@ -467,7 +562,10 @@ pub fn device_info(ordinal: i32) -> Result<(u32, i32)> {
         }
         let mut version = 0;
         // SAFETY: out-pointer to a live integer.
-        cu_check(unsafe { cu::cuDriverGetVersion(&mut version) }, "cuDriverGetVersion")?;
+        cu_check(
+            unsafe { cu::cuDriverGetVersion(&mut version) },
+            "cuDriverGetVersion",
+        )?;
         Ok((devices[&ordinal].arch, version))
     })
 }
@@ -483,17 +581,34 @@ mod tests {
 
     #[test]
     fn every_kernel_names_an_embedded_source() {
-        for k in ["accumulate", "ssd_dampen", "find_invalid", "kv_accumulate", "kv_rowsum", "kv_select_keep", "kv_evict_one"] {
+        for k in [
+            "accumulate",
+            "ssd_dampen",
+            "find_invalid",
+            "kv_accumulate",
+            "kv_rowsum",
+            "kv_select_keep",
+            "kv_evict_one",
+        ] {
             let s = source_of(k).unwrap();
             let (_, code) = SOURCES.iter().find(|(n, _)| *n == s).unwrap();
-            assert!(code.contains(&format!("{k}(")), "{k} not defined in cuda/{s}.cu");
+            assert!(
+                code.contains(&format!("{k}(")),
+                "{k} not defined in cuda/{s}.cu"
+            );
         }
     }
 
     #[test]
     fn bad_arguments_are_errors_not_panics() {
-        assert!(matches!(compile("nope", 90, Output::Ptx), Err(CudaError::Arg(_))));
-        assert!(matches!(compile("importance", 7, Output::Ptx), Err(CudaError::Arg(_))));
+        assert!(matches!(
+            compile("nope", 90, Output::Ptx),
+            Err(CudaError::Arg(_))
+        ));
+        assert!(matches!(
+            compile("importance", 7, Output::Ptx),
+            Err(CudaError::Arg(_))
+        ));
     }
 
     /// Compiles every source when libnvrtc is on the loader path (the Python test suite covers

@@ -31,7 +31,9 @@ fn check_lengths(arg: &str, want: &[usize], got: &[usize]) -> Result<()> {
         format!("expected {} tensors, got {}", want.len(), got.len())
     })?;
     for (i, (w, g)) in want.iter().zip(got).enumerate() {
-        ensure(w == g, arg, || format!("tensor {i}: expected {w} elements, got {g}"))?;
+        ensure(w == g, arg, || {
+            format!("tensor {i}: expected {w} elements, got {g}")
+        })?;
     }
     Ok(())
 }
@@ -41,8 +43,14 @@ fn check_lengths(arg: &str, want: &[usize], got: &[usize]) -> Result<()> {
 /// The order `(g * g) * scale` matches the reference `acc += (g * g) * scale`.
 pub fn accumulate(acc: &mut [&mut [f32]], grads: &[&[f32]], scale: f32, mode: Mode) -> Result<()> {
     let lens: Vec<usize> = acc.iter().map(|a| a.len()).collect();
-    check_lengths("grads", &lens, &grads.iter().map(|g| g.len()).collect::<Vec<_>>())?;
-    ensure(scale.is_finite(), "scale", || format!("expected a finite number, got {scale}"))?;
+    check_lengths(
+        "grads",
+        &lens,
+        &grads.iter().map(|g| g.len()).collect::<Vec<_>>(),
+    )?;
+    ensure(scale.is_finite(), "scale", || {
+        format!("expected a finite number, got {scale}")
+    })?;
     let mut work: Vec<(&mut [f32], &[f32])> = Vec::new();
     for (a, g) in acc.iter_mut().zip(grads) {
         for (ac, gc) in a.chunks_mut(CHUNK).zip(g.chunks(CHUNK)) {
@@ -50,8 +58,14 @@ pub fn accumulate(acc: &mut [&mut [f32]], grads: &[&[f32]], scale: f32, mode: Mo
         }
     }
     work.into_par_iter().for_each(|(a, g)| match mode {
-        Mode::Sq => a.iter_mut().zip(g).for_each(|(a, &g)| *a += (g * g) * scale),
-        Mode::Abs => a.iter_mut().zip(g).for_each(|(a, &g)| *a += g.abs() * scale),
+        Mode::Sq => a
+            .iter_mut()
+            .zip(g)
+            .for_each(|(a, &g)| *a += (g * g) * scale),
+        Mode::Abs => a
+            .iter_mut()
+            .zip(g)
+            .for_each(|(a, &g)| *a += g.abs() * scale),
     });
     Ok(())
 }
@@ -187,15 +201,29 @@ pub fn ssd_dampen(
     lam: f32,
 ) -> Result<Vec<i64>> {
     let lens: Vec<usize> = params.iter().map(|p| p.len()).collect();
-    check_lengths("imp_full", &lens, &imp_full.iter().map(|x| x.len()).collect::<Vec<_>>())?;
-    check_lengths("imp_forget", &lens, &imp_forget.iter().map(|x| x.len()).collect::<Vec<_>>())?;
+    check_lengths(
+        "imp_full",
+        &lens,
+        &imp_full.iter().map(|x| x.len()).collect::<Vec<_>>(),
+    )?;
+    check_lengths(
+        "imp_forget",
+        &lens,
+        &imp_forget.iter().map(|x| x.len()).collect::<Vec<_>>(),
+    )?;
     ensure(alpha.is_finite() && alpha >= 0.0, "alpha", || {
         format!("expected a finite number >= 0, got {alpha}")
     })?;
-    ensure(lam.is_finite() && lam >= 0.0, "lam", || format!("expected a finite number >= 0, got {lam}"))?;
+    ensure(lam.is_finite() && lam >= 0.0, "lam", || {
+        format!("expected a finite number >= 0, got {lam}")
+    })?;
     let mut work: Vec<(usize, &mut [f32], &[f32], &[f32])> = Vec::new();
     for (t, ((p, d), f)) in params.iter_mut().zip(imp_full).zip(imp_forget).enumerate() {
-        for ((pc, dc), fc) in p.chunks_mut(CHUNK).zip(d.chunks(CHUNK)).zip(f.chunks(CHUNK)) {
+        for ((pc, dc), fc) in p
+            .chunks_mut(CHUNK)
+            .zip(d.chunks(CHUNK))
+            .zip(f.chunks(CHUNK))
+        {
             work.push((t, pc, dc, fc));
         }
     }
@@ -244,7 +272,10 @@ mod tests {
         // lam large: beta capped at 1, theta unchanged but still counted as selected.
         let mut q = vec![5.0f32];
         let mut qs: Vec<&mut [f32]> = vec![&mut q];
-        assert_eq!(ssd_dampen(&mut qs, &[&[1.0]], &[&[20.0]], 10.0, 100.0).unwrap(), vec![1]);
+        assert_eq!(
+            ssd_dampen(&mut qs, &[&[1.0]], &[&[20.0]], 10.0, 100.0).unwrap(),
+            vec![1]
+        );
         assert_eq!(q, vec![5.0]);
     }
 
@@ -253,7 +284,9 @@ mod tests {
         let mut p = vec![0.0f32; 3];
         let mut ps: Vec<&mut [f32]> = vec![&mut p];
         let e = ssd_dampen(&mut ps, &[&[0.0; 2]], &[&[0.0; 3]], 1.0, 1.0).unwrap_err();
-        assert!(e.to_string().starts_with("imp_full: tensor 0: expected 3 elements, got 2"));
+        assert!(e
+            .to_string()
+            .starts_with("imp_full: tensor 0: expected 3 elements, got 2"));
         assert!(ssd_dampen(&mut ps, &[&[0.0; 3]], &[], 1.0, 1.0).is_err());
         assert!(ssd_dampen(&mut ps, &[&[0.0; 3]], &[&[0.0; 3]], f32::NAN, 1.0).is_err());
         assert!(ssd_dampen(&mut ps, &[&[0.0; 3]], &[&[0.0; 3]], 1.0, -1.0).is_err());
@@ -282,10 +315,16 @@ mod tests {
     #[test]
     fn empty_lists_and_tensors() {
         let mut ps: Vec<&mut [f32]> = vec![];
-        assert_eq!(ssd_dampen(&mut ps, &[], &[], 1.0, 1.0).unwrap(), Vec::<i64>::new());
+        assert_eq!(
+            ssd_dampen(&mut ps, &[], &[], 1.0, 1.0).unwrap(),
+            Vec::<i64>::new()
+        );
         let mut e: Vec<f32> = vec![];
         let mut ps: Vec<&mut [f32]> = vec![&mut e];
-        assert_eq!(ssd_dampen(&mut ps, &[&[]], &[&[]], 1.0, 1.0).unwrap(), vec![0]);
+        assert_eq!(
+            ssd_dampen(&mut ps, &[&[]], &[&[]], 1.0, 1.0).unwrap(),
+            vec![0]
+        );
     }
 
     proptest! {

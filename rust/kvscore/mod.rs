@@ -104,23 +104,37 @@ pub fn accumulate(
     alpha: f32,
     renorm: bool,
 ) -> Result<()> {
-    ensure(group >= 1, "group", || format!("expected an int >= 1, got {group}"))?;
-    ensure(alpha.is_finite() && (0.0..=1.0).contains(&alpha), "alpha", || {
-        format!("expected a number in [0, 1], got {alpha}")
+    ensure(group >= 1, "group", || {
+        format!("expected an int >= 1, got {group}")
     })?;
+    ensure(
+        alpha.is_finite() && (0.0..=1.0).contains(&alpha),
+        "alpha",
+        || format!("expected a number in [0, 1], got {alpha}"),
+    )?;
     ensure(scores.len() == dims.len(), "scores", || {
-        format!("expected {} elements for {:?}, got {}", dims.len(), dims, scores.len())
+        format!(
+            "expected {} elements for {:?}, got {}",
+            dims.len(),
+            dims,
+            scores.len()
+        )
     })?;
     let want = dims.rows() * group * q * dims.slots;
     ensure(attn.len() == want, "attn", || {
-        format!("expected {want} elements (batch, kv_heads*group, q, slots), got {}", attn.len())
+        format!(
+            "expected {want} elements (batch, kv_heads*group, q, slots), got {}",
+            attn.len()
+        )
     })?;
     if let Some(v) = valid {
         ensure(v.len() == dims.len(), "valid", || {
             format!("expected {} elements, got {}", dims.len(), v.len())
         })?;
     }
-    ensure(!scores.iter().any(|s| s.is_nan()), "scores", || "expected no NaN".into())?;
+    ensure(!scores.iter().any(|s| s.is_nan()), "scores", || {
+        "expected no NaN".into()
+    })?;
     let t = dims.slots;
     if t == 0 || dims.rows() == 0 || q == 0 {
         return Ok(());
@@ -132,9 +146,13 @@ pub fn accumulate(
         Attn::F32(a) if a.len() < PAR_MIN => a.chunks(4096).any(chunk_bad),
         Attn::F32(a) => a.par_chunks(1 << 16).any(|c| c.chunks(4096).any(chunk_bad)),
         _ if attn.len() < PAR_MIN => (0..attn.len()).any(|i| !attn.get(i).is_finite()),
-        _ => (0..attn.len()).into_par_iter().any(|i| !attn.get(i).is_finite()),
+        _ => (0..attn.len())
+            .into_par_iter()
+            .any(|i| !attn.get(i).is_finite()),
     };
-    ensure(!bad, "attn", || "expected finite attention probabilities".into())?;
+    ensure(!bad, "attn", || {
+        "expected finite attention probabilities".into()
+    })?;
     let body = |(row, s): (usize, &mut [f32])| {
         let v = valid.map(|v| &v[row * t..(row + 1) * t]);
         let mut inv = vec![1.0f32; group];
@@ -152,7 +170,9 @@ pub fn accumulate(
                 }
             }
             if alpha == 0.0 {
-                s.iter_mut().filter(|x| x.is_finite()).for_each(|x| *x = 0.0);
+                s.iter_mut()
+                    .filter(|x| x.is_finite())
+                    .for_each(|x| *x = 0.0);
             }
             for g in 0..group {
                 let base = ((row * group + g) * q + i) * t;
@@ -162,11 +182,17 @@ pub fn accumulate(
                 match (attn, v) {
                     (Attn::F32(a), None) => {
                         let a = &a[base..base + t];
-                        s.iter_mut().zip(a).for_each(|(x, &y)| *x = decay * *x + w * y);
+                        s.iter_mut()
+                            .zip(a)
+                            .for_each(|(x, &y)| *x = decay * *x + w * y);
                     }
                     _ => {
                         for j in 0..t {
-                            let add = if v.is_none_or(|v| v[j]) { w * attn.get(base + j) } else { 0.0 };
+                            let add = if v.is_none_or(|v| v[j]) {
+                                w * attn.get(base + j)
+                            } else {
+                                0.0
+                            };
                             s[j] = decay * s[j] + add;
                         }
                     }
@@ -183,10 +209,18 @@ pub fn accumulate(
 }
 
 fn check_select(scores: &[f32], positions: &[i64], valid: &[bool], dims: Dims) -> Result<()> {
-    for (name, n) in [("scores", scores.len()), ("positions", positions.len()), ("valid", valid.len())] {
-        ensure(n == dims.len(), name, || format!("expected {} elements for {:?}, got {n}", dims.len(), dims))?;
+    for (name, n) in [
+        ("scores", scores.len()),
+        ("positions", positions.len()),
+        ("valid", valid.len()),
+    ] {
+        ensure(n == dims.len(), name, || {
+            format!("expected {} elements for {:?}, got {n}", dims.len(), dims)
+        })?;
     }
-    ensure(!scores.iter().any(|s| s.is_nan()), "scores", || "expected no NaN".into())
+    ensure(!scores.iter().any(|s| s.is_nan()), "scores", || {
+        "expected no NaN".into()
+    })
 }
 
 /// Per row: which slots are protected (sinks, recent) and which are candidates.
@@ -251,53 +285,67 @@ pub fn select_keep(
 ) -> Result<()> {
     check_select(scores, positions, valid, dims)?;
     ensure(budget <= dims.slots, "budget", || {
-        format!("expected at most the {} cached slots, got {budget}", dims.slots)
+        format!(
+            "expected at most the {} cached slots, got {budget}",
+            dims.slots
+        )
     })?;
     ensure(n_sink + n_recent <= budget, "budget", || {
-        format!("expected at least n_sink + n_recent = {}, got {budget}", n_sink + n_recent)
+        format!(
+            "expected at least n_sink + n_recent = {}, got {budget}",
+            n_sink + n_recent
+        )
     })?;
     ensure(out.len() == dims.rows() * budget, "out", || {
-        format!("expected {} elements, got {}", dims.rows() * budget, out.len())
+        format!(
+            "expected {} elements, got {}",
+            dims.rows() * budget,
+            out.len()
+        )
     })?;
     let t = dims.slots;
     if budget == 0 {
         return Ok(());
     }
     let body = |(keep, scratch): &mut (Vec<bool>, Vec<usize>), (row, o): (usize, &mut [i64])| {
-            let r = row * t..(row + 1) * t;
-            let (s, pos, val) = (&scores[r.clone()], &positions[r.clone()], &valid[r]);
-            keep.iter_mut().for_each(|k| *k = false);
-            let n_prot = protect(pos, val, n_sink, n_recent, keep, scratch);
-            let free = budget - n_prot.min(budget);
-            if scratch.len() <= free {
-                scratch.iter().for_each(|&j| keep[j] = true);
-            } else if free > 0 {
-                scratch.select_nth_unstable_by(free - 1, |&a, &b| better(s, pos, a, b));
-                scratch[..free].iter().for_each(|&j| keep[j] = true);
+        let r = row * t..(row + 1) * t;
+        let (s, pos, val) = (&scores[r.clone()], &positions[r.clone()], &valid[r]);
+        keep.iter_mut().for_each(|k| *k = false);
+        let n_prot = protect(pos, val, n_sink, n_recent, keep, scratch);
+        let free = budget - n_prot.min(budget);
+        if scratch.len() <= free {
+            scratch.iter().for_each(|&j| keep[j] = true);
+        } else if free > 0 {
+            scratch.select_nth_unstable_by(free - 1, |&a, &b| better(s, pos, a, b));
+            scratch[..free].iter().for_each(|&j| keep[j] = true);
+        }
+        // Fewer valid slots than the budget: fill with the lowest invalid slots.
+        let mut n = keep.iter().filter(|&&k| k).count();
+        let mut j = 0;
+        while n < budget {
+            if !keep[j] {
+                keep[j] = true;
+                n += 1;
             }
-            // Fewer valid slots than the budget: fill with the lowest invalid slots.
-            let mut n = keep.iter().filter(|&&k| k).count();
-            let mut j = 0;
-            while n < budget {
-                if !keep[j] {
-                    keep[j] = true;
-                    n += 1;
-                }
-                j += 1;
+            j += 1;
+        }
+        let mut m = 0;
+        for (jj, k) in keep.iter().enumerate() {
+            if *k {
+                o[m] = jj as i64;
+                m += 1;
             }
-            let mut m = 0;
-            for (jj, k) in keep.iter().enumerate() {
-                if *k {
-                    o[m] = jj as i64;
-                    m += 1;
-                }
-            }
+        }
     };
     if dims.len() < PAR_MIN {
         let mut st = (vec![false; t], Vec::with_capacity(t));
-        out.chunks_mut(budget).enumerate().for_each(|x| body(&mut st, x));
+        out.chunks_mut(budget)
+            .enumerate()
+            .for_each(|x| body(&mut st, x));
     } else {
-        out.par_chunks_mut(budget).enumerate().for_each_init(|| (vec![false; t], Vec::with_capacity(t)), body);
+        out.par_chunks_mut(budget)
+            .enumerate()
+            .for_each_init(|| (vec![false; t], Vec::with_capacity(t)), body);
     }
     Ok(())
 }
@@ -315,27 +363,38 @@ pub fn evict_one(
     out: &mut [i64],
 ) -> Result<()> {
     check_select(scores, positions, valid, dims)?;
-    ensure(out.len() == dims.rows(), "out", || format!("expected {} elements, got {}", dims.rows(), out.len()))?;
+    ensure(out.len() == dims.rows(), "out", || {
+        format!("expected {} elements, got {}", dims.rows(), out.len())
+    })?;
     let t = dims.slots;
     let body = |(keep, scratch): &mut (Vec<bool>, Vec<usize>), (row, o): (usize, &mut i64)| {
         let r = row * t..(row + 1) * t;
         let (s, pos, val) = (&scores[r.clone()], &positions[r.clone()], &valid[r]);
         keep.iter_mut().for_each(|k| *k = false);
         protect(pos, val, n_sink, n_recent, keep, scratch);
-        *o = scratch.iter().copied().max_by(|&a, &b| better(s, pos, a, b)).map_or(-1, |j| j as i64);
+        *o = scratch
+            .iter()
+            .copied()
+            .max_by(|&a, &b| better(s, pos, a, b))
+            .map_or(-1, |j| j as i64);
     };
     if dims.len() < PAR_MIN {
         let mut st = (vec![false; t], Vec::with_capacity(t));
         out.iter_mut().enumerate().for_each(|x| body(&mut st, x));
     } else {
-        out.par_iter_mut().enumerate().for_each_init(|| (vec![false; t], Vec::with_capacity(t)), body);
+        out.par_iter_mut()
+            .enumerate()
+            .for_each_init(|| (vec![false; t], Vec::with_capacity(t)), body);
     }
     Ok(())
 }
 
 /// Type-checks shared with the bindings: name the dtype that came.
 pub fn unsupported_dtype(arg: &str, got: &str) -> Error {
-    Error::type_(arg, format!("expected float32, float16 or bfloat16, got {got}"))
+    Error::type_(
+        arg,
+        format!("expected float32, float16 or bfloat16, got {got}"),
+    )
 }
 
 #[cfg(test)]
@@ -344,7 +403,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn d(b: usize, h: usize, t: usize) -> Dims {
-        Dims { batch: b, heads: h, slots: t }
+        Dims {
+            batch: b,
+            heads: h,
+            slots: t,
+        }
     }
 
     #[test]
@@ -370,7 +433,17 @@ mod tests {
     #[test]
     fn alpha_zero_keeps_inf_sentinel() {
         let mut s = vec![f32::INFINITY, 3.0];
-        accumulate(&mut s, Attn::F32(&[0.5, 0.5]), None, d(1, 1, 2), 1, 1, 0.0, false).unwrap();
+        accumulate(
+            &mut s,
+            Attn::F32(&[0.5, 0.5]),
+            None,
+            d(1, 1, 2),
+            1,
+            1,
+            0.0,
+            false,
+        )
+        .unwrap();
         assert_eq!(s, vec![f32::INFINITY, 0.5]);
     }
 
@@ -404,15 +477,46 @@ mod tests {
     #[test]
     fn bad_inputs_are_errors() {
         let mut s = vec![0.0; 4];
-        let e = accumulate(&mut s, Attn::F32(&[0.0; 3]), None, d(1, 1, 4), 1, 1, 0.5, false).unwrap_err();
+        let e = accumulate(
+            &mut s,
+            Attn::F32(&[0.0; 3]),
+            None,
+            d(1, 1, 4),
+            1,
+            1,
+            0.5,
+            false,
+        )
+        .unwrap_err();
         assert!(e.to_string().starts_with("attn:"));
-        let e = accumulate(&mut s, Attn::F32(&[0.0; 4]), None, d(1, 1, 4), 1, 1, 1.5, false).unwrap_err();
+        let e = accumulate(
+            &mut s,
+            Attn::F32(&[0.0; 4]),
+            None,
+            d(1, 1, 4),
+            1,
+            1,
+            1.5,
+            false,
+        )
+        .unwrap_err();
         assert!(e.to_string().starts_with("alpha:"));
-        let e = accumulate(&mut s, Attn::F32(&[f32::NAN; 4]), None, d(1, 1, 4), 1, 1, 0.5, false).unwrap_err();
+        let e = accumulate(
+            &mut s,
+            Attn::F32(&[f32::NAN; 4]),
+            None,
+            d(1, 1, 4),
+            1,
+            1,
+            0.5,
+            false,
+        )
+        .unwrap_err();
         assert!(e.to_string().starts_with("attn:"));
         assert_eq!(s, vec![0.0; 4]);
         let mut out = [0i64; 2];
-        let e = select_keep(&s, &[0, 1, 2, 3], &[true; 4], d(1, 1, 4), 2, 2, 1, &mut out).unwrap_err();
+        let e =
+            select_keep(&s, &[0, 1, 2, 3], &[true; 4], d(1, 1, 4), 2, 2, 1, &mut out).unwrap_err();
         assert!(e.to_string().starts_with("budget:"));
     }
 

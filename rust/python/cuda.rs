@@ -30,7 +30,12 @@ fn cuda_nvrtc_version(py: Python<'_>) -> PyResult<(i32, i32)> {
 /// or with ``cubin=True`` the SASS binary that launches use.
 #[pyfunction]
 #[pyo3(signature = (source, arch, cubin = false))]
-fn cuda_compile<'py>(py: Python<'py>, source: &str, arch: u32, cubin: bool) -> PyResult<Bound<'py, PyBytes>> {
+fn cuda_compile<'py>(
+    py: Python<'py>,
+    source: &str,
+    arch: u32,
+    cubin: bool,
+) -> PyResult<Bound<'py, PyBytes>> {
     let out = if cubin { Output::Cubin } else { Output::Ptx };
     let bin = py.detach(|| cuda::compile(source, arch, out))?;
     Ok(PyBytes::new(py, &bin))
@@ -65,7 +70,9 @@ fn cuda_accumulate_(
     abs: bool,
 ) -> PyResult<()> {
     // SAFETY: forgetcore._cuda builds `meta` from live CUDA tensors of `device`.
-    Ok(py.detach(|| unsafe { cuda::importance::accumulate(device, stream, meta, n, chunk, blocks, scale, abs) })?)
+    Ok(py.detach(|| unsafe {
+        cuda::importance::accumulate(device, stream, meta, n, chunk, blocks, scale, abs)
+    })?)
 }
 
 /// Fused SSD dampening over the multi-tensor table ``meta``; counts land in ``counts``.
@@ -84,15 +91,28 @@ fn cuda_ssd_dampen_(
     counts: u64,
 ) -> PyResult<()> {
     // SAFETY: forgetcore._cuda builds `meta` and `counts` from live CUDA tensors of `device`.
-    Ok(py.detach(|| unsafe { cuda::importance::ssd_dampen(device, stream, meta, n, chunk, blocks, alpha, lam, counts) })?)
+    Ok(py.detach(|| unsafe {
+        cuda::importance::ssd_dampen(device, stream, meta, n, chunk, blocks, alpha, lam, counts)
+    })?)
 }
 
 /// First invalid (NaN, infinite, negative) flat index per tensor of ``meta`` into ``first``.
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
-fn cuda_find_invalid(py: Python<'_>, device: i32, stream: u64, meta: u64, n: i64, chunk: i64, blocks: i64, first: u64) -> PyResult<()> {
+fn cuda_find_invalid(
+    py: Python<'_>,
+    device: i32,
+    stream: u64,
+    meta: u64,
+    n: i64,
+    chunk: i64,
+    blocks: i64,
+    first: u64,
+) -> PyResult<()> {
     // SAFETY: forgetcore._cuda builds `meta` and `first` from live CUDA tensors of `device`.
-    Ok(py.detach(|| unsafe { cuda::importance::find_invalid(device, stream, meta, n, chunk, blocks, first) })?)
+    Ok(py.detach(|| unsafe {
+        cuda::importance::find_invalid(device, stream, meta, n, chunk, blocks, first)
+    })?)
 }
 
 /// Score accumulation; ``inv`` (0 for none) is the renormalisation buffer.
@@ -111,11 +131,23 @@ fn cuda_kv_accumulate_(
     shape: [i64; 5],
     alpha: f32,
 ) -> PyResult<()> {
-    let view = kvscore::AttnView { ptr: attn, dtype: kvscore::Dtype::parse(attn_dtype)? as i32, strides: attn_strides };
+    let view = kvscore::AttnView {
+        ptr: attn,
+        dtype: kvscore::Dtype::parse(attn_dtype)? as i32,
+        strides: attn_strides,
+    };
     let [batch, kv_heads, group, q, slots] = shape;
-    let shape = kvscore::Shape { batch, kv_heads, group, q, slots };
+    let shape = kvscore::Shape {
+        batch,
+        kv_heads,
+        group,
+        q,
+        slots,
+    };
     // SAFETY: forgetcore._cuda passes pointers of live CUDA tensors of these shapes.
-    Ok(py.detach(|| unsafe { kvscore::accumulate(device, stream, scores, view, valid, inv, shape, alpha) })?)
+    Ok(py.detach(|| unsafe {
+        kvscore::accumulate(device, stream, scores, view, valid, inv, shape, alpha)
+    })?)
 }
 
 /// Keep selection into ``out`` (rows, budget) int64.
@@ -137,7 +169,9 @@ fn cuda_kv_select_keep(
 ) -> PyResult<()> {
     // SAFETY: forgetcore._cuda passes pointers of live CUDA tensors of these shapes.
     Ok(py.detach(|| unsafe {
-        kvscore::select_keep(device, stream, scores, positions, valid, rows, slots, budget, n_sink, n_recent, out)
+        kvscore::select_keep(
+            device, stream, scores, positions, valid, rows, slots, budget, n_sink, n_recent, out,
+        )
     })?)
 }
 
@@ -158,7 +192,11 @@ fn cuda_kv_evict_one(
     out: u64,
 ) -> PyResult<()> {
     // SAFETY: forgetcore._cuda passes pointers of live CUDA tensors of these shapes.
-    Ok(py.detach(|| unsafe { kvscore::evict_one(device, stream, scores, positions, valid, rows, slots, n_sink, n_recent, out) })?)
+    Ok(py.detach(|| unsafe {
+        kvscore::evict_one(
+            device, stream, scores, positions, valid, rows, slots, n_sink, n_recent, out,
+        )
+    })?)
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -12,7 +12,10 @@ fn slices<'a>(arrs: &'a [PyReadonlyArrayDyn<'_, f32>], arg: &str) -> PyResult<Ve
     arrs.iter().map(|a| as_slice(a, arg)).collect()
 }
 
-fn slices_mut<'a>(arrs: &'a mut [PyReadwriteArrayDyn<'_, f32>], arg: &str) -> PyResult<Vec<&'a mut [f32]>> {
+fn slices_mut<'a>(
+    arrs: &'a mut [PyReadwriteArrayDyn<'_, f32>],
+    arg: &str,
+) -> PyResult<Vec<&'a mut [f32]>> {
     arrs.iter_mut().map(|a| as_slice_mut(a, arg)).collect()
 }
 
@@ -29,7 +32,11 @@ fn accumulate_(
     let mode = match mode {
         "sq" => Mode::Sq,
         "abs" => Mode::Abs,
-        other => return Err(Error::value("mode", format!("expected 'sq' or 'abs', got {other:?}")).into()),
+        other => {
+            return Err(
+                Error::value("mode", format!("expected 'sq' or 'abs', got {other:?}")).into(),
+            )
+        }
     };
     let mut a = slices_mut(&mut acc, "acc")?;
     let g = slices(&grads, "grads")?;
@@ -78,7 +85,16 @@ fn stream_triad_(
     let a = as_slice_mut(&mut a, "a")?;
     let (b, c) = (as_slice(&b, "b")?, as_slice(&c, "c")?);
     if b.len() != a.len() || c.len() != a.len() {
-        return Err(Error::value("b", format!("expected {} elements like a, got {} and {}", a.len(), b.len(), c.len())).into());
+        return Err(Error::value(
+            "b",
+            format!(
+                "expected {} elements like a, got {} and {}",
+                a.len(),
+                b.len(),
+                c.len()
+            ),
+        )
+        .into());
     }
     py.detach(|| importance::triad(a, b, c, s));
     Ok(())

@@ -1,6 +1,8 @@
 //! Bindings for `crate::kvscore`: numpy in (zero-copy), GIL released around the kernels.
 
-use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods};
+use numpy::{
+    IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods,
+};
 use pyo3::prelude::*;
 
 use super::{as_slice, as_slice_mut};
@@ -9,8 +11,16 @@ use crate::Error;
 
 fn dims3(shape: &[usize], arg: &str) -> PyResult<Dims> {
     match shape {
-        [b, h, t] => Ok(Dims { batch: *b, heads: *h, slots: *t }),
-        _ => Err(Error::value(arg, format!("expected a 3-D array (batch, kv_heads, slots), got shape {shape:?}")).into()),
+        [b, h, t] => Ok(Dims {
+            batch: *b,
+            heads: *h,
+            slots: *t,
+        }),
+        _ => Err(Error::value(
+            arg,
+            format!("expected a 3-D array (batch, kv_heads, slots), got shape {shape:?}"),
+        )
+        .into()),
     }
 }
 
@@ -18,7 +28,10 @@ fn same_shape(shape: &[usize], want: &Dims, arg: &str) -> PyResult<()> {
     if shape != [want.batch, want.heads, want.slots] {
         return Err(Error::value(
             arg,
-            format!("expected shape ({}, {}, {}) like scores, got {shape:?}", want.batch, want.heads, want.slots),
+            format!(
+                "expected shape ({}, {}, {}) like scores, got {shape:?}",
+                want.batch, want.heads, want.slots
+            ),
         )
         .into());
     }
@@ -55,8 +68,13 @@ fn kv_accumulate_(
             a16 = attn.extract::<PyReadonlyArrayDyn<'_, i16>>()?;
             let s = as_slice(&a16, "attn")?;
             // i16 and u16 have the same layout; the kernel reads raw bits
-            let bits: &[u16] = unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u16, s.len()) };
-            let v = if attn_dtype == "float16" { Attn::F16(bits) } else { Attn::Bf16(bits) };
+            let bits: &[u16] =
+                unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u16, s.len()) };
+            let v = if attn_dtype == "float16" {
+                Attn::F16(bits)
+            } else {
+                Attn::Bf16(bits)
+            };
             (a16.shape().to_vec(), v)
         }
         other => return Err(kvscore::unsupported_dtype("attn", other).into()),
@@ -64,16 +82,10 @@ fn kv_accumulate_(
     let q = match ashape.as_slice() {
         [b, hq, q, t] if *b == dims.batch && *hq == dims.heads * group && *t == dims.slots => *q,
         _ => {
-            return Err(Error::value(
-                "attn",
-                format!(
-                    "expected shape ({}, {}, q, {}) (batch, kv_heads*group, q, slots), got {ashape:?}",
-                    dims.batch,
-                    dims.heads * group,
-                    dims.slots
-                ),
-            )
-            .into())
+            let (b, hq, t) = (dims.batch, dims.heads * group, dims.slots);
+            let want =
+                format!("expected shape ({b}, {hq}, q, {t}) (batch, kv_heads*group, q, slots)");
+            return Err(Error::value("attn", format!("{want}, got {ashape:?}")).into());
         }
     };
     let vs = match &valid {
@@ -99,7 +111,11 @@ fn kv_select_keep<'py>(
     let dims = dims3(scores.shape(), "scores")?;
     same_shape(positions.shape(), &dims, "positions")?;
     same_shape(valid.shape(), &dims, "valid")?;
-    let (s, p, v) = (as_slice(&scores, "scores")?, as_slice(&positions, "positions")?, as_slice(&valid, "valid")?);
+    let (s, p, v) = (
+        as_slice(&scores, "scores")?,
+        as_slice(&positions, "positions")?,
+        as_slice(&valid, "valid")?,
+    );
     let mut out = vec![0i64; dims.batch * dims.heads * budget.min(dims.slots)];
     py.detach(|| kvscore::select_keep(s, p, v, dims, budget, n_sink, n_recent, &mut out))?;
     let arr = numpy::ndarray::ArrayD::from_shape_vec(vec![dims.batch, dims.heads, budget], out)
@@ -120,7 +136,11 @@ fn kv_evict_one<'py>(
     let dims = dims3(scores.shape(), "scores")?;
     same_shape(positions.shape(), &dims, "positions")?;
     same_shape(valid.shape(), &dims, "valid")?;
-    let (s, p, v) = (as_slice(&scores, "scores")?, as_slice(&positions, "positions")?, as_slice(&valid, "valid")?);
+    let (s, p, v) = (
+        as_slice(&scores, "scores")?,
+        as_slice(&positions, "positions")?,
+        as_slice(&valid, "valid")?,
+    );
     let mut out = vec![0i64; dims.batch * dims.heads];
     py.detach(|| kvscore::evict_one(s, p, v, dims, n_sink, n_recent, &mut out))?;
     let arr = numpy::ndarray::ArrayD::from_shape_vec(vec![dims.batch, dims.heads], out)

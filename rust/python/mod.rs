@@ -5,18 +5,18 @@
 //! `crate::Error` to a Python exception. Nothing here panics across the FFI boundary: every
 //! fallible step returns `PyResult`.
 
-use numpy::{PyReadonlyArrayDyn, PyReadwriteArrayDyn, Element};
+use numpy::{Element, PyReadonlyArrayDyn, PyReadwriteArrayDyn};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::Error;
 
 mod cuda;
-mod replay;
 mod importance;
 mod kvscore;
-mod subspace;
+mod replay;
 mod spectral;
+mod subspace;
 
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
@@ -28,7 +28,10 @@ impl From<Error> for PyErr {
 }
 
 /// Borrow a read-only numpy array as a contiguous slice, or say which argument is not.
-pub(crate) fn as_slice<'a, T: Element>(arr: &'a PyReadonlyArrayDyn<'_, T>, arg: &str) -> PyResult<&'a [T]> {
+pub(crate) fn as_slice<'a, T: Element>(
+    arr: &'a PyReadonlyArrayDyn<'_, T>,
+    arg: &str,
+) -> PyResult<&'a [T]> {
     arr.as_slice()
         .map_err(|_| Error::value(arg, "expected a C-contiguous array").into())
 }

@@ -12,7 +12,9 @@
 //! mutate a buffer or a batch from another thread during `add`.
 
 use numpy::npyffi::flags::NPY_ARRAY_WRITEABLE;
-use numpy::{PyArray1, PyArrayDescrMethods, PyReadonlyArray1, PyUntypedArray, PyUntypedArrayMethods};
+use numpy::{
+    PyArray1, PyArrayDescrMethods, PyReadonlyArray1, PyUntypedArray, PyUntypedArrayMethods,
+};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString, PyTuple};
@@ -36,14 +38,19 @@ fn raw_bytes(a: &Bound<'_, PyUntypedArray>, arg: &str, writable: bool) -> PyResu
     if writable && flags & NPY_ARRAY_WRITEABLE == 0 {
         return Err(Error::value(arg, "expected a writable array").into());
     }
-    Ok(RawBytes { ptr: data, len: a.len() * a.dtype().itemsize() })
+    Ok(RawBytes {
+        ptr: data,
+        len: a.len() * a.dtype().itemsize(),
+    })
 }
 
 /// The bytes of a CPU torch tensor, or None when it is not on the CPU or not contiguous (the
 /// Python layer then makes it contiguous, or raises naming the field).
 fn tensor_bytes(t: &Bound<'_, PyAny>) -> PyResult<Option<RawBytes>> {
     let py = t.py();
-    if !t.getattr(intern!(py, "is_cpu"))?.is_truthy()? || !t.call_method0(intern!(py, "is_contiguous"))?.is_truthy()? {
+    if !t.getattr(intern!(py, "is_cpu"))?.is_truthy()?
+        || !t.call_method0(intern!(py, "is_contiguous"))?.is_truthy()?
+    {
         return Ok(None);
     }
     let ptr: usize = t.call_method0(intern!(py, "data_ptr"))?.extract()?;
@@ -51,7 +58,10 @@ fn tensor_bytes(t: &Bound<'_, PyAny>) -> PyResult<Option<RawBytes>> {
     if ptr == 0 && len > 0 {
         return Ok(None);
     }
-    Ok(Some(RawBytes { ptr: ptr as *mut u8, len }))
+    Ok(Some(RawBytes {
+        ptr: ptr as *mut u8,
+        len,
+    }))
 }
 
 fn overlaps(a: &RawBytes, b: &RawBytes) -> bool {
@@ -72,36 +82,71 @@ unsafe impl Send for Plan {}
 
 /// Check a batch against storage and build its copy plan; None when a batch tensor is not a
 /// contiguous CPU tensor (so that the fast path can hand the batch back to Python).
-fn plan(n: usize, capacity: usize, batch: &[Bound<'_, PyAny>], storage: &[Bound<'_, PyUntypedArray>]) -> PyResult<Option<Plan>> {
+fn plan(
+    n: usize,
+    capacity: usize,
+    batch: &[Bound<'_, PyAny>],
+    storage: &[Bound<'_, PyUntypedArray>],
+) -> PyResult<Option<Plan>> {
     if batch.len() != storage.len() {
-        return Err(Error::value("batch", format!("expected {} arrays (one per stored field), got {}", storage.len(), batch.len())).into());
+        return Err(Error::value(
+            "batch",
+            format!(
+                "expected {} arrays (one per stored field), got {}",
+                storage.len(),
+                batch.len()
+            ),
+        )
+        .into());
     }
     let mut fields = Vec::with_capacity(batch.len());
     for (i, (b, s)) in batch.iter().zip(storage).enumerate() {
         let dst = raw_bytes(s, "storage", true)?;
-        let Some(src) = tensor_bytes(b)? else { return Ok(None) };
+        let Some(src) = tensor_bytes(b)? else {
+            return Ok(None);
+        };
         if dst.len % capacity != 0 {
             return Err(Error::value("storage", format!("field {i}: expected a whole number of rows for capacity {capacity}, got {} bytes", dst.len)).into());
         }
         let row_bytes = dst.len / capacity;
         if src.len != n * row_bytes {
-            return Err(Error::value("batch", format!("field {i}: expected {n} rows of {row_bytes} bytes, got {} bytes", src.len)).into());
+            return Err(Error::value(
+                "batch",
+                format!(
+                    "field {i}: expected {n} rows of {row_bytes} bytes, got {} bytes",
+                    src.len
+                ),
+            )
+            .into());
         }
         fields.push((dst, src, row_bytes));
     }
     let mut owned = Vec::with_capacity(fields.len());
     for (i, (dst, src, _)) in fields.iter().enumerate() {
-        if fields.iter().enumerate().any(|(j, (other, _, _))| j != i && overlaps(dst, other)) {
-            return Err(Error::value("storage", "expected storage arrays that do not overlap").into());
+        if fields
+            .iter()
+            .enumerate()
+            .any(|(j, (other, _, _))| j != i && overlaps(dst, other))
+        {
+            return Err(
+                Error::value("storage", "expected storage arrays that do not overlap").into(),
+            );
         }
         let aliased = fields.iter().any(|(d, _, _)| overlaps(d, src));
         // SAFETY: `src` was checked above to be a contiguous array of `src.len` bytes.
-        owned.push(aliased.then(|| unsafe { std::slice::from_raw_parts(src.ptr, src.len) }.to_vec()));
+        owned.push(
+            aliased.then(|| unsafe { std::slice::from_raw_parts(src.ptr, src.len) }.to_vec()),
+        );
     }
     Ok(Some(Plan { fields, owned }))
 }
 
-fn plan_or_raise(n: usize, capacity: usize, batch: &[Bound<'_, PyAny>], storage: &[Bound<'_, PyUntypedArray>]) -> PyResult<Plan> {
+fn plan_or_raise(
+    n: usize,
+    capacity: usize,
+    batch: &[Bound<'_, PyAny>],
+    storage: &[Bound<'_, PyUntypedArray>],
+) -> PyResult<Plan> {
     plan(n, capacity, batch, storage)?
         .ok_or_else(|| Error::value("batch", "expected contiguous CPU tensors").into())
 }
@@ -110,7 +155,11 @@ impl Plan {
     /// Copy the rows of `pairs`, with the GIL released when that moves enough bytes. The
     /// decisions are made before (they are cheap), the copy cannot fail after `plan`'s checks.
     fn run_maybe_detached(self, py: Python<'_>, pairs: &[(i64, i64)]) -> crate::Result<()> {
-        let bytes: usize = self.fields.iter().map(|(_, _, row)| row * pairs.len()).sum();
+        let bytes: usize = self
+            .fields
+            .iter()
+            .map(|(_, _, row)| row * pairs.len())
+            .sum();
         if bytes >= DETACH_BYTES {
             py.detach(move || self.run(pairs))
         } else {
@@ -156,8 +205,18 @@ impl Fields {
         label: Option<usize>,
     ) -> PyResult<Self> {
         let k = names.len();
-        if tails.len() != k || dtypes.len() != k || storage.len() != k || label.is_some_and(|l| l >= k) {
-            return Err(Error::value("fields", format!("expected {k} tails, dtypes and storage arrays and a label index below {k}")).into());
+        if tails.len() != k
+            || dtypes.len() != k
+            || storage.len() != k
+            || label.is_some_and(|l| l >= k)
+        {
+            return Err(Error::value(
+                "fields",
+                format!(
+                    "expected {k} tails, dtypes and storage arrays and a label index below {k}"
+                ),
+            )
+            .into());
         }
         Ok(Fields {
             names: names.into_iter().map(Bound::unbind).collect(),
@@ -215,7 +274,10 @@ type Slots<'py> = (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>);
 fn to_arrays<'py>(py: Python<'py>, pairs: &[(i64, i64)]) -> Slots<'py> {
     let slots: Vec<i64> = pairs.iter().map(|p| p.0).collect();
     let rows: Vec<i64> = pairs.iter().map(|p| p.1).collect();
-    (PyArray1::from_slice(py, &slots), PyArray1::from_slice(py, &rows))
+    (
+        PyArray1::from_slice(py, &slots),
+        PyArray1::from_slice(py, &rows),
+    )
 }
 
 fn rng_words(r: &Xoshiro256pp) -> [i64; 4] {
@@ -250,9 +312,16 @@ impl ReservoirCore {
     #[new]
     fn new(capacity: i64, seed: u64) -> PyResult<Self> {
         if capacity <= 0 {
-            return Err(Error::value("capacity", format!("expected an int >= 1, got {capacity}")).into());
+            return Err(
+                Error::value("capacity", format!("expected an int >= 1, got {capacity}")).into(),
+            );
         }
-        Ok(ReservoirCore { capacity: capacity as u64, seen: 0, rng: Xoshiro256pp::seed_from_u64(seed), fields: Fields::default() })
+        Ok(ReservoirCore {
+            capacity: capacity as u64,
+            seen: 0,
+            rng: Xoshiro256pp::seed_from_u64(seed),
+            fields: Fields::default(),
+        })
     }
 
     #[getter]
@@ -300,10 +369,18 @@ impl ReservoirCore {
 
     /// `add` straight from the keyword dict of `ReservoirBuffer.add`: None (nothing done)
     /// unless the batch matches the registered fields exactly and is contiguous on the CPU.
-    fn add_fields<'py>(&mut self, py: Python<'py>, fields: Bound<'py, PyDict>) -> PyResult<Option<Slots<'py>>> {
-        let Some((n, batch)) = self.fields.matches(&fields) else { return Ok(None) };
+    fn add_fields<'py>(
+        &mut self,
+        py: Python<'py>,
+        fields: Bound<'py, PyDict>,
+    ) -> PyResult<Option<Slots<'py>>> {
+        let Some((n, batch)) = self.fields.matches(&fields) else {
+            return Ok(None);
+        };
         let storage = self.fields.storage(py);
-        let Some(plan) = plan(n, self.capacity as usize, &batch, &storage)? else { return Ok(None) };
+        let Some(plan) = plan(n, self.capacity as usize, &batch, &storage)? else {
+            return Ok(None);
+        };
         self.run(py, n, plan).map(Some)
     }
 
@@ -365,9 +442,15 @@ impl CbrsCore {
     #[new]
     fn new(capacity: i64, seed: u64) -> PyResult<Self> {
         if capacity <= 0 {
-            return Err(Error::value("capacity", format!("expected an int >= 1, got {capacity}")).into());
+            return Err(
+                Error::value("capacity", format!("expected an int >= 1, got {capacity}")).into(),
+            );
         }
-        Ok(CbrsCore { inner: Cbrs::new(capacity as usize)?, rng: Xoshiro256pp::seed_from_u64(seed), fields: Fields::default() })
+        Ok(CbrsCore {
+            inner: Cbrs::new(capacity as usize)?,
+            rng: Xoshiro256pp::seed_from_u64(seed),
+            fields: Fields::default(),
+        })
     }
 
     #[getter]
@@ -392,7 +475,9 @@ impl CbrsCore {
         batch: Vec<Bound<'py, PyAny>>,
         storage: Vec<Bound<'py, PyUntypedArray>>,
     ) -> PyResult<Slots<'py>> {
-        let labels = labels.as_slice().map_err(|_| Error::value("labels", "expected a contiguous array"))?;
+        let labels = labels
+            .as_slice()
+            .map_err(|_| Error::value("labels", "expected a contiguous array"))?;
         let plan = plan_or_raise(labels.len(), self.inner.capacity(), &batch, &storage)?;
         self.run(py, labels, plan)
     }
@@ -413,11 +498,21 @@ impl CbrsCore {
     }
 
     /// As `ReservoirCore.add_fields`, the labels read from the registered int64 label field.
-    fn add_fields<'py>(&mut self, py: Python<'py>, fields: Bound<'py, PyDict>) -> PyResult<Option<Slots<'py>>> {
-        let Some(label) = self.fields.label else { return Ok(None) };
-        let Some((n, batch)) = self.fields.matches(&fields) else { return Ok(None) };
+    fn add_fields<'py>(
+        &mut self,
+        py: Python<'py>,
+        fields: Bound<'py, PyDict>,
+    ) -> PyResult<Option<Slots<'py>>> {
+        let Some(label) = self.fields.label else {
+            return Ok(None);
+        };
+        let Some((n, batch)) = self.fields.matches(&fields) else {
+            return Ok(None);
+        };
         let storage = self.fields.storage(py);
-        let Some(plan) = plan(n, self.inner.capacity(), &batch, &storage)? else { return Ok(None) };
+        let Some(plan) = plan(n, self.inner.capacity(), &batch, &storage)? else {
+            return Ok(None);
+        };
         let src = &plan.fields[label].1;
         if src.len != n * 8 {
             return Ok(None);
@@ -480,10 +575,19 @@ impl CbrsCore {
             capacity: self.inner.capacity(),
             seen,
             labels,
-            n_seen: n_seen.iter().map(|&x| u64::try_from(x).map_err(|_| bad("class counts"))).collect::<Result<_, _>>()?,
+            n_seen: n_seen
+                .iter()
+                .map(|&x| u64::try_from(x).map_err(|_| bad("class counts")))
+                .collect::<Result<_, _>>()?,
             full,
-            offsets: offsets.iter().map(|&x| usize::try_from(x).map_err(|_| bad("offsets"))).collect::<Result<_, _>>()?,
-            slots: slots.iter().map(|&x| u32::try_from(x).map_err(|_| bad("slots"))).collect::<Result<_, _>>()?,
+            offsets: offsets
+                .iter()
+                .map(|&x| usize::try_from(x).map_err(|_| bad("offsets")))
+                .collect::<Result<_, _>>()?,
+            slots: slots
+                .iter()
+                .map(|&x| u32::try_from(x).map_err(|_| bad("slots")))
+                .collect::<Result<_, _>>()?,
         };
         let inner = Cbrs::from_state(&st)?;
         self.rng = rng_from_words(rng)?;
@@ -503,7 +607,9 @@ pub struct ReplayRng {
 impl ReplayRng {
     #[new]
     fn new(seed: u64) -> Self {
-        ReplayRng { rng: Xoshiro256pp::seed_from_u64(seed) }
+        ReplayRng {
+            rng: Xoshiro256pp::seed_from_u64(seed),
+        }
     }
 
     /// The next raw 64-bit outputs.
@@ -513,17 +619,30 @@ impl ReplayRng {
     }
 
     /// One uniform integer in `[0, bound)` per entry of `bounds` (each >= 1).
-    fn below<'py>(&mut self, py: Python<'py>, bounds: PyReadonlyArray1<'py, i64>) -> PyResult<Bound<'py, PyArray1<i64>>> {
-        let b = bounds.as_slice().map_err(|_| Error::value("bounds", "expected a contiguous array"))?;
+    fn below<'py>(
+        &mut self,
+        py: Python<'py>,
+        bounds: PyReadonlyArray1<'py, i64>,
+    ) -> PyResult<Bound<'py, PyArray1<i64>>> {
+        let b = bounds
+            .as_slice()
+            .map_err(|_| Error::value("bounds", "expected a contiguous array"))?;
         if let Some(&bad) = b.iter().find(|&&x| x < 1) {
-            return Err(Error::value("bounds", format!("expected every bound >= 1, got {bad}")).into());
+            return Err(
+                Error::value("bounds", format!("expected every bound >= 1, got {bad}")).into(),
+            );
         }
         let v: Vec<i64> = b.iter().map(|&x| self.rng.below(x as u64) as i64).collect();
         Ok(PyArray1::from_vec(py, v))
     }
 
     /// `n` distinct integers of `[0, size)` in random order (partial Fisher-Yates).
-    fn sample<'py>(&mut self, py: Python<'py>, size: u64, n: u64) -> PyResult<Bound<'py, PyArray1<i64>>> {
+    fn sample<'py>(
+        &mut self,
+        py: Python<'py>,
+        size: u64,
+        n: u64,
+    ) -> PyResult<Bound<'py, PyArray1<i64>>> {
         let idx = sample::without_replacement(&mut self.rng, size, n)?;
         Ok(PyArray1::from_vec(py, idx))
     }
@@ -554,8 +673,14 @@ mod tests {
         let mut buf = [0u8; 16];
         let p = buf.as_mut_ptr();
         let a = RawBytes { ptr: p, len: 8 };
-        let b = RawBytes { ptr: unsafe { p.add(8) }, len: 8 };
-        let c = RawBytes { ptr: unsafe { p.add(4) }, len: 8 };
+        let b = RawBytes {
+            ptr: unsafe { p.add(8) },
+            len: 8,
+        };
+        let c = RawBytes {
+            ptr: unsafe { p.add(4) },
+            len: 8,
+        };
         assert!(!overlaps(&a, &b));
         assert!(overlaps(&a, &c) && overlaps(&c, &b));
         assert!(!overlaps(&a, &RawBytes { ptr: p, len: 0 }));

@@ -13,9 +13,9 @@ fn views<'a>(arrays: &'a [PyReadonlyArray2<'_, f32>]) -> PyResult<Vec<MatView<'a
         .enumerate()
         .map(|(i, a)| {
             let (rows, cols) = (a.shape()[0], a.shape()[1]);
-            let data = a
-                .as_slice()
-                .map_err(|_| Error::value(format!("matrices[{i}]"), "expected a C-contiguous array"))?;
+            let data = a.as_slice().map_err(|_| {
+                Error::value(format!("matrices[{i}]"), "expected a C-contiguous array")
+            })?;
             Ok(MatView::new(data, rows, cols))
         })
         .collect()
@@ -59,7 +59,11 @@ fn spectral_norm_estimates<'py>(
     tol: f64,
     max_iter: usize,
     seed: u64,
-) -> PyResult<(Bound<'py, PyArray1<f64>>, Bound<'py, PyArray1<u64>>, Bound<'py, PyArray1<bool>>)> {
+) -> PyResult<(
+    Bound<'py, PyArray1<f64>>,
+    Bound<'py, PyArray1<u64>>,
+    Bound<'py, PyArray1<bool>>,
+)> {
     let mats = views(&matrices)?;
     let out = py.detach(|| spectral::spectral_norms(&mats, tol, max_iter, seed))?;
     Ok((

@@ -24,15 +24,31 @@ fn project_out_py(
     bases: Vec<PyReadonlyArrayDyn<'_, f32>>,
     check: bool,
 ) -> PyResult<()> {
-    let gshapes = grads.iter().enumerate().map(|(i, g)| dims2(g.shape(), &format!("grads[{i}]"))).collect::<PyResult<Vec<_>>>()?;
-    let bshapes = bases.iter().enumerate().map(|(i, b)| dims2(b.shape(), &format!("bases[{i}]"))).collect::<PyResult<Vec<_>>>()?;
+    let gshapes = grads
+        .iter()
+        .enumerate()
+        .map(|(i, g)| dims2(g.shape(), &format!("grads[{i}]")))
+        .collect::<PyResult<Vec<_>>>()?;
+    let bshapes = bases
+        .iter()
+        .enumerate()
+        .map(|(i, b)| dims2(b.shape(), &format!("bases[{i}]")))
+        .collect::<PyResult<Vec<_>>>()?;
     let mut views = Vec::with_capacity(grads.len());
     for (i, (g, (rows, cols))) in grads.iter_mut().zip(gshapes).enumerate() {
-        views.push(GradMut { data: as_slice_mut(g, &format!("grads[{i}]"))?, rows, cols });
+        views.push(GradMut {
+            data: as_slice_mut(g, &format!("grads[{i}]"))?,
+            rows,
+            cols,
+        });
     }
     let mut bs = Vec::with_capacity(bases.len());
     for (i, (b, (dim, rank))) in bases.iter().zip(bshapes).enumerate() {
-        bs.push(Basis { data: as_slice(b, &format!("bases[{i}]"))?, dim, rank });
+        bs.push(Basis {
+            data: as_slice(b, &format!("bases[{i}]"))?,
+            dim,
+            rank,
+        });
     }
     py.detach(|| k::project_out_(&mut views, &bs, check))?;
     Ok(())
@@ -48,11 +64,19 @@ fn project_out_flat_py(
     check: bool,
 ) -> PyResult<()> {
     if g.shape().len() != 1 {
-        return Err(Error::value("g", format!("expected a 1-D array, got shape {:?}", g.shape())).into());
+        return Err(Error::value(
+            "g",
+            format!("expected a 1-D array, got shape {:?}", g.shape()),
+        )
+        .into());
     }
     let (rank, n) = dims2(vectors.shape(), "vectors")?;
     if n != g.shape()[0] {
-        return Err(Error::value("vectors", format!("expected shape (*, {}), got ({rank}, {n})", g.shape()[0])).into());
+        return Err(Error::value(
+            "vectors",
+            format!("expected shape (*, {}), got ({rank}, {n})", g.shape()[0]),
+        )
+        .into());
     }
     let gs = as_slice_mut(&mut g, "g")?;
     let vs = as_slice(&vectors, "vectors")?;
@@ -71,7 +95,8 @@ fn orthonormalize_py<'py>(
     let (rows, n) = dims2(vectors.shape(), "vectors")?;
     let vs = as_slice(&vectors, "vectors")?;
     let (out, kept) = py.detach(|| k::orthonormalize(vs, rows, n, tol))?;
-    let arr = Array2::from_shape_vec((kept.len(), n), out).map_err(|e| Error::value("vectors", e.to_string()))?;
+    let arr = Array2::from_shape_vec((kept.len(), n), out)
+        .map_err(|e| Error::value("vectors", e.to_string()))?;
     Ok((PyArray2::from_owned_array(py, arr), kept))
 }
 
@@ -79,17 +104,31 @@ fn criterion(name: &str, count: &str, ratio: Option<f64>) -> PyResult<Criterion>
     let count = match count {
         "official" => Count::Official,
         "reach" => Count::Reach,
-        other => return Err(Error::value("count", format!("expected 'official' or 'reach', got {other:?}")).into()),
+        other => {
+            return Err(Error::value(
+                "count",
+                format!("expected 'official' or 'reach', got {other:?}"),
+            )
+            .into())
+        }
     };
     match name {
         "energy" => {
             if ratio.is_some() {
-                return Err(Error::value("ratios", "only the 'norm_ratio' criterion takes a ratio").into());
+                return Err(Error::value(
+                    "ratios",
+                    "only the 'norm_ratio' criterion takes a ratio",
+                )
+                .into());
             }
             Ok(Criterion::Energy(count))
         }
         "norm_ratio" => Ok(Criterion::NormRatio { ratio }),
-        other => Err(Error::value("criterion", format!("expected 'energy' or 'norm_ratio', got {other:?}")).into()),
+        other => Err(Error::value(
+            "criterion",
+            format!("expected 'energy' or 'norm_ratio', got {other:?}"),
+        )
+        .into()),
     }
 }
 
@@ -109,19 +148,37 @@ fn extend_bases_py<'py>(
     let l = bases.len();
     let ratios = ratios.unwrap_or_else(|| vec![None; l]);
     if ratios.len() != l {
-        return Err(Error::value("ratios", format!("expected one ratio per basis ({l}), got {}", ratios.len())).into());
+        return Err(Error::value(
+            "ratios",
+            format!("expected one ratio per basis ({l}), got {}", ratios.len()),
+        )
+        .into());
     }
-    let crits = ratios.iter().map(|r| self::criterion(criterion, count, *r)).collect::<PyResult<Vec<_>>>()?;
+    let crits = ratios
+        .iter()
+        .map(|r| self::criterion(criterion, count, *r))
+        .collect::<PyResult<Vec<_>>>()?;
     let mut bs = Vec::with_capacity(l);
     for (i, b) in bases.iter().enumerate() {
         let (dim, rank) = dims2(b.shape(), &format!("bases[{i}]"))?;
-        bs.push(Basis { data: as_slice(b, &format!("bases[{i}]"))?, dim, rank });
+        bs.push(Basis {
+            data: as_slice(b, &format!("bases[{i}]"))?,
+            dim,
+            rank,
+        });
     }
     let mut rs = Vec::with_capacity(reps.len());
     for (i, a) in reps.iter().enumerate() {
         let (dim, n) = dims2(a.shape(), &format!("reps[{i}]"))?;
         if i < l && dim != bs[i].dim {
-            return Err(Error::value(format!("reps[{i}]"), format!("expected {} rows (the basis dimension), got ({dim}, {n})", bs[i].dim)).into());
+            return Err(Error::value(
+                format!("reps[{i}]"),
+                format!(
+                    "expected {} rows (the basis dimension), got ({dim}, {n})",
+                    bs[i].dim
+                ),
+            )
+            .into());
         }
         rs.push((as_slice(a, &format!("reps[{i}]"))?, n));
     }
@@ -129,7 +186,8 @@ fn extend_bases_py<'py>(
     exts.into_iter()
         .zip(&bs)
         .map(|(e, b)| {
-            let arr = Array2::from_shape_vec((b.dim, e.rank), e.basis).map_err(|er| PyErr::from(Error::value("bases", er.to_string())))?;
+            let arr = Array2::from_shape_vec((b.dim, e.rank), e.basis)
+                .map_err(|er| PyErr::from(Error::value("bases", er.to_string())))?;
             Ok(PyArray2::from_owned_array(py, arr))
         })
         .collect()

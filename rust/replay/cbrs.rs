@@ -61,7 +61,10 @@ pub struct CbrsState {
 impl Cbrs {
     pub fn new(capacity: usize) -> Result<Self> {
         if capacity == 0 || capacity > u32::MAX as usize {
-            return Err(Error::value("capacity", format!("expected an int in [1, {}], got {capacity}", u32::MAX)));
+            return Err(Error::value(
+                "capacity",
+                format!("expected an int in [1, {}], got {capacity}", u32::MAX),
+            ));
         }
         Ok(Cbrs {
             capacity,
@@ -95,12 +98,24 @@ impl Cbrs {
 
     /// `(label, stored count, stream count, full)` for every class seen, in order of first appearance.
     pub fn classes(&self) -> Vec<(i64, usize, u64, bool)> {
-        (0..self.labels.len()).map(|k| (self.labels[k], self.slots[k].len(), self.n_seen[k], self.full[k])).collect()
+        (0..self.labels.len())
+            .map(|k| {
+                (
+                    self.labels[k],
+                    self.slots[k].len(),
+                    self.n_seen[k],
+                    self.full[k],
+                )
+            })
+            .collect()
     }
 
     /// The label stored in each slot, `0..len`.
     pub fn slot_labels(&self) -> Vec<i64> {
-        self.slot_class.iter().map(|&k| self.labels[k as usize]).collect()
+        self.slot_class
+            .iter()
+            .map(|&k| self.labels[k as usize])
+            .collect()
     }
 
     fn class_id(&mut self, label: i64) -> usize {
@@ -213,7 +228,9 @@ impl Cbrs {
             self.scratch.clear();
             self.scratch.extend_from_slice(&self.bucket[m]);
             let labels = &self.labels;
-            let (_, nth, _) = self.scratch.select_nth_unstable_by_key(which, |&j| labels[j as usize]);
+            let (_, nth, _) = self
+                .scratch
+                .select_nth_unstable_by_key(which, |&j| labels[j as usize]);
             *nth as usize
         };
         // Fullness is judged on the state after the whole step: when the victim's class was the
@@ -264,31 +281,53 @@ impl Cbrs {
         let nc = st.labels.len();
         let bad = |msg: String| Error::value("state_dict", msg);
         if st.n_seen.len() != nc || st.full.len() != nc || st.offsets.len() != nc + 1 {
-            return Err(bad(format!("expected {nc} entries per class and {} offsets", nc + 1)));
+            return Err(bad(format!(
+                "expected {nc} entries per class and {} offsets",
+                nc + 1
+            )));
         }
         let len = st.slots.len();
-        if len > st.capacity || st.offsets[0] != 0 || st.offsets[nc] != len
-            || st.offsets.windows(2).any(|w| w[0] > w[1]) {
-            return Err(bad(format!("expected class offsets from 0 to the {len} stored slots (capacity {})", st.capacity)));
+        if len > st.capacity
+            || st.offsets[0] != 0
+            || st.offsets[nc] != len
+            || st.offsets.windows(2).any(|w| w[0] > w[1])
+        {
+            return Err(bad(format!(
+                "expected class offsets from 0 to the {len} stored slots (capacity {})",
+                st.capacity
+            )));
         }
         let total: u64 = st.n_seen.iter().sum();
         if total != st.seen {
-            return Err(bad(format!("expected per-class stream counts summing to seen={}, got {total}", st.seen)));
+            return Err(bad(format!(
+                "expected per-class stream counts summing to seen={}, got {total}",
+                st.seen
+            )));
         }
         c.seen = st.seen;
         c.slot_class = vec![u32::MAX; len];
         c.slot_pos = vec![0; len];
         for k in 0..nc {
             if c.index.insert(st.labels[k], k as u32).is_some() {
-                return Err(bad(format!("expected unique labels, got {} twice", st.labels[k])));
+                return Err(bad(format!(
+                    "expected unique labels, got {} twice",
+                    st.labels[k]
+                )));
             }
             let list = &st.slots[st.offsets[k]..st.offsets[k + 1]];
             if (list.len() as u64) > st.n_seen[k] {
-                return Err(bad(format!("class {} stores {} items but saw {}", st.labels[k], list.len(), st.n_seen[k])));
+                return Err(bad(format!(
+                    "class {} stores {} items but saw {}",
+                    st.labels[k],
+                    list.len(),
+                    st.n_seen[k]
+                )));
             }
             for (p, &s) in list.iter().enumerate() {
                 if s as usize >= len || c.slot_class[s as usize] != u32::MAX {
-                    return Err(bad(format!("expected each slot in [0, {len}) once, got slot {s} again or out of range")));
+                    return Err(bad(format!(
+                        "expected each slot in [0, {len}) once, got slot {s} again or out of range"
+                    )));
                 }
                 c.slot_class[s as usize] = k as u32;
                 c.slot_pos[s as usize] = p as u32;
@@ -349,7 +388,10 @@ mod tests {
         let (c, out) = run(4, 0, &[0, 0, 0, 0, 1, 1]);
         assert_eq!(&out[..4], &[Some(0), Some(1), Some(2), Some(3)]);
         assert!(out[4].is_some() && out[5].is_some());
-        assert_eq!(c.classes().iter().map(|x| x.1).collect::<Vec<_>>(), vec![2, 2]);
+        assert_eq!(
+            c.classes().iter().map(|x| x.1).collect::<Vec<_>>(),
+            vec![2, 2]
+        );
         // Both classes are now largest, so both are full.
         assert!(c.classes().iter().all(|x| x.3));
         check_invariants(&c);
@@ -376,7 +418,10 @@ mod tests {
         let mut r1 = Xoshiro256pp::seed_from_u64(1);
         let mut r2 = r1.clone();
         let (mut c, mut d) = (c, d);
-        assert_eq!(c.decide(&mut r1, &labels[150..]), d.decide(&mut r2, &labels[150..]));
+        assert_eq!(
+            c.decide(&mut r1, &labels[150..]),
+            d.decide(&mut r2, &labels[150..])
+        );
         check_invariants(&d);
         let mut broken = c.state();
         broken.slots[0] = broken.slots[1];

@@ -31,7 +31,7 @@ pub fn copy_row(dst: &mut [u8], src: &[u8], stream: bool) {
         // SAFETY: SSE2 is part of x86-64; the destination chunks are 16-byte aligned and
         // within `dst`; source loads are unaligned loads within `src` (same length).
         unsafe {
-            use std::arch::x86_64::{_mm_loadu_si128, _mm_stream_si128, __m128i};
+            use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
             let d = dst.as_mut_ptr().add(head) as *mut __m128i;
             let s = src.as_ptr().add(head) as *const __m128i;
             for i in 0..body / 16 {
@@ -59,8 +59,12 @@ pub fn store_fence() {
 pub fn check_pairs(pairs: &[(i64, i64)], capacity: usize, n: usize) -> Result<()> {
     for &(slot, row) in pairs {
         if slot < 0 || slot as usize >= capacity || row < 0 || row as usize >= n {
-            return Err(Error::value("slots", format!(
-                "expected slots in [0, {capacity}) and rows in [0, {n}), got ({slot}, {row})")));
+            return Err(Error::value(
+                "slots",
+                format!(
+                    "expected slots in [0, {capacity}) and rows in [0, {n}), got ({slot}, {row})"
+                ),
+            ));
         }
     }
     Ok(())
@@ -70,13 +74,24 @@ pub fn check_pairs(pairs: &[(i64, i64)], capacity: usize, n: usize) -> Result<()
 ///
 /// `pairs` must have unique slots (the output of `reservoir::last_writer_wins` or of CBRS);
 /// `dst.len()` and `src.len()` must be whole numbers of rows.
-pub fn scatter_rows(dst: &mut [u8], src: &[u8], row_bytes: usize, pairs: &[(i64, i64)]) -> Result<()> {
+pub fn scatter_rows(
+    dst: &mut [u8],
+    src: &[u8],
+    row_bytes: usize,
+    pairs: &[(i64, i64)],
+) -> Result<()> {
     if row_bytes == 0 || pairs.is_empty() {
         return Ok(());
     }
     if dst.len() % row_bytes != 0 || src.len() % row_bytes != 0 {
-        return Err(Error::value("storage", format!(
-            "expected whole rows of {row_bytes} bytes, got {} and {} bytes", dst.len(), src.len())));
+        return Err(Error::value(
+            "storage",
+            format!(
+                "expected whole rows of {row_bytes} bytes, got {} and {} bytes",
+                dst.len(),
+                src.len()
+            ),
+        ));
     }
     check_pairs(pairs, dst.len() / row_bytes, src.len() / row_bytes)?;
     if pairs.len() * row_bytes < PARALLEL_BYTES || rayon::current_num_threads() == 1 {

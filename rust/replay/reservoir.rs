@@ -86,7 +86,10 @@ mod tests {
             slots.sort_unstable();
             slots.dedup();
             assert_eq!(slots.len(), pairs.len(), "slots must be unique");
-            assert!(pairs.windows(2).all(|w| w[0].1 < w[1].1), "rows must stay in order");
+            assert!(
+                pairs.windows(2).all(|w| w[0].1 < w[1].1),
+                "rows must stay in order"
+            );
             for (slot, row) in pairs {
                 store[slot as usize] = seen as i64 + row;
             }

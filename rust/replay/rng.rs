@@ -27,14 +27,22 @@ fn splitmix64(x: &mut u64) -> u64 {
 impl Xoshiro256pp {
     pub fn seed_from_u64(seed: u64) -> Self {
         let mut x = seed;
-        let s = [splitmix64(&mut x), splitmix64(&mut x), splitmix64(&mut x), splitmix64(&mut x)];
+        let s = [
+            splitmix64(&mut x),
+            splitmix64(&mut x),
+            splitmix64(&mut x),
+            splitmix64(&mut x),
+        ];
         Xoshiro256pp { s }
     }
 
     /// Restore a saved state; the all-zero state is the generator's one fixed point.
     pub fn from_state(s: [u64; 4]) -> Result<Self> {
         if s == [0; 4] {
-            return Err(Error::value("rng", "expected a xoshiro256++ state that is not all zeros"));
+            return Err(Error::value(
+                "rng",
+                "expected a xoshiro256++ state that is not all zeros",
+            ));
         }
         Ok(Xoshiro256pp { s })
     }
@@ -110,7 +118,10 @@ mod tests {
             counts[r.below(6) as usize] += 1;
         }
         // Each face expects 10,000; 5 standard deviations is about 456.
-        assert!(counts.iter().all(|&c| (c as i64 - 10_000).abs() < 460), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (c as i64 - 10_000).abs() < 460),
+            "{counts:?}"
+        );
         for n in [2u64, 3, 1 << 63, u64::MAX] {
             for _ in 0..100 {
                 assert!(r.below(n) < n);

@@ -12,8 +12,10 @@ use crate::{Error, Result};
 
 pub fn without_replacement(rng: &mut Xoshiro256pp, size: u64, n: u64) -> Result<Vec<i64>> {
     if n > size {
-        return Err(Error::value("n", format!(
-            "expected at most {size} (the number of items to draw from), got {n}")));
+        return Err(Error::value(
+            "n",
+            format!("expected at most {size} (the number of items to draw from), got {n}"),
+        ));
     }
     let mut out = Vec::with_capacity(n as usize);
     if n.saturating_mul(8) >= size {
@@ -59,7 +61,10 @@ mod tests {
         for _ in 0..50_000 {
             counts[without_replacement(&mut r, 10, 1).unwrap()[0] as usize] += 1;
         }
-        assert!(counts.iter().all(|&c| (c as i64 - 5000).abs() < 350), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (c as i64 - 5000).abs() < 350),
+            "{counts:?}"
+        );
     }
 
     proptest! {

@@ -65,7 +65,10 @@ impl<'a> MatView<'a> {
         MatView { data, rows, cols }
     }
     fn cost(&self) -> f64 {
-        let (m, n) = (self.rows.max(self.cols) as f64, self.rows.min(self.cols) as f64);
+        let (m, n) = (
+            self.rows.max(self.cols) as f64,
+            self.rows.min(self.cols) as f64,
+        );
         m * n * n + n * n * n
     }
 }
@@ -84,7 +87,10 @@ impl Method {
             "auto" => Ok(Method::Auto),
             "gram" => Ok(Method::Gram),
             "svd" => Ok(Method::Svd),
-            _ => Err(Error::value("method", format!("expected 'auto', 'gram' or 'svd', got {s:?}"))),
+            _ => Err(Error::value(
+                "method",
+                format!("expected 'auto', 'gram' or 'svd', got {s:?}"),
+            )),
         }
     }
 }
@@ -92,14 +98,32 @@ impl Method {
 fn check(mats: &[MatView<'_>], allow_empty: bool) -> Result<()> {
     for (i, a) in mats.iter().enumerate() {
         let arg = format!("matrices[{i}]");
-        ensure(a.rows.checked_mul(a.cols) == Some(a.data.len()), &arg, || {
-            format!("expected {}x{} = {} values, got {}", a.rows, a.cols, a.rows * a.cols, a.data.len())
-        })?;
+        ensure(
+            a.rows.checked_mul(a.cols) == Some(a.data.len()),
+            &arg,
+            || {
+                format!(
+                    "expected {}x{} = {} values, got {}",
+                    a.rows,
+                    a.cols,
+                    a.rows * a.cols,
+                    a.data.len()
+                )
+            },
+        )?;
         ensure(allow_empty || a.data.len() > 0, &arg, || {
-            format!("expected a non-empty matrix, got shape ({}, {})", a.rows, a.cols)
+            format!(
+                "expected a non-empty matrix, got shape ({}, {})",
+                a.rows, a.cols
+            )
         })?;
         let bad = a.data.iter().filter(|x| !x.is_finite()).count();
-        ensure(bad == 0, &arg, || format!("expected finite values, got {bad} NaN/inf of {}", a.data.len()))?;
+        ensure(bad == 0, &arg, || {
+            format!(
+                "expected finite values, got {bad} NaN/inf of {}",
+                a.data.len()
+            )
+        })?;
     }
     Ok(())
 }
@@ -128,7 +152,10 @@ fn schedule<T: Send>(
     for (i, r) in done {
         out[i] = Some(r);
     }
-    Ok(out.into_iter().map(|r| r.expect("every index is scheduled once")).collect())
+    Ok(out
+        .into_iter()
+        .map(|r| r.expect("every index is scheduled once"))
+        .collect())
 }
 
 /// Eigenvalues of the k×k Gram matrix of `a` (k = min(m, n)), float64, ascending.
@@ -146,13 +173,23 @@ fn gram_eigenvalues(a: MatView<'_>, par: Par) -> Result<Vec<f64>> {
         let b = bs.min(long - start);
         if tall {
             // X: b×n, row-major; each row is a contiguous row of A.
-            for (dst, src) in buf[..b * n].iter_mut().zip(&a.data[start * n..(start + b) * n]) {
+            for (dst, src) in buf[..b * n]
+                .iter_mut()
+                .zip(&a.data[start * n..(start + b) * n])
+            {
                 *dst = *src as f64;
             }
             let x = MatRef::from_row_major_slice(&buf[..b * n], b, n);
             triangular::matmul(
-                g.as_mut(), BlockStructure::TriangularLower, Accum::Add,
-                x.transpose(), BlockStructure::Rectangular, x, BlockStructure::Rectangular, 1.0, par,
+                g.as_mut(),
+                BlockStructure::TriangularLower,
+                Accum::Add,
+                x.transpose(),
+                BlockStructure::Rectangular,
+                x,
+                BlockStructure::Rectangular,
+                1.0,
+                par,
             );
         } else {
             // Y: m×b, row-major; row i is A[i, start..start+b].
@@ -164,17 +201,37 @@ fn gram_eigenvalues(a: MatView<'_>, par: Par) -> Result<Vec<f64>> {
             }
             let y = MatRef::from_row_major_slice(&buf[..m * b], m, b);
             triangular::matmul(
-                g.as_mut(), BlockStructure::TriangularLower, Accum::Add,
-                y, BlockStructure::Rectangular, y.transpose(), BlockStructure::Rectangular, 1.0, par,
+                g.as_mut(),
+                BlockStructure::TriangularLower,
+                Accum::Add,
+                y,
+                BlockStructure::Rectangular,
+                y.transpose(),
+                BlockStructure::Rectangular,
+                1.0,
+                par,
             );
         }
         start += b;
     }
     let mut s = faer::diag::Diag::<f64>::zeros(k);
-    let scratch = evd::self_adjoint_evd_scratch::<f64>(k, ComputeEigenvectors::No, par, Default::default());
+    let scratch =
+        evd::self_adjoint_evd_scratch::<f64>(k, ComputeEigenvectors::No, par, Default::default());
     let mut mem = MemBuffer::new(scratch);
-    evd::self_adjoint_evd(g.as_ref(), s.as_mut(), None, par, MemStack::new(&mut mem), Default::default())
-        .map_err(|e| Error::value("matrices", format!("symmetric eigensolver did not converge: {e:?}")))?;
+    evd::self_adjoint_evd(
+        g.as_ref(),
+        s.as_mut(),
+        None,
+        par,
+        MemStack::new(&mut mem),
+        Default::default(),
+    )
+    .map_err(|e| {
+        Error::value(
+            "matrices",
+            format!("symmetric eigensolver did not converge: {e:?}"),
+        )
+    })?;
     Ok(s.column_vector().iter().copied().collect())
 }
 
@@ -193,10 +250,25 @@ fn sv_direct(a: MatView<'_>, par: Par) -> Result<Vec<f64>> {
     // reads column-major fastest.
     let at = MatRef::from_column_major_slice(&wide, n, m);
     let mut s = faer::diag::Diag::<f64>::zeros(k);
-    let scratch = svd::svd_scratch::<f64>(n, m, ComputeSvdVectors::No, ComputeSvdVectors::No, par, Default::default());
+    let scratch = svd::svd_scratch::<f64>(
+        n,
+        m,
+        ComputeSvdVectors::No,
+        ComputeSvdVectors::No,
+        par,
+        Default::default(),
+    );
     let mut mem = MemBuffer::new(scratch);
-    svd::svd(at, s.as_mut(), None, None, par, MemStack::new(&mut mem), Default::default())
-        .map_err(|e| Error::value("matrices", format!("SVD did not converge: {e:?}")))?;
+    svd::svd(
+        at,
+        s.as_mut(),
+        None,
+        None,
+        par,
+        MemStack::new(&mut mem),
+        Default::default(),
+    )
+    .map_err(|e| Error::value("matrices", format!("SVD did not converge: {e:?}")))?;
     Ok(s.column_vector().iter().copied().collect())
 }
 
@@ -215,7 +287,11 @@ pub fn kappa_from_singular_values(s: &[f64], resolution: f64) -> f64 {
 /// Relative size below which σ_min is rounding noise, for each path.
 fn resolution(a: MatView<'_>, gram: bool) -> f64 {
     let r = a.rows.max(a.cols) as f64 * f64::EPSILON;
-    if gram { r.sqrt() } else { r }
+    if gram {
+        r.sqrt()
+    } else {
+        r
+    }
 }
 
 /// Singular values (descending) and the resolution of the path that computed them.
@@ -271,11 +347,22 @@ pub struct NormEstimate {
 /// about `tol`·(σ₁/(σ₁−σ₂)) relative, so a tiny spectral gap needs a smaller `tol`. One pass over
 /// A per iteration (u = A v and Aᵀu fused row by row), float64 accumulation, start vector drawn
 /// from `seed`.
-pub fn spectral_norms(mats: &[MatView<'_>], tol: f64, max_iter: usize, seed: u64) -> Result<Vec<NormEstimate>> {
-    ensure(tol.is_finite() && tol > 0.0, "tol", || format!("expected a positive finite number, got {tol}"))?;
-    ensure(max_iter >= 1, "max_iter", || "expected an int >= 1, got 0".into())?;
+pub fn spectral_norms(
+    mats: &[MatView<'_>],
+    tol: f64,
+    max_iter: usize,
+    seed: u64,
+) -> Result<Vec<NormEstimate>> {
+    ensure(tol.is_finite() && tol > 0.0, "tol", || {
+        format!("expected a positive finite number, got {tol}")
+    })?;
+    ensure(max_iter >= 1, "max_iter", || {
+        "expected an int >= 1, got 0".into()
+    })?;
     check(mats, false)?;
-    schedule(mats, |a, par| Ok(power_iteration(a, tol, max_iter, seed, par)))
+    schedule(mats, |a, par| {
+        Ok(power_iteration(a, tol, max_iter, seed, par))
+    })
 }
 
 /// w = Aᵀ(A v) over the rows [r0, r1); returns (w, ‖A v‖² over those rows).
@@ -301,7 +388,11 @@ fn power_iteration(a: MatView<'_>, tol: f64, max_iter: usize, seed: u64, par: Pa
     let norm = |x: &[f64]| x.iter().map(|y| y * y).sum::<f64>().sqrt();
     let nv = norm(&v);
     v.iter_mut().for_each(|x| *x /= nv);
-    let chunks = if par == Par::Seq { 1 } else { rayon::current_num_threads().max(1) * 4 };
+    let chunks = if par == Par::Seq {
+        1
+    } else {
+        rayon::current_num_threads().max(1) * 4
+    };
     let rows_per = m.div_ceil(chunks).max(1);
     let mut prev = 0.0f64;
     for it in 1..=max_iter {
@@ -323,22 +414,34 @@ fn power_iteration(a: MatView<'_>, tol: f64, max_iter: usize, seed: u64, par: Pa
         let nw = norm(&w);
         if nw == 0.0 || !nw.is_finite() {
             // A v = 0: v lies in the null space (or A = 0); est is exact for A = 0.
-            return NormEstimate { value: est, iterations: it, converged: est == 0.0 };
+            return NormEstimate {
+                value: est,
+                iterations: it,
+                converged: est == 0.0,
+            };
         }
         if it > 1 && (est - prev).abs() <= tol * est {
-            return NormEstimate { value: est, iterations: it, converged: true };
+            return NormEstimate {
+                value: est,
+                iterations: it,
+                converged: true,
+            };
         }
         prev = est;
         v = w.into_iter().map(|x| x / nw).collect();
     }
-    NormEstimate { value: prev, iterations: max_iter, converged: false }
+    NormEstimate {
+        value: prev,
+        iterations: max_iter,
+        converged: false,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::Rng;
     use proptest::prelude::*;
+    use rand::Rng;
 
     /// A = U diag(s) Vᵀ with random orthogonal U, V (QR of Gaussians), as float32 row-major.
     fn with_spectrum(m: usize, n: usize, s: &[f64], seed: u64) -> Vec<f32> {
@@ -403,19 +506,36 @@ mod tests {
             assert!(k.iter().all(|x| x.is_infinite()), "{method:?}: {k:?}");
         }
         let one = [3.0f32];
-        assert_eq!(condition_numbers(&[MatView::new(&one, 1, 1)], Method::Auto).unwrap(), vec![1.0]);
+        assert_eq!(
+            condition_numbers(&[MatView::new(&one, 1, 1)], Method::Auto).unwrap(),
+            vec![1.0]
+        );
     }
 
     #[test]
     fn bad_input_names_the_matrix() {
         let a = [1.0f32, f32::NAN, 0.0, 1.0];
-        let e = condition_numbers(&[MatView::new(&[1.0], 1, 1), MatView::new(&a, 2, 2)], Method::Auto).unwrap_err();
-        assert_eq!(e, Error::value("matrices[1]", "expected finite values, got 1 NaN/inf of 4"));
+        let e = condition_numbers(
+            &[MatView::new(&[1.0], 1, 1), MatView::new(&a, 2, 2)],
+            Method::Auto,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            Error::value("matrices[1]", "expected finite values, got 1 NaN/inf of 4")
+        );
         let e = condition_numbers(&[MatView::new(&[], 0, 3)], Method::Auto).unwrap_err();
-        assert!(e.to_string().starts_with("matrices[0]: expected a non-empty matrix"));
-        assert_eq!(singular_values(&[MatView::new(&[], 0, 3)], Method::Auto).unwrap(), vec![Vec::<f64>::new()]);
+        assert!(e
+            .to_string()
+            .starts_with("matrices[0]: expected a non-empty matrix"));
+        assert_eq!(
+            singular_values(&[MatView::new(&[], 0, 3)], Method::Auto).unwrap(),
+            vec![Vec::<f64>::new()]
+        );
         let e = singular_values(&[MatView::new(&[1.0; 5], 2, 3)], Method::Auto).unwrap_err();
-        assert!(e.to_string().starts_with("matrices[0]: expected 2x3 = 6 values, got 5"));
+        assert!(e
+            .to_string()
+            .starts_with("matrices[0]: expected 2x3 = 6 values, got 5"));
         assert!(Method::parse("qr").is_err());
         assert!(spectral_norms(&[MatView::new(&[1.0], 1, 1)], 0.0, 10, 0).is_err());
     }
@@ -423,7 +543,9 @@ mod tests {
     #[test]
     fn scheduling_keeps_order_with_one_big_matrix() {
         let big = with_spectrum(64, 64, &(1..=64).map(|i| i as f64).collect::<Vec<_>>(), 3);
-        let small: Vec<Vec<f32>> = (0..5).map(|i| with_spectrum(4, 3, &[3.0 + i as f64, 2.0, 1.0], 4 + i)).collect();
+        let small: Vec<Vec<f32>> = (0..5)
+            .map(|i| with_spectrum(4, 3, &[3.0 + i as f64, 2.0, 1.0], 4 + i))
+            .collect();
         let mut mats = vec![MatView::new(&big, 64, 64)];
         mats.extend(small.iter().map(|d| MatView::new(d, 4, 3)));
         let k = condition_numbers(&mats, Method::Auto).unwrap();
@@ -437,8 +559,18 @@ mod tests {
     fn power_iteration_converges_to_sigma_max() {
         let s = [4.0, 2.0, 1.0, 0.5];
         let a = with_spectrum(20, 4, &s, 5);
-        let r = spectral_norms(&[MatView::new(&a, 20, 4), MatView::new(&[0.0; 6], 2, 3)], 1e-10, 1000, 0).unwrap();
-        assert!(r[0].converged && (r[0].value - 4.0).abs() < 1e-6, "{:?}", r[0]);
+        let r = spectral_norms(
+            &[MatView::new(&a, 20, 4), MatView::new(&[0.0; 6], 2, 3)],
+            1e-10,
+            1000,
+            0,
+        )
+        .unwrap();
+        assert!(
+            r[0].converged && (r[0].value - 4.0).abs() < 1e-6,
+            "{:?}",
+            r[0]
+        );
         assert!(r[0].value <= 4.0 * (1.0 + 1e-7));
         assert_eq!(r[1].value, 0.0);
         let capped = spectral_norms(&[MatView::new(&a, 20, 4)], 1e-15, 2, 0).unwrap()[0];

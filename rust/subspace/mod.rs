@@ -9,10 +9,10 @@
 //! Dense algebra goes through faer; layers run in parallel with rayon when there are at least
 //! as many layers as threads, otherwise each layer's matmuls use all threads.
 
+use faer::diag::Diag;
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::evd::{self_adjoint_evd, self_adjoint_evd_scratch, ComputeEigenvectors};
 use faer::linalg::matmul::matmul;
-use faer::diag::Diag;
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
@@ -91,18 +91,40 @@ fn first_non_finite(x: &[f32]) -> Option<usize> {
 /// projection of a small layer; this catches unnormalised and non-orthogonal bases in practice.
 pub fn check_basis(b: &Basis, arg: &str) -> Result<()> {
     ensure(b.data.len() == b.dim * b.rank, arg, || {
-        format!("expected {} values for a ({}, {}) basis, got {}", b.dim * b.rank, b.dim, b.rank, b.data.len())
+        format!(
+            "expected {} values for a ({}, {}) basis, got {}",
+            b.dim * b.rank,
+            b.dim,
+            b.rank,
+            b.data.len()
+        )
     })?;
-    ensure(b.rank <= b.dim, arg, || format!("rank {} exceeds the dimension {}", b.rank, b.dim))?;
+    ensure(b.rank <= b.dim, arg, || {
+        format!("rank {} exceeds the dimension {}", b.rank, b.dim)
+    })?;
     if let Some(i) = first_non_finite(b.data) {
-        return Err(Error::value(arg, format!("expected finite values, got {} at flat index {i}", b.data[i])));
+        return Err(Error::value(
+            arg,
+            format!(
+                "expected finite values, got {} at flat index {i}",
+                b.data[i]
+            ),
+        ));
     }
     if b.rank == 0 {
         return Ok(());
     }
     let k = b.rank;
     let mut norms = vec![0f64; k];
-    let z: Vec<f64> = (0..k).map(|j| if (j.wrapping_mul(0x9E37_79B9) >> 7) & 1 == 0 { 1.0 } else { -1.0 }).collect();
+    let z: Vec<f64> = (0..k)
+        .map(|j| {
+            if (j.wrapping_mul(0x9E37_79B9) >> 7) & 1 == 0 {
+                1.0
+            } else {
+                -1.0
+            }
+        })
+        .collect();
     let mut uz = vec![0f64; b.dim];
     for (i, row) in b.data.chunks_exact(k).enumerate() {
         let mut s = 0f64;
@@ -115,7 +137,10 @@ pub fn check_basis(b: &Basis, arg: &str) -> Result<()> {
     }
     for (j, n) in norms.iter().enumerate() {
         if (n - 1.0).abs() > ORTHONORMAL_TOL {
-            return Err(Error::value(arg, format!("expected orthonormal columns, column {j} has squared norm {n:.6}")));
+            return Err(Error::value(
+                arg,
+                format!("expected orthonormal columns, column {j} has squared norm {n:.6}"),
+            ));
         }
     }
     let mut back = vec![0f64; k];
@@ -124,9 +149,17 @@ pub fn check_basis(b: &Basis, arg: &str) -> Result<()> {
             back[j] += row[j] as f64 * uz[i];
         }
     }
-    let err = back.iter().zip(&z).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt() / (k as f64).sqrt();
+    let err = back
+        .iter()
+        .zip(&z)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f64>()
+        .sqrt()
+        / (k as f64).sqrt();
     ensure(err <= ORTHONORMAL_TOL, arg, || {
-        format!("expected orthonormal columns, U^T U differs from the identity (probe error {err:.2e})")
+        format!(
+            "expected orthonormal columns, U^T U differs from the identity (probe error {err:.2e})"
+        )
     })
 }
 
@@ -135,28 +168,59 @@ pub fn check_basis(b: &Basis, arg: &str) -> Result<()> {
 /// the orthonormality check for callers that validated the bases when they were set.
 pub fn project_out_(grads: &mut [GradMut], bases: &[Basis], check_bases: bool) -> Result<()> {
     ensure(grads.len() == bases.len(), "bases", || {
-        format!("expected one basis per gradient ({}), got {}", grads.len(), bases.len())
+        format!(
+            "expected one basis per gradient ({}), got {}",
+            grads.len(),
+            bases.len()
+        )
     })?;
-    let checks: Result<()> = grads.par_iter().zip(bases.par_iter()).enumerate().try_for_each(|(i, (g, b))| {
-        ensure(g.data.len() == g.rows * g.cols, &format!("grads[{i}]"), || {
-            format!("expected {} values for ({}, {}), got {}", g.rows * g.cols, g.rows, g.cols, g.data.len())
-        })?;
-        ensure(b.dim == g.cols, &format!("bases[{i}]"), || {
-            format!("expected a basis of dimension {} (the gradient's columns), got ({}, {})", g.cols, b.dim, b.rank)
-        })?;
-        if check_bases {
-            check_basis(b, &format!("bases[{i}]"))?;
-        } else {
-            ensure(b.data.len() == b.dim * b.rank, &format!("bases[{i}]"), || "length does not match its shape".into())?;
-        }
-        Ok(())
-    });
+    let checks: Result<()> = grads
+        .par_iter()
+        .zip(bases.par_iter())
+        .enumerate()
+        .try_for_each(|(i, (g, b))| {
+            ensure(
+                g.data.len() == g.rows * g.cols,
+                &format!("grads[{i}]"),
+                || {
+                    format!(
+                        "expected {} values for ({}, {}), got {}",
+                        g.rows * g.cols,
+                        g.rows,
+                        g.cols,
+                        g.data.len()
+                    )
+                },
+            )?;
+            ensure(b.dim == g.cols, &format!("bases[{i}]"), || {
+                format!(
+                    "expected a basis of dimension {} (the gradient's columns), got ({}, {})",
+                    g.cols, b.dim, b.rank
+                )
+            })?;
+            if check_bases {
+                check_basis(b, &format!("bases[{i}]"))?;
+            } else {
+                ensure(
+                    b.data.len() == b.dim * b.rank,
+                    &format!("bases[{i}]"),
+                    || "length does not match its shape".into(),
+                )?;
+            }
+            Ok(())
+        });
     checks?;
     let (across, par) = par_for(grads.len());
     let nan_error = |i: usize, g: &[f32]| -> Error {
         match first_non_finite(g) {
-            Some(j) => Error::value(format!("grads[{i}]"), format!("expected finite values, got {} at flat index {j}", g[j])),
-            None => Error::value(format!("grads[{i}]"), "G U overflows float32 (values too large to project)"),
+            Some(j) => Error::value(
+                format!("grads[{i}]"),
+                format!("expected finite values, got {} at flat index {j}", g[j]),
+            ),
+            None => Error::value(
+                format!("grads[{i}]"),
+                "G U overflows float32 (values too large to project)",
+            ),
         }
     };
     // Phase 1: T = G U for every layer. A NaN or inf anywhere in a row of G makes that row of
@@ -176,24 +240,53 @@ pub fn project_out_(grads: &mut [GradMut], bases: &[Basis], check_bases: bool) -
         let mut t = Mat::<f32>::zeros(g.rows, b.rank);
         matmul(t.as_mut(), Accum::Replace, gm, b.view(), 1.0f32, par);
         let finite = (0..t.ncols()).all(|c| t.col(c).iter().all(|v| v.is_finite()));
-        if finite { Ok(Some(t)) } else { Err(nan_error(i, g.data)) }
+        if finite {
+            Ok(Some(t))
+        } else {
+            Err(nan_error(i, g.data))
+        }
     };
     let ts: Vec<Option<Mat<f32>>> = if across {
-        grads.par_iter().zip(bases.par_iter()).enumerate().map(first).collect::<Result<_>>()?
+        grads
+            .par_iter()
+            .zip(bases.par_iter())
+            .enumerate()
+            .map(first)
+            .collect::<Result<_>>()?
     } else {
-        grads.iter().zip(bases.iter()).enumerate().map(first).collect::<Result<_>>()?
+        grads
+            .iter()
+            .zip(bases.iter())
+            .enumerate()
+            .map(first)
+            .collect::<Result<_>>()?
     };
     // Phase 2: G -= T U^T.
     let second = |((g, b), t): ((&mut GradMut, &Basis), &Option<Mat<f32>>)| {
         if let Some(t) = t {
             let mut gm = MatMut::from_row_major_slice_mut(g.data, g.rows, g.cols);
-            matmul(gm.as_mut(), Accum::Add, t.as_ref(), b.view().transpose(), -1.0f32, par);
+            matmul(
+                gm.as_mut(),
+                Accum::Add,
+                t.as_ref(),
+                b.view().transpose(),
+                -1.0f32,
+                par,
+            );
         }
     };
     if across {
-        grads.par_iter_mut().zip(bases.par_iter()).zip(ts.par_iter()).for_each(second);
+        grads
+            .par_iter_mut()
+            .zip(bases.par_iter())
+            .zip(ts.par_iter())
+            .for_each(second);
     } else {
-        grads.iter_mut().zip(bases.iter()).zip(ts.iter()).for_each(second);
+        grads
+            .iter_mut()
+            .zip(bases.iter())
+            .zip(ts.iter())
+            .for_each(second);
     }
     Ok(())
 }
@@ -279,15 +372,20 @@ fn sub_combination(g: &mut [f32], rows: &[&[f32]], coef: &[f64]) {
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f64 {
-    a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)).map(|(x, y)| dot_serial(x, y)).sum()
+    a.par_chunks(CHUNK)
+        .zip(b.par_chunks(CHUNK))
+        .map(|(x, y)| dot_serial(x, y))
+        .sum()
 }
 
 fn axpy(y: &mut [f32], alpha: f64, x: &[f32]) {
-    y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(yc, xc)| {
-        for (p, q) in yc.iter_mut().zip(xc) {
-            *p = (*p as f64 + alpha * *q as f64) as f32;
-        }
-    });
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(yc, xc)| {
+            for (p, q) in yc.iter_mut().zip(xc) {
+                *p = (*p as f64 + alpha * *q as f64) as f32;
+            }
+        });
 }
 
 /// The flattened form: `g <- g - V^T (V g)` for a vector `g` of length `n` and `rank`
@@ -297,15 +395,30 @@ fn axpy(y: &mut [f32], alpha: f64, x: &[f32]) {
 pub fn project_out_flat_(g: &mut [f32], vectors: &[f32], rank: usize, check: bool) -> Result<()> {
     let n = g.len();
     ensure(vectors.len() == rank * n, "vectors", || {
-        format!("expected shape ({rank}, {n}) ({} values), got {}", rank * n, vectors.len())
+        format!(
+            "expected shape ({rank}, {n}) ({} values), got {}",
+            rank * n,
+            vectors.len()
+        )
     })?;
-    ensure(rank <= n || n == 0, "vectors", || format!("rank {rank} exceeds the dimension {n}"))?;
+    ensure(rank <= n || n == 0, "vectors", || {
+        format!("rank {rank} exceeds the dimension {n}")
+    })?;
     let nan_error = || -> Error {
         if let Some(j) = first_non_finite(g) {
-            return Error::value("g", format!("expected finite values, got {} at index {j}", g[j]));
+            return Error::value(
+                "g",
+                format!("expected finite values, got {} at index {j}", g[j]),
+            );
         }
         if let Some(j) = first_non_finite(vectors) {
-            return Error::value("vectors", format!("expected finite values, got {} at flat index {j}", vectors[j]));
+            return Error::value(
+                "vectors",
+                format!(
+                    "expected finite values, got {} at flat index {j}",
+                    vectors[j]
+                ),
+            );
         }
         Error::value("g", "V g overflows (values too large to project)")
     };
@@ -313,7 +426,11 @@ pub fn project_out_flat_(g: &mut [f32], vectors: &[f32], rank: usize, check: boo
         return Ok(());
     }
     if rank == 0 {
-        return if first_non_finite(g).is_some() { Err(nan_error()) } else { Ok(()) };
+        return if first_non_finite(g).is_some() {
+            Err(nan_error())
+        } else {
+            Ok(())
+        };
     }
     if check {
         for i in 0..rank {
@@ -336,9 +453,14 @@ pub fn project_out_flat_(g: &mut [f32], vectors: &[f32], rank: usize, check: boo
         .enumerate()
         .map(|(c, gc)| {
             let lo = c * CHUNK;
-            (0..rank).map(|i| dot_serial(row(i, lo, lo + gc.len()), gc)).collect::<Vec<f64>>()
+            (0..rank)
+                .map(|i| dot_serial(row(i, lo, lo + gc.len()), gc))
+                .collect::<Vec<f64>>()
         })
-        .reduce(|| vec![0f64; rank], |a, b| a.iter().zip(&b).map(|(x, y)| x + y).collect());
+        .reduce(
+            || vec![0f64; rank],
+            |a, b| a.iter().zip(&b).map(|(x, y)| x + y).collect(),
+        );
     // A NaN/inf in g reaches every dot product and one in row i reaches dot i: checking the
     // coefficients replaces a pass over the inputs; nothing has been written yet.
     if coef.iter().any(|c| !(*c as f32).is_finite()) {
@@ -355,11 +477,30 @@ pub fn project_out_flat_(g: &mut [f32], vectors: &[f32], rank: usize, check: boo
 /// Gram-Schmidt applied twice to the rows of `vectors` (`(k, n)` row-major), with global f64
 /// dot products; a row is dropped when its residual norm after both passes is at most
 /// `tol` times its original norm. Returns the kept orthonormal rows and their input indices.
-pub fn orthonormalize(vectors: &[f32], k: usize, n: usize, tol: f64) -> Result<(Vec<f32>, Vec<usize>)> {
-    ensure(vectors.len() == k * n, "vectors", || format!("expected {} values for ({k}, {n}), got {}", k * n, vectors.len()))?;
-    ensure(tol.is_finite() && tol >= 0.0, "tol", || format!("expected a finite number >= 0, got {tol}"))?;
+pub fn orthonormalize(
+    vectors: &[f32],
+    k: usize,
+    n: usize,
+    tol: f64,
+) -> Result<(Vec<f32>, Vec<usize>)> {
+    ensure(vectors.len() == k * n, "vectors", || {
+        format!(
+            "expected {} values for ({k}, {n}), got {}",
+            k * n,
+            vectors.len()
+        )
+    })?;
+    ensure(tol.is_finite() && tol >= 0.0, "tol", || {
+        format!("expected a finite number >= 0, got {tol}")
+    })?;
     if let Some(j) = first_non_finite(vectors) {
-        return Err(Error::value("vectors", format!("expected finite values, got {} at flat index {j}", vectors[j])));
+        return Err(Error::value(
+            "vectors",
+            format!(
+                "expected finite values, got {} at flat index {j}",
+                vectors[j]
+            ),
+        ));
     }
     let mut out: Vec<f32> = Vec::with_capacity(k * n);
     let mut kept = Vec::new();
@@ -388,7 +529,14 @@ pub fn orthonormalize(vectors: &[f32], k: usize, n: usize, tol: f64) -> Result<(
 
 /// How many of the energies `lam` (descending, >= 0) a criterion adds.
 /// `total` is ||A||^2, `res` is ||A - U U^T A||^2 (equal to `total` for an empty basis).
-pub fn count_new(lam: &[f64], total: f64, res: f64, old_rank: usize, threshold: f64, criterion: Criterion) -> usize {
+pub fn count_new(
+    lam: &[f64],
+    total: f64,
+    res: f64,
+    old_rank: usize,
+    threshold: f64,
+    criterion: Criterion,
+) -> usize {
     let avail = lam.iter().take_while(|l| **l > 0.0).count();
     let k = match criterion {
         Criterion::Energy(count) => {
@@ -422,7 +570,11 @@ pub fn count_new(lam: &[f64], total: f64, res: f64, old_rank: usize, threshold: 
         }
         Criterion::NormRatio { ratio } => {
             let r_bar = ratio.unwrap_or_else(|| (res / total).sqrt());
-            let eps_p = if r_bar > 0.0 { (r_bar - (1.0 - threshold)) / r_bar } else { -1.0 };
+            let eps_p = if r_bar > 0.0 {
+                (r_bar - (1.0 - threshold)) / r_bar
+            } else {
+                -1.0
+            };
             let mut acc = 0.0;
             let mut r = 0;
             for l in lam.iter().take(avail) {
@@ -444,20 +596,42 @@ pub fn count_new(lam: &[f64], total: f64, res: f64, old_rank: usize, threshold: 
 /// directions chosen by `criterion`, and re-orthonormalise the new columns against the old ones
 /// and each other (projection twice, then a QR, in f64). The old columns are kept bit for bit; the basis
 /// never exceeds `dim` (a full basis stays full). Numerically zero directions are never added.
-pub fn extend_basis(u: &Basis, a: &[f32], n: usize, threshold: f64, criterion: Criterion, par: Par) -> Result<Extension> {
+pub fn extend_basis(
+    u: &Basis,
+    a: &[f32],
+    n: usize,
+    threshold: f64,
+    criterion: Criterion,
+    par: Par,
+) -> Result<Extension> {
     check_basis(u, "basis")?;
     let d = u.dim;
-    ensure(a.len() == d * n, "reps", || format!("expected ({d}, {n}) = {} values, got {}", d * n, a.len()))?;
-    ensure(threshold.is_finite() && threshold > 0.0 && threshold <= 1.0, "threshold", || {
-        format!("expected a number in (0, 1], got {threshold}")
+    ensure(a.len() == d * n, "reps", || {
+        format!("expected ({d}, {n}) = {} values, got {}", d * n, a.len())
     })?;
+    ensure(
+        threshold.is_finite() && threshold > 0.0 && threshold <= 1.0,
+        "threshold",
+        || format!("expected a number in (0, 1], got {threshold}"),
+    )?;
     if let Criterion::NormRatio { ratio: Some(r) } = criterion {
-        ensure(r.is_finite() && (0.0..=1.0 + 1e-6).contains(&r), "ratio", || format!("expected a number in [0, 1], got {r}"))?;
+        ensure(
+            r.is_finite() && (0.0..=1.0 + 1e-6).contains(&r),
+            "ratio",
+            || format!("expected a number in [0, 1], got {r}"),
+        )?;
     }
     if let Some(j) = first_non_finite(a) {
-        return Err(Error::value("reps", format!("expected finite values, got {} at flat index {j}", a[j])));
+        return Err(Error::value(
+            "reps",
+            format!("expected finite values, got {} at flat index {j}", a[j]),
+        ));
     }
-    let unchanged = || Extension { basis: u.data.to_vec(), rank: u.rank, added: 0 };
+    let unchanged = || Extension {
+        basis: u.data.to_vec(),
+        rank: u.rank,
+        added: 0,
+    };
     let r0 = u.rank;
     if r0 >= d || n == 0 {
         return Ok(unchanged());
@@ -467,7 +641,14 @@ pub fn extend_basis(u: &Basis, a: &[f32], n: usize, threshold: f64, criterion: C
     let mut res = am.to_owned();
     if r0 > 0 {
         let mut c = Mat::<f32>::zeros(r0, n);
-        matmul(c.as_mut(), Accum::Replace, u.view().transpose(), am, 1.0f32, par);
+        matmul(
+            c.as_mut(),
+            Accum::Replace,
+            u.view().transpose(),
+            am,
+            1.0f32,
+            par,
+        );
         matmul(res.as_mut(), Accum::Add, u.view(), c.as_ref(), -1.0f32, par);
     }
     let sq = |m: MatRef<f32>| -> f64 {
@@ -492,22 +673,48 @@ pub fn extend_basis(u: &Basis, a: &[f32], n: usize, threshold: f64, criterion: C
     let m = if wide { d } else { n };
     let mut gram = Mat::<f32>::zeros(m, m);
     if wide {
-        matmul(gram.as_mut(), Accum::Replace, res.as_ref(), res.as_ref().transpose(), 1.0f32, par);
+        matmul(
+            gram.as_mut(),
+            Accum::Replace,
+            res.as_ref(),
+            res.as_ref().transpose(),
+            1.0f32,
+            par,
+        );
     } else {
-        matmul(gram.as_mut(), Accum::Replace, res.as_ref().transpose(), res.as_ref(), 1.0f32, par);
+        matmul(
+            gram.as_mut(),
+            Accum::Replace,
+            res.as_ref().transpose(),
+            res.as_ref(),
+            1.0f32,
+            par,
+        );
     }
     let mut s = Diag::<f32>::zeros(m);
     let mut vecs = Mat::<f32>::zeros(m, m);
     {
-        let req = self_adjoint_evd_scratch::<f32>(m, ComputeEigenvectors::Yes, par, Default::default());
+        let req =
+            self_adjoint_evd_scratch::<f32>(m, ComputeEigenvectors::Yes, par, Default::default());
         let mut buf = MemBuffer::new(req);
-        self_adjoint_evd(gram.as_ref(), s.as_mut(), Some(vecs.as_mut()), par, MemStack::new(&mut buf), Default::default())
-            .map_err(|e| Error::value("reps", format!("eigendecomposition failed: {e:?}")))?;
+        self_adjoint_evd(
+            gram.as_ref(),
+            s.as_mut(),
+            Some(vecs.as_mut()),
+            par,
+            MemStack::new(&mut buf),
+            Default::default(),
+        )
+        .map_err(|e| Error::value("reps", format!("eigendecomposition failed: {e:?}")))?;
     }
     // Descending energies; anything below the Gram's rounding level counts as zero.
     let ev = s.column_vector();
     let floor = ev.iter().fold(0f64, |a, b| a.max(*b as f64)) * (m as f64) * f32::EPSILON as f64;
-    let lam: Vec<f64> = (0..m).rev().map(|i| ev[i] as f64).map(|l| if l > floor { l } else { 0.0 }).collect();
+    let lam: Vec<f64> = (0..m)
+        .rev()
+        .map(|i| ev[i] as f64)
+        .map(|l| if l > floor { l } else { 0.0 })
+        .collect();
     let want = count_new(&lam, total, res_e, r0, threshold, criterion).min(d - r0);
     if want == 0 {
         return Ok(unchanged());
@@ -520,7 +727,14 @@ pub fn extend_basis(u: &Basis, a: &[f32], n: usize, threshold: f64, criterion: C
         // Left singular directions u = R v (normalised below).
         let res64 = Mat::<f64>::from_fn(d, n, |i, j| res[(i, j)] as f64);
         let mut w = Mat::<f64>::zeros(d, want);
-        matmul(w.as_mut(), Accum::Replace, res64.as_ref(), sel.as_ref(), 1.0, par);
+        matmul(
+            w.as_mut(),
+            Accum::Replace,
+            res64.as_ref(),
+            sel.as_ref(),
+            1.0,
+            par,
+        );
         w
     };
     // Re-orthonormalise: against U twice (block matmuls).
@@ -528,13 +742,22 @@ pub fn extend_basis(u: &Basis, a: &[f32], n: usize, threshold: f64, criterion: C
     for _ in 0..2 {
         if r0 > 0 {
             let mut c = Mat::<f64>::zeros(r0, want);
-            matmul(c.as_mut(), Accum::Replace, u64m.as_ref().transpose(), w.as_ref(), 1.0, par);
+            matmul(
+                c.as_mut(),
+                Accum::Replace,
+                u64m.as_ref().transpose(),
+                w.as_ref(),
+                1.0,
+                par,
+            );
             matmul(w.as_mut(), Accum::Add, u64m.as_ref(), c.as_ref(), -1.0, par);
         }
     }
     // Then a Householder QR of the new block (same span as Gram-Schmidt, blocked, so it costs
     // milliseconds); a direction whose R diagonal is negligible against its norm is dropped.
-    let norms: Vec<f64> = (0..want).map(|c| w.col(c).iter().map(|x| x * x).sum::<f64>().sqrt()).collect();
+    let norms: Vec<f64> = (0..want)
+        .map(|c| w.col(c).iter().map(|x| x * x).sum::<f64>().sqrt())
+        .collect();
     let qr = w.qr();
     let q = qr.compute_thin_Q();
     let r = qr.thin_R();
@@ -563,12 +786,32 @@ pub fn extend_bases(
     criteria: &[Criterion],
 ) -> Result<Vec<Extension>> {
     let l = bases.len();
-    ensure(reps.len() == l, "reps", || format!("expected one matrix per basis ({l}), got {}", reps.len()))?;
-    ensure(thresholds.len() == l, "threshold", || format!("expected one threshold per basis ({l}), got {}", thresholds.len()))?;
-    ensure(criteria.len() == l, "criterion", || format!("expected one criterion per basis ({l}), got {}", criteria.len()))?;
+    ensure(reps.len() == l, "reps", || {
+        format!("expected one matrix per basis ({l}), got {}", reps.len())
+    })?;
+    ensure(thresholds.len() == l, "threshold", || {
+        format!(
+            "expected one threshold per basis ({l}), got {}",
+            thresholds.len()
+        )
+    })?;
+    ensure(criteria.len() == l, "criterion", || {
+        format!(
+            "expected one criterion per basis ({l}), got {}",
+            criteria.len()
+        )
+    })?;
     let (across, par) = par_for(l);
     let run = |i: usize| {
-        extend_basis(&bases[i], reps[i].0, reps[i].1, thresholds[i], criteria[i], par).map_err(|e| match e {
+        extend_basis(
+            &bases[i],
+            reps[i].0,
+            reps[i].1,
+            thresholds[i],
+            criteria[i],
+            par,
+        )
+        .map_err(|e| match e {
             Error::Value { arg, msg } => Error::value(format!("{arg}[{i}]"), msg),
             Error::Type { arg, msg } => Error::type_(format!("{arg}[{i}]"), msg),
         })

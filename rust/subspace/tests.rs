@@ -10,7 +10,19 @@ fn randn(rng: &mut Xoshiro256PlusPlus, len: usize) -> Vec<f32> {
 /// An orthonormal (dim, rank) basis grown from random data with the kernel itself.
 fn random_basis(rng: &mut Xoshiro256PlusPlus, dim: usize, rank: usize) -> Vec<f32> {
     let a = randn(rng, dim * rank);
-    let ext = extend_basis(&Basis { data: &[], dim, rank: 0 }, &a, rank, 1.0, Criterion::Energy(Count::Reach), Par::Seq).unwrap();
+    let ext = extend_basis(
+        &Basis {
+            data: &[],
+            dim,
+            rank: 0,
+        },
+        &a,
+        rank,
+        1.0,
+        Criterion::Energy(Count::Reach),
+        Par::Seq,
+    )
+    .unwrap();
     assert_eq!(ext.rank, rank);
     ext.basis
 }
@@ -19,7 +31,9 @@ fn gram_error(u: &[f32], dim: usize, rank: usize) -> f64 {
     let mut worst = 0f64;
     for p in 0..rank {
         for q in 0..rank {
-            let s: f64 = (0..dim).map(|i| u[i * rank + p] as f64 * u[i * rank + q] as f64).sum();
+            let s: f64 = (0..dim)
+                .map(|i| u[i * rank + p] as f64 * u[i * rank + q] as f64)
+                .sum();
             let want = if p == q { 1.0 } else { 0.0 };
             worst = worst.max((s - want).abs());
         }
@@ -31,7 +45,9 @@ fn naive_project(g: &[f32], rows: usize, cols: usize, u: &[f32], k: usize) -> Ve
     let mut out: Vec<f64> = g.iter().map(|v| *v as f64).collect();
     for r in 0..rows {
         for j in 0..k {
-            let c: f64 = (0..cols).map(|i| g[r * cols + i] as f64 * u[i * k + j] as f64).sum();
+            let c: f64 = (0..cols)
+                .map(|i| g[r * cols + i] as f64 * u[i * k + j] as f64)
+                .sum();
             for i in 0..cols {
                 out[r * cols + i] -= c * u[i * k + j] as f64;
             }
@@ -44,12 +60,39 @@ fn naive_project(g: &[f32], rows: usize, cols: usize, u: &[f32], k: usize) -> Ve
 fn projection_matches_naive_and_is_idempotent() {
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(1);
     let shapes = [(5, 7, 3), (1, 4, 4), (3, 9, 0), (8, 16, 5)];
-    let bases: Vec<Vec<f32>> = shapes.iter().map(|&(_, c, k)| random_basis(&mut rng, c, k)).collect();
-    let mut gs: Vec<Vec<f32>> = shapes.iter().map(|&(r, c, _)| randn(&mut rng, r * c)).collect();
-    let want: Vec<Vec<f64>> = shapes.iter().zip(&gs).zip(&bases).map(|((&(r, c, k), g), u)| naive_project(g, r, c, u, k)).collect();
+    let bases: Vec<Vec<f32>> = shapes
+        .iter()
+        .map(|&(_, c, k)| random_basis(&mut rng, c, k))
+        .collect();
+    let mut gs: Vec<Vec<f32>> = shapes
+        .iter()
+        .map(|&(r, c, _)| randn(&mut rng, r * c))
+        .collect();
+    let want: Vec<Vec<f64>> = shapes
+        .iter()
+        .zip(&gs)
+        .zip(&bases)
+        .map(|((&(r, c, k), g), u)| naive_project(g, r, c, u, k))
+        .collect();
     {
-        let mut views: Vec<GradMut> = gs.iter_mut().zip(&shapes).map(|(g, &(r, c, _))| GradMut { data: g, rows: r, cols: c }).collect();
-        let bs: Vec<Basis> = bases.iter().zip(&shapes).map(|(u, &(_, c, k))| Basis { data: u, dim: c, rank: k }).collect();
+        let mut views: Vec<GradMut> = gs
+            .iter_mut()
+            .zip(&shapes)
+            .map(|(g, &(r, c, _))| GradMut {
+                data: g,
+                rows: r,
+                cols: c,
+            })
+            .collect();
+        let bs: Vec<Basis> = bases
+            .iter()
+            .zip(&shapes)
+            .map(|(u, &(_, c, k))| Basis {
+                data: u,
+                dim: c,
+                rank: k,
+            })
+            .collect();
         project_out_(&mut views, &bs, true).unwrap();
     }
     for (g, w) in gs.iter().zip(&want) {
@@ -70,23 +113,71 @@ fn bad_input_leaves_gradients_unchanged() {
     g2[5] = f32::NAN;
     let (c1, c2) = (g1.clone(), g2.clone());
     let err = {
-        let mut views = vec![GradMut { data: &mut g1, rows: 2, cols: 6 }, GradMut { data: &mut g2, rows: 2, cols: 6 }];
-        let bs = vec![Basis { data: &u, dim: 6, rank: 2 }; 2];
+        let mut views = vec![
+            GradMut {
+                data: &mut g1,
+                rows: 2,
+                cols: 6,
+            },
+            GradMut {
+                data: &mut g2,
+                rows: 2,
+                cols: 6,
+            },
+        ];
+        let bs = vec![
+            Basis {
+                data: &u,
+                dim: 6,
+                rank: 2
+            };
+            2
+        ];
         project_out_(&mut views, &bs, true).unwrap_err()
     };
     assert!(err.to_string().starts_with("grads[1]"), "{err}");
     assert_eq!(g1, c1);
-    assert_eq!(g2.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), c2.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+    assert_eq!(
+        g2.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        c2.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    );
     // A non-orthonormal basis is reported.
     let mut bad = u.clone();
     bad[0] *= 1.5;
-    let mut views = vec![GradMut { data: &mut g1, rows: 2, cols: 6 }];
-    let err = project_out_(&mut views, &[Basis { data: &bad, dim: 6, rank: 2 }], true).unwrap_err();
-    assert!(err.to_string().starts_with("bases[0]: expected orthonormal"), "{err}");
+    let mut views = vec![GradMut {
+        data: &mut g1,
+        rows: 2,
+        cols: 6,
+    }];
+    let err = project_out_(
+        &mut views,
+        &[Basis {
+            data: &bad,
+            dim: 6,
+            rank: 2,
+        }],
+        true,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("bases[0]: expected orthonormal"),
+        "{err}"
+    );
     assert_eq!(g1, c1);
     // Rank larger than the dimension.
     let big = vec![0f32; 6 * 7];
-    assert!(check_basis(&Basis { data: &big, dim: 6, rank: 7 }, "basis").unwrap_err().to_string().contains("exceeds"));
+    assert!(check_basis(
+        &Basis {
+            data: &big,
+            dim: 6,
+            rank: 7
+        },
+        "basis"
+    )
+    .unwrap_err()
+    .to_string()
+    .contains("exceeds"));
 }
 
 #[test]
@@ -99,10 +190,33 @@ fn hundred_extensions_stay_orthonormal() {
         // Low-rank data plus a little noise: each step adds a few directions.
         let n = 8;
         let a = randn(&mut rng, d * n);
-        let crit = if t % 2 == 0 { Criterion::Energy(Count::Reach) } else { Criterion::NormRatio { ratio: None } };
-        let ext = extend_basis(&Basis { data: &basis, dim: d, rank }, &a, n, 0.3, crit, Par::Seq).unwrap();
+        let crit = if t % 2 == 0 {
+            Criterion::Energy(Count::Reach)
+        } else {
+            Criterion::NormRatio { ratio: None }
+        };
+        let ext = extend_basis(
+            &Basis {
+                data: &basis,
+                dim: d,
+                rank,
+            },
+            &a,
+            n,
+            0.3,
+            crit,
+            Par::Seq,
+        )
+        .unwrap();
         assert!(ext.rank >= rank && ext.rank <= d);
-        assert_eq!(&ext.basis.chunks(ext.rank).map(|r| r[..rank].to_vec()).collect::<Vec<_>>().concat(), &basis);
+        assert_eq!(
+            &ext.basis
+                .chunks(ext.rank)
+                .map(|r| r[..rank].to_vec())
+                .collect::<Vec<_>>()
+                .concat(),
+            &basis
+        );
         basis = ext.basis;
         rank = ext.rank;
     }
@@ -115,14 +229,41 @@ fn full_basis_stays_full() {
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(4);
     let u = random_basis(&mut rng, 5, 5);
     let a = randn(&mut rng, 5 * 9);
-    for crit in [Criterion::Energy(Count::Official), Criterion::NormRatio { ratio: Some(0.5) }] {
-        let ext = extend_basis(&Basis { data: &u, dim: 5, rank: 5 }, &a, 9, 0.99, crit, Par::Seq).unwrap();
+    for crit in [
+        Criterion::Energy(Count::Official),
+        Criterion::NormRatio { ratio: Some(0.5) },
+    ] {
+        let ext = extend_basis(
+            &Basis {
+                data: &u,
+                dim: 5,
+                rank: 5,
+            },
+            &a,
+            9,
+            0.99,
+            crit,
+            Par::Seq,
+        )
+        .unwrap();
         assert_eq!((ext.rank, ext.added), (5, 0));
         assert_eq!(ext.basis, u);
     }
     // One short of full: at most one more.
     let u4: Vec<f32> = u.chunks(5).flat_map(|r| r[..4].to_vec()).collect();
-    let ext = extend_basis(&Basis { data: &u4, dim: 5, rank: 4 }, &a, 9, 1.0, Criterion::Energy(Count::Reach), Par::Seq).unwrap();
+    let ext = extend_basis(
+        &Basis {
+            data: &u4,
+            dim: 5,
+            rank: 4,
+        },
+        &a,
+        9,
+        1.0,
+        Criterion::Energy(Count::Reach),
+        Par::Seq,
+    )
+    .unwrap();
     assert_eq!(ext.rank, 5);
 }
 
@@ -141,16 +282,38 @@ fn counts_follow_the_two_criteria() {
     assert_eq!(count_new(&res, 10.0, 4.0, 3, 0.9, e_off), 2); // 0.6 -> 0.8 -> 0.92
     assert_eq!(count_new(&res, 10.0, 4.0, 3, 0.5, e_off), 0);
     // FOT: ratio 1 gives eps' = threshold; shares of the residual 0.5, 0.8, 0.95, 1.0.
-    assert_eq!(count_new(&lam, 10.0, 10.0, 0, 0.9, Criterion::NormRatio { ratio: Some(1.0) }), 3);
+    assert_eq!(
+        count_new(
+            &lam,
+            10.0,
+            10.0,
+            0,
+            0.9,
+            Criterion::NormRatio { ratio: Some(1.0) }
+        ),
+        3
+    );
     // r_bar < 1 - eps gives eps' < 0: still one vector.
-    assert_eq!(count_new(&lam, 10.0, 10.0, 2, 0.9, Criterion::NormRatio { ratio: Some(0.05) }), 1);
+    assert_eq!(
+        count_new(
+            &lam,
+            10.0,
+            10.0,
+            2,
+            0.9,
+            Criterion::NormRatio { ratio: Some(0.05) }
+        ),
+        1
+    );
     // Zero energies are never added.
     assert_eq!(count_new(&[1.0, 0.0], 1.0, 1.0, 0, 1.0, e_reach), 1);
 }
 
 #[test]
 fn orthonormalize_drops_dependent_rows() {
-    let v = vec![1.0f32, 0.0, 0.0, 2.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0];
+    let v = vec![
+        1.0f32, 0.0, 0.0, 2.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0,
+    ];
     let (out, kept) = orthonormalize(&v, 4, 3, 1e-6).unwrap();
     assert_eq!(kept, vec![0, 2]);
     assert_eq!(out, vec![1.0, 0.0, 0.0, 0.0, 1.0, 0.0]);
