@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import warnings
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,10 +27,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines.fisher_loop import per_sample_fisher  # noqa: E402
-
-from forgetcore import datasets  # noqa: E402
-from forgetcore.importance import fisher_diagonal  # noqa: E402
+from baselines.fisher_loop import per_sample_fisher
+from forgetcore import datasets
+from forgetcore.importance import fisher_diagonal
 
 
 def timeit(fn, reps):

@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines.ssd_official import modify_weight  # noqa: E402
-
-from forgetcore import _checks, _core, importance, reference  # noqa: E402
+from baselines.ssd_official import modify_weight
+from forgetcore import _checks, _core, importance, reference
 
 
 def resnet18_shapes() -> list[tuple[int, ...]]:

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "baselines"))
-from official_kv import official_decode_step  # noqa: E402
+from official_kv import official_decode_step
 
-from forgetcore import kvscore, reference  # noqa: E402
+from forgetcore import kvscore, reference
 
 
 def timeit(fn, reps: int, warm: int = 2) -> float:
@@ -112,11 +112,12 @@ def prefill_chunk(h=32, t=4096, q=512, alpha=0.9, reps=5):
 
 
 def _e2e_child(budget_frac: float | None, prompt_tokens: int, new_tokens: int) -> dict:
+    from transformers import DynamicCache
+
     from forgetcore.kvcache import A2SF, cache_bytes
+    from forgetcore.kvcache.evaluation import prose_chunks
     from forgetcore.kvcache.presses import cache_kwarg
     from forgetcore.models import load_smollm2
-    from forgetcore.kvcache.evaluation import prose_chunks
-    from transformers import DynamicCache
 
     model, tok = load_smollm2()
     ids = prose_chunks(tok, 1, prompt_tokens, 0, seed=5)

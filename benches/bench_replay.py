@@ -28,10 +28,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines.mammoth_buffer import MammothStyleBuffer, PerExampleCBRS  # noqa: E402
-
-from forgetcore import _core, reference  # noqa: E402
-from forgetcore.replay import ClassBalancedReservoir, ReservoirBuffer  # noqa: E402
+from baselines.mammoth_buffer import MammothStyleBuffer, PerExampleCBRS
+from forgetcore import _core, reference
+from forgetcore.replay import ClassBalancedReservoir, ReservoirBuffer
 
 CAPACITY = 5000
 BATCH = 32

@@ -118,7 +118,7 @@ def main() -> None:
         print(f"{label}: {len(mats)} matrices, kappa {kap.min():.3g} .. {kap.max():.3g}, "
               f"{int(np.sum(ref > 1e4))} above 1e4; errors against {ref_name}", flush=True)
     print()
-    print(f"| set | side | time (s) | speed-up vs baseline | max rel. error of kappa |")
+    print("| set | side | time (s) | speed-up vs baseline | max rel. error of kappa |")
     print("|---|---|---:|---:|---:|")
     for label, name, t, sp, err in rows:
         print(f"| {label} | {name} | {t:.3f} | {sp:.2f}x | {err:.1e} |")

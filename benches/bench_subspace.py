@@ -18,13 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from baselines import gpm_numpy  # noqa: E402
-
-from forgetcore import _core, subspace  # noqa: E402
+from baselines import gpm_numpy
+from forgetcore import _core, subspace
 
 
 def timeit(fn, reps: int, setup=None) -> float:

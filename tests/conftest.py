@@ -1,7 +1,6 @@
 import os
 
 import pytest
-
 from hypothesis import HealthCheck, settings
 
 # CI: reproducible examples, no wall-clock deadline (the machine is shared and noisy).

@@ -9,10 +9,9 @@
 """
 
 
-import pytest
-import torch
 
-from forgetcore.continual import demo, scenarios
+from forgetcore.continual import scenarios
+from forgetcore.demos import continual as demo
 
 
 def test_er_beats_finetune_and_joint_bounds_er():

@@ -7,10 +7,11 @@ import sys
 import pytest
 
 from forgetcore import cli
+from forgetcore.demos import DEMOS, Demo, Option, resolve
 
 
 def test_help_lists_the_cl_demo(capsys):
-    assert "cl" in cli.DEMOS
+    assert "cl" in DEMOS
     with pytest.raises(SystemExit) as e:
         cli.main(["demo", "--help"])
     assert e.value.code == 0 and "Split-Digits" in capsys.readouterr().out
@@ -30,3 +31,22 @@ def test_demo_cl_quick(tmp_path):
     assert set(res["summary"]) == {"Finetune", "ER", "Joint"}
     assert res["config"]["seeds"] == 1 and len(res["runs"]["ER"]) == 1
     assert len(res["runs"]["ER"][0]["R"]) == 5
+
+
+def test_demo_options_reach_run(monkeypatch, tmp_path):
+    got = {}
+
+    def fake_run(out_dir, seeds, quick, progress, **options):
+        got.update(options, quick=quick)
+        return {}
+
+    demo = Demo("continual", "a test demo", (Option("--fancy", "a flag"),))
+    monkeypatch.setitem(DEMOS, "fancy-test", demo)
+    monkeypatch.setattr(Demo, "load", lambda self: fake_run)
+    assert cli.main(["demo", "fancy-test", "--fancy", "--quick", "--out", str(tmp_path)]) == 0
+    assert got == {"fancy": True, "quick": True}
+
+
+def test_resolve_unknown_demo_names_the_argument():
+    with pytest.raises(ValueError, match="name: expected one of"):
+        resolve("nope")

@@ -8,9 +8,9 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
-from forgetcore.kvcache import A2SF, H2O, KVCache, RecentWindow  # noqa: E402
-from forgetcore.kvcache.presses import cache_kwarg  # noqa: E402
-from forgetcore.kvcache.evaluation import recall_correct, recall_items  # noqa: E402
+from forgetcore.kvcache import A2SF, H2O, KVCache, RecentWindow
+from forgetcore.kvcache.evaluation import recall_correct, recall_items
+from forgetcore.kvcache.presses import cache_kwarg
 
 PROMPTS = ["The capital of France is Paris. The capital of Italy is Rome. The capital of Spain is",
            "Count: one, two, three,"]

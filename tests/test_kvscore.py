@@ -14,7 +14,7 @@ from forgetcore import kvscore, reference
 from forgetcore.kvcache.simulate import a2sf_mask, h2o_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches" / "baselines"))
-from official_kv import official_a2s_base_mask, official_local_heavy_hitter_mask  # noqa: E402
+from official_kv import official_a2s_base_mask, official_local_heavy_hitter_mask
 
 
 def _rows(b, hq, q, t, seed, dtype=torch.float32):

@@ -13,7 +13,7 @@ from forgetcore.unlearning import LFSSD, SSD, Retrain, UnlearnData
 from forgetcore.unlearning.ssd import _choose
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for benches/
-from benches.baselines import ssd_official  # noqa: E402
+from benches.baselines import ssd_official
 
 SEEDS = (0, 1, 2)
 CLASSES = (1, 3, 8)

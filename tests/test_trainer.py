@@ -370,3 +370,98 @@ def test_cuda_run_and_resume(split5):
     resumed.load_state_dict(part.state_dict())
     assert resumed.fit(s)["R"] == ra["R"]
     assert all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_c.parameters()))
+
+
+class RepeatEach(Plugin):
+    """A batch_indices plugin: every example twice in a row, in a seeded order (View-Batch-like)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def batch_indices(self, ctx, task, epoch, n):
+        self.calls.append((task.id, epoch, n))
+        g = torch.Generator().manual_seed(1000 * ctx.seed + 10 * task.id + epoch)
+        return torch.randperm(n, generator=g).repeat_interleave(2)
+
+
+def test_batch_indices_decides_the_batches(split5):
+    s = first(split5, 2)
+    seen = []
+
+    class Spy(Plugin):
+        def transform_batch(self, ctx, batch):
+            seen.append(batch["y"].clone())
+            return batch
+
+    rep = RepeatEach()
+    r = trainer(mlp(), [rep, Spy()], batch_size=8, epochs=2).fit(s)
+    n0, n1 = len(s[0].train), len(s[1].train)
+    assert rep.calls == [(0, 0, n0), (0, 1, n0), (1, 0, n1), (1, 1, n1)]
+    assert r["steps"] == 2 * (math.ceil(2 * n0 / 8) + math.ceil(2 * n1 / 8))
+    assert all(torch.equal(y[0::2], y[1::2]) for y in seen)  # each example twice in its batch
+
+
+def test_batch_indices_explicit_batches_and_bad_output(split5):
+    s = first(split5, 1)
+
+    class Fixed(Plugin):
+        def batch_indices(self, ctx, task, epoch, n):
+            return [torch.arange(0, 5), torch.arange(5, n)]
+
+    assert trainer(mlp(), [Fixed()]).fit(s)["steps"] == 2
+
+    class Bad(Plugin):
+        def batch_indices(self, ctx, task, epoch, n):
+            return torch.tensor([0, n])
+
+    with pytest.raises(ValueError, match=r"batch_indices: indices must lie in \[0, "):
+        trainer(mlp(), [Bad()]).fit(s)
+
+    with pytest.raises(ValueError, match="at most one plugin may define batch_indices"):
+        trainer(mlp(), [RepeatEach(), RepeatEach()])
+
+
+def test_batch_indices_resume_is_bit_identical(split5):
+    s = first(split5, 2)
+    full = trainer(mlp(), [RepeatEach()], batch_size=8, epochs=2)
+    ref = full.fit(s)
+    a = trainer(mlp(), [RepeatEach()], batch_size=8, epochs=2)
+    a.fit(s, max_steps=ref["steps"] // 2 + 3)  # pause inside an epoch of task 1
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = trainer(mlp(seed=5), [RepeatEach()], batch_size=8, epochs=2)
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    out = b.fit(s)
+    assert out["steps"] == ref["steps"] and out["R"] == ref["R"]
+    assert all(torch.equal(p, q) for p, q in zip(full.model.state_dict().values(), b.model.state_dict().values()))
+
+
+@pytest.mark.parametrize(("eval_tasks", "expected"), [
+    ("seen", [[0], [0, 1], [0, 1, 2]]),
+    ("current", [[0], [1], [2]]),
+    ([2], [[2], [2], [2]]),
+    (lambda t: range(0, t + 1, 2), [[0], [0], [0, 2]]),
+])
+def test_eval_tasks_limits_evaluation(split5, eval_tasks, expected):
+    s = first(split5, 3)
+    r = trainer(mlp(), eval_tasks=eval_tasks, eval_every=5).fit(s)
+    evaluated = [[j for j, a in enumerate(row) if not math.isnan(a)] for row in r["R"]]
+    assert evaluated == expected
+    for acc, t in zip(r["curves"]["acc"], r["curves"]["task"]):  # curve points: the same selection
+        got = [j for j, a in enumerate(acc) if a is not None]
+        assert set(got) <= set(expected[t])
+
+
+def test_eval_tasks_default_evaluates_every_task(split5):
+    r = trainer(mlp()).fit(first(split5, 2))
+    assert all(not math.isnan(a) for row in r["R"] for a in row)
+
+
+def test_eval_tasks_bad_values(split5):
+    with pytest.raises(ValueError, match="eval_tasks: expected 'all'"):
+        trainer(mlp(), eval_tasks="some")
+    with pytest.raises(TypeError, match="eval_tasks"):
+        trainer(mlp(), eval_tasks=3.5)
+    with pytest.raises(ValueError, match=r"eval_tasks: task ids must lie in \[0, 2\)"):
+        trainer(mlp(), eval_tasks=[5]).fit(first(split5, 2))

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from forgetcore import cli
+from forgetcore.demos import DEMOS
 from forgetcore.evaluation import unlearning as ev
 from forgetcore.unlearning import SSD, GradientAscent, RetainFinetune, Retrain, UnlearnData
 
@@ -167,7 +168,7 @@ def test_fit_rejects_bad_arguments(full):
 
 @pytest.mark.slow
 def test_demo_quick(tmp_path, capsys):
-    assert "unlearn" in cli.DEMOS
+    assert "unlearn" in DEMOS
     cli.main(["demo", "unlearn", "--quick", "--no-progress", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     for word in ("digits full-class", "digits random-10%", "Retrain", "RetainFinetune", "GradientAscent",

@@ -11,8 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import _core, datasets, reference
-from . import importance, kvscore, replay, spectral, subspace
+from . import _core, datasets, importance, kvscore, reference, replay, spectral, subspace
 
 __version__: str = _core.__version__
 

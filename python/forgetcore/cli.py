@@ -8,49 +8,52 @@ writes its PNG(s) to ``--out``.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 import time
 from pathlib import Path
 
-# name -> (module, function, one-line description). Functions take (out_dir, seeds, quick,
-# progress) and return a dict of results; imports are lazy so `forgetcore --help` is instant.
-DEMOS: dict[str, tuple[str, str, str]] = {
-    "cl": ("forgetcore.continual.demo", "run", "Split-Digits class-incremental: Finetune, ER, Joint"),
-    "unlearn": ("forgetcore.unlearning.demo", "run", "SSD vs Retrain/Finetune/GradientAscent, full-class and random, with MIA"),
-    "kv": ("forgetcore.kvcache.demo", "run", "KV-cache eviction on SmolLM2: A2SF vs H2O vs RecentWindow"),
-    "subspace": ("forgetcore.continual.subspace_demo", "run",
-                 "Permuted-Digits: GPM vs Finetune vs ER; federated FOT vs FedAvg"),
-    "kappa": ("forgetcore.finetune.demo", "run", "KappaTune on SmolLM2-135M: kappa of every matrix, fine-tune vs full"),
-}
-
 
 def _demo(args: argparse.Namespace) -> int:
+    from .demos import DEMOS, resolve
+
     names = list(DEMOS) if args.name == "all" else [args.name]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
-        module, func, desc = DEMOS[name]
-        print(f"== forgetcore demo {name}: {desc}", flush=True)
+        demo = resolve(name)
+        options = {o.dest: getattr(args, o.dest) for o in demo.options}
+        print(f"== forgetcore demo {name}: {demo.description}", flush=True)
         t0 = time.perf_counter()
-        fn = getattr(importlib.import_module(module), func)
-        fn(out_dir=out, seeds=args.seeds, quick=args.quick, progress=not args.no_progress)
+        demo.load()(out_dir=out, seeds=args.seeds, quick=args.quick, progress=not args.no_progress, **options)
         print(f"== {name} finished in {time.perf_counter() - t0:.1f} s; outputs in {out}/", flush=True)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="forgetcore", description=__doc__.split("\n\n")[0])
+    from .demos import ALIASES, DEMOS
+
+    p = argparse.ArgumentParser(prog="forgetcore", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="run a demo experiment on embedded data")
-    d.add_argument("name", nargs="?", default="cl", choices=[*DEMOS, "all"],
-                   help="which demo (default: cl); " + "; ".join(f"{k}: {v[2]}" for k, v in DEMOS.items()))
+    d.add_argument("name", nargs="?", default="cl", choices=[*DEMOS, *ALIASES, "all"],
+                   help="which demo (default: cl); " + "; ".join(f"{k}: {v.description}" for k, v in DEMOS.items()))
     d.add_argument("--out", default="forgetcore-out", help="folder for tables and plots (default: %(default)s)")
     d.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the demo's own)")
     d.add_argument("--quick", action="store_true", help="a smaller run for smoke tests")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    seen: set[str] = set()
+    for name, demo in DEMOS.items():  # each demo's own flags (e.g. `demo subspace --flower`)
+        for o in demo.options:
+            if o.flag in seen:
+                continue
+            seen.add(o.flag)
+            kwargs: dict = {"help": f"[{name}] {o.help}", "default": o.default, "dest": o.dest}
+            if o.action == "store_true":
+                d.add_argument(o.flag, action="store_true", **kwargs)
+            else:
+                d.add_argument(o.flag, type=o.type, **kwargs)
     d.set_defaults(func=_demo)
     return p
 

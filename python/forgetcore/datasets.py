@@ -10,7 +10,7 @@ int64 class ids, plus helpers for seeded stratified splits that every method reu
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from torch.utils.data import TensorDataset
 NAMES = ("digits", "mnist")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load_numpy(name: str) -> tuple[np.ndarray, np.ndarray]:
     if name == "digits":
         from sklearn.datasets import load_digits

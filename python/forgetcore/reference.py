@@ -11,7 +11,7 @@ semantics as the public primitive of the same name.
 
 from __future__ import annotations
 
-import torch  # noqa: F401  (used by every section)
+import torch
 
 # ---------------------------------------------------------------------------------------------
 # replay

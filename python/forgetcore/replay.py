@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from . import _backend, _checks
-from .reference import scatter_rows_
 from ._core import CbrsCore, ReplayRng, ReservoirCore
+from .reference import scatter_rows_
 
 __all__ = ["ReservoirBuffer", "ClassBalancedReservoir", "PowerLawScheduler"]
 
@@ -81,7 +81,7 @@ class _Field:
     view, which the Rust core writes through (numpy has no bfloat16 or float8: those storages
     are viewed as integers of the same size, since only bytes are copied)."""
 
-    __slots__ = ("name", "tail", "dtype", "view_dtype", "storage", "storage_np")
+    __slots__ = ("dtype", "name", "storage", "storage_np", "tail", "view_dtype")
 
     def __init__(self, name: str, tail: torch.Size, dtype: torch.dtype, storage: torch.Tensor):
         self.name, self.tail, self.dtype = name, tail, dtype

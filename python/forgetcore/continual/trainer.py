@@ -7,7 +7,9 @@ through plugin hooks, in the order they run::
         before_task(ctx, task)          # e.g. freeze weights, snapshot the old model
         optimizer = make_optimizer(model)
         data = train_data(ctx, task)    # default: task.train (Joint: every task seen so far)
-        for each epoch, for each shuffled mini-batch:
+        for each epoch:
+          order = batch_indices(ctx, task, epoch, n)  # default: a seeded permutation of range(n)
+          for each mini-batch of order:
             batch = {"x", "y", "task", "n_stream"}
             batch = transform_batch(ctx, batch)       # ER appends replayed examples here
             output = model(batch["x"])                # masked to the task's classes in task-IL
@@ -19,8 +21,9 @@ through plugin hooks, in the order they run::
         accuracy on every task -> row t of the accuracy matrix R, after_eval
 
 A plugin is any object with some of these methods (subclass :class:`Plugin` for no-op
-defaults and documentation). ``loss`` and ``train_data`` replace the default, so at most one
-plugin of a trainer may define each. Hooks run in the order the plugins were given.
+defaults and documentation). ``loss``, ``train_data`` and ``batch_indices`` replace the
+default, so at most one plugin of a trainer may define each. Hooks run in the order the plugins
+were given.
 
 Reproducibility: batches are shuffled by a generator seeded from ``(seed, task, epoch)``; the
 global torch RNG (dropout, plugins that use it) is seeded with ``seed`` when a fresh run starts
@@ -32,7 +35,6 @@ new trainer that loads it continues bit-identically to a run that never stopped.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -52,7 +54,7 @@ Batch = dict[str, Any]
 
 _HOOKS = ("before_task", "resume_task", "transform_batch", "after_backward", "after_step",
           "after_task", "after_eval")
-_REPLACING = ("loss", "train_data")  # hooks that replace the default: at most one plugin each
+_REPLACING = ("loss", "train_data", "batch_indices")  # replace the default: at most one plugin each
 
 
 class Plugin:
@@ -71,6 +73,14 @@ class Plugin:
     - ``loss(ctx, batch, output) -> Tensor``: replaces cross-entropy (at most one plugin).
     - ``train_data(ctx, task) -> dict(x=, y=, task=)``: replaces ``task.train`` as the data
       of the task's epochs (at most one plugin; :class:`~forgetcore.continual.Joint` uses it).
+    - ``batch_indices(ctx, task, epoch, n) -> LongTensor | list[LongTensor]``: which examples
+      of the task's data (``n`` of them) form this epoch's mini-batches, replacing the seeded
+      shuffle (at most one plugin). A 1-D tensor is cut into batches of ``batch_size``; a list
+      of 1-D tensors gives each batch explicitly. Indices may repeat (View-Batch's repeats, a
+      fixed number of general samples per batch, a rank's shard under DDP). Called at the
+      start of every epoch and again when a paused run resumes inside one, so it must be a
+      function of its arguments, ``ctx.seed`` and the plugin's ``state_dict`` (derive
+      randomness from ``(ctx.seed, task.id, epoch)``, as the default does).
     - ``after_backward(ctx)``: gradients are in ``p.grad``; the optimiser has not stepped.
     - ``after_step(ctx, batch)``: after ``optimizer.step()``; ``batch`` is the transformed batch.
     - ``after_task(ctx, task)``: the task's training is done, its evaluation not yet.
@@ -174,6 +184,11 @@ class Trainer:
             each task is also evaluated before its first step and after its last). None: only
             those two points.
         eval_val: also fill ``R_val`` from each task's ``.val`` split.
+        eval_tasks: which tasks are evaluated, so that long streams (hundreds of tasks) are not
+            evaluated on every task at every boundary: ``"all"`` (default; every task after
+            each task, the seen ones at curve points), ``"seen"`` (tasks 0..t), ``"current"``
+            (task t only), a list of task ids, or a callable ``t -> task ids``. Entries of
+            ``R`` that were not evaluated are NaN.
         eval_batch_size: examples per forward pass at evaluation.
     """
 
@@ -182,7 +197,8 @@ class Trainer:
                  plugins: Iterable[Any] = (), *, epochs: int = 1, batch_size: int = 32,
                  seed: int = 0, device: torch.device | str | None = None, progress: bool = True,
                  eval_every: int | None = 10, eval_val: bool = False,
-                 eval_batch_size: int = 1024) -> None:
+                 eval_batch_size: int = 1024,
+                 eval_tasks: str | Sequence[int] | Callable[[int], Iterable[int]] = "all") -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if not callable(make_optimizer):
@@ -204,6 +220,16 @@ class Trainer:
         self.eval_every = None if eval_every is None else _checks.positive_int("eval_every", eval_every)
         self.eval_batch_size = _checks.positive_int("eval_batch_size", eval_batch_size)
         self.eval_val = bool(eval_val)
+        if isinstance(eval_tasks, str):
+            if eval_tasks not in ("all", "seen", "current"):
+                raise ValueError(f"eval_tasks: expected 'all', 'seen', 'current', a list of task ids "
+                                 f"or a callable, got {eval_tasks!r}")
+        elif not callable(eval_tasks):
+            if not isinstance(eval_tasks, Iterable):
+                raise TypeError(f"eval_tasks: expected 'all', 'seen', 'current', a list of task ids "
+                                f"or a callable, got {type(eval_tasks).__name__}")
+            eval_tasks = [_checks.positive_int("eval_tasks", j, allow_zero=True) for j in eval_tasks]
+        self.eval_tasks = eval_tasks
         self.progress = bool(progress)
         if device is None:
             p = next(model.parameters(), None)
@@ -298,9 +324,28 @@ class Trainer:
         self.ctx.eval_kind, self.ctx.eval_split = kind, split
         self._call("after_eval", accs)
 
+    def _eval_ids(self, scenario: Scenario, t: int, kind: str) -> list[int]:
+        """The task ids evaluated after task ``t`` (``kind="task_end"``) or during it ("curve")."""
+        sel, n = self.eval_tasks, len(scenario)
+        if sel == "all":
+            ids: Iterable[int] = range(n) if kind == "task_end" else range(t + 1)
+        elif sel == "seen":
+            ids = range(t + 1)
+        elif sel == "current":
+            ids = [t]
+        elif callable(sel):
+            ids = sel(t)
+        else:
+            ids = sel
+        out = sorted({int(j) for j in ids})
+        bad = [j for j in out if not 0 <= j < n]
+        if bad:
+            raise ValueError(f"eval_tasks: task ids must lie in [0, {n}), got {bad}")
+        return out
+
     def _curve_point(self, scenario: Scenario, t: int) -> None:
         t0 = time.perf_counter()
-        accs = self.evaluate(scenario, range(t + 1))
+        accs = self.evaluate(scenario, self._eval_ids(scenario, t, "curve"))
         c = self._p["curves"]
         c["step"].append(self._p["step"])
         c["task"].append(t)
@@ -350,13 +395,14 @@ class Trainer:
         self._set_masks(scenario)
         if not p["started"]:
             t0 = time.perf_counter()
-            initial = list(self.evaluate(scenario).values())  # also checks the model's output
-            initial_val = list(self.evaluate(scenario, split="val").values()) if self.eval_val else []
+            ids = self._eval_ids(scenario, 0, "task_end")  # also checks the model's output
+            initial = self._row(scenario, self.evaluate(scenario, ids))
+            initial_val = self._row(scenario, self.evaluate(scenario, ids, split="val")) if self.eval_val else []
             p.update(started=True, scenario=scenario.name, n_tasks=len(scenario),
                      initial=initial, initial_val=initial_val)
             torch.manual_seed(self.seed)
             p["timings"]["eval_s"] += time.perf_counter() - t0
-            self._eval_hook("initial", "test", dict(enumerate(p["initial"])))
+            self._eval_hook("initial", "test", {j: p["initial"][j] for j in ids})
         elif self._rng is not None:
             _set_rng(self._rng, self.device)
         if max_steps is not None and p["step"] >= max_steps:
@@ -394,22 +440,20 @@ class Trainer:
                 self._curve_point(scenario, t)  # the pre-update point (x = -1 in De Lange et al.)
             data = self._train_data(task)
             n = len(data["y"])
-            n_batches = math.ceil(n / self.batch_size)
-            total_local = self.epochs * n_batches
-            bar.total += total_local - (p["epoch"] * n_batches + p["batch"])
             bar.set_description(f"{scenario.name} task {t + 1}/{len(scenario)}")
             model.train()
             for epoch in range(p["epoch"], self.epochs):
                 ctx.epoch = p["epoch"] = epoch
-                order = torch.randperm(n, generator=_epoch_generator(self.seed, t, epoch))
-                for b in range(p["batch"], n_batches):
-                    idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-                    self._step(scenario, data, idx)
+                batches = self._batches(task, epoch, n)
+                bar.total += len(batches) - p["batch"]
+                for b in range(p["batch"], len(batches)):
+                    self._step(scenario, data, batches[b])
                     p["batch"] = b + 1
-                    ctx.task_step = p["task_step"] = epoch * n_batches + b + 1
+                    p["task_step"] += 1
+                    ctx.task_step = p["task_step"]
                     bar.update(1)
-                    if (self.eval_every is not None and p["step"] % self.eval_every == 0
-                            and ctx.task_step < total_local):
+                    last = epoch == self.epochs - 1 and b == len(batches) - 1  # the task-end row follows
+                    if self.eval_every is not None and p["step"] % self.eval_every == 0 and not last:
                         self._curve_point(scenario, t)
                     if max_steps is not None and p["step"] >= max_steps:
                         self._add_train_time(t, t_task, eval_before)
@@ -421,6 +465,25 @@ class Trainer:
             self._end_task(scenario, t)
             p.update(task=t + 1, epoch=0, batch=0, task_step=0, in_task=False)
         return False
+
+    def _batches(self, task: Task, epoch: int, n: int) -> list[torch.Tensor]:
+        """This epoch's mini-batches: index tensors into the task's data."""
+        if not self._hooks["batch_indices"]:
+            order = torch.randperm(n, generator=_epoch_generator(self.seed, task.id, epoch))
+            return list(order.split(self.batch_size))
+        got = self._hooks["batch_indices"][0](self.ctx, task, epoch, n)
+        parts = list(got.split(self.batch_size)) if isinstance(got, torch.Tensor) else list(got)
+        for i, idx in enumerate(parts):
+            if (not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.numel() == 0
+                    or idx.dtype not in (torch.int64, torch.int32)):
+                raise ValueError(f"batch_indices: expected a 1-D integer tensor or a list of non-empty "
+                                 f"1-D integer tensors, got {_checks.describe(idx)} for batch {i}")
+            if int(idx.min()) < 0 or int(idx.max()) >= n:
+                raise ValueError(f"batch_indices: indices must lie in [0, {n}) (the task's data), "
+                                 f"got [{int(idx.min())}, {int(idx.max())}] in batch {i}")
+        if not parts:
+            raise ValueError(f"batch_indices: returned no batches for task {task.id}, epoch {epoch}")
+        return [idx.long() for idx in parts]
 
     def _add_train_time(self, t: int, since: float, eval_before: float) -> None:
         tm = self._p["timings"]  # wall time of the task minus its evaluations
@@ -453,20 +516,25 @@ class Trainer:
     def _end_task(self, scenario: Scenario, t: int) -> None:
         p = self._p
         t0 = time.perf_counter()
-        row = self.evaluate(scenario)
-        p["R"].append(list(row.values()))
+        ids = self._eval_ids(scenario, t, "task_end")
+        row = self.evaluate(scenario, ids)
+        p["R"].append(self._row(scenario, row))
         c = p["curves"]
         c["step"].append(p["step"])
         c["task"].append(t)
-        c["acc"].append([row[j] if j <= t else None for j in range(len(scenario))])
+        c["acc"].append([row[j] if j <= t and j in row else None for j in range(len(scenario))])
         if self.eval_val:
-            p["R_val"].append(list(self.evaluate(scenario, split="val").values()))
+            p["R_val"].append(self._row(scenario, self.evaluate(scenario, ids, split="val")))
         p["timings"]["eval_s"] += time.perf_counter() - t0
         log.info("%s: after task %d, accuracy on tasks 0..%d: %s", scenario.name, t, t,
                  " ".join(f"{a:.3f}" for a in p["R"][-1][:t + 1]))
         self._eval_hook("task_end", "test", row)
         if self.eval_val:
-            self._eval_hook("task_end", "val", dict(enumerate(p["R_val"][-1])))
+            self._eval_hook("task_end", "val", {j: p["R_val"][-1][j] for j in ids})
+
+    @staticmethod
+    def _row(scenario: Scenario, accs: dict[int, float]) -> list[float]:
+        return [accs.get(j, float("nan")) for j in range(len(scenario))]
 
     def _result(self, scenario: Scenario, finished: bool) -> dict[str, Any]:
         p = self._p

@@ -37,8 +37,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .. import _checks, datasets
+from ..training import fit_epochs, logits_of
 from ..unlearning import TRAIN_DEFAULTS, Retrain, UnlearnData
-from ..unlearning._train import fit_epochs, logits_of
 
 __all__ = ["full_class", "random_subset", "make_model", "train_original", "evaluate", "compare",
            "format_table", "SPLIT"]

@@ -186,7 +186,7 @@ class KVCache(Cache):
                 for name in ("keys", "values", "pos", "valid", "scores", "new"):
                     setattr(lay, name, getattr(lay, name)[indices])
 
-    def fork(self, press: Any) -> "KVCache":
+    def fork(self, press: Any) -> KVCache:
         """A compressed copy for ``press`` from a prefill scored by :class:`~.presses.ScoreAll`.
 
         Equal to prefilling under ``press`` (``mode="prefill"``) directly, since prefill outputs

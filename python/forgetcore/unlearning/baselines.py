@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from .. import _checks
-from ._train import fit_epochs, reinit_
+from ..training import fit_epochs, reinit_
 from .data import UnlearnData
 
 #: The recipe of the harness's original models (Adam, cross-entropy, shuffled mini-batches).

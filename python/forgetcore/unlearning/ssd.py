@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import _checks
 from ..importance import MODES, fisher_diagonal, output_norm_loss, ssd_dampen_
-from ._train import accuracy
+from ..training import accuracy
 from .baselines import _check
 from .data import UnlearnData
 

@@ -17,10 +17,8 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
-from .evaluation import perplexity, prose_chunks, recall_correct, recall_items
-from .presses import A2SF, H2O, RecentWindow
+from ..kvcache import A2SF, H2O, RecentWindow
+from ..kvcache.evaluation import perplexity, prose_chunks, recall_correct, recall_items
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from .. import spectral
+from ..finetune import KappaTune
 from ..models import load_smollm2
-from .kappatune import KappaTune
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..continual import ER, Finetune, Joint, Trainer, scenarios
 from ..evaluation import continual as metrics
-from . import scenarios
-from .methods import ER, Finetune, Joint
-from .trainer import Trainer
 
 log = logging.getLogger(__name__)
 

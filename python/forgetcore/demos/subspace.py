@@ -22,10 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..continual import ER, FOT, GPM, Finetune, Trainer, scenarios
 from ..evaluation.continual import average_accuracy, average_forgetting
-from . import ER, Finetune, Trainer, scenarios
-from .fot import FOT
-from .gpm import GPM
 
 log = logging.getLogger(__name__)
 

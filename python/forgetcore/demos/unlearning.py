@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..evaluation import unlearning as ev
-from . import LFSSD, SSD, GradientAscent, RetainFinetune, Retrain
+from ..unlearning import LFSSD, SSD, GradientAscent, RetainFinetune, Retrain
 
 log = logging.getLogger(__name__)
 

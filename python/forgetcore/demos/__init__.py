@@ -1,0 +1,65 @@
+"""The experiments behind ``forgetcore demo``: one module per family, and their registry.
+
+Each demo module has ``run(out_dir, seeds, quick, progress, **options) -> dict``: it prints its
+table and writes PNG/JSON files to ``out_dir``. ``options`` are the demo's own command-line
+flags, declared in :data:`DEMOS` so that ``forgetcore demo NAME --help`` lists them.
+
+Demos sit above the methods and the evaluation code (they import both); nothing in the package
+imports a demo.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Option:
+    """A demo-specific command-line flag: ``--flag`` sets ``run(**{dest: value})``."""
+
+    flag: str
+    help: str
+    action: str = "store_true"
+    type: Callable[[str], Any] | None = None
+    default: Any = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Demo:
+    module: str  # under forgetcore.demos
+    description: str
+    options: tuple[Option, ...] = field(default_factory=tuple)
+
+    def load(self) -> Callable[..., dict[str, Any]]:
+        # Imported on use, so `forgetcore --help` does not import torch or transformers.
+        return importlib.import_module(f"{__name__}.{self.module}").run
+
+
+DEMOS: dict[str, Demo] = {
+    "cl": Demo("continual", "Split-Digits class-incremental: Finetune, ER, Joint"),
+    "unlearn": Demo("unlearning", "SSD vs Retrain/Finetune/GradientAscent, full-class and random, with MIA"),
+    "kv": Demo("kvcache", "KV-cache eviction on SmolLM2: A2SF vs H2O vs RecentWindow"),
+    "subspace": Demo("subspace", "Permuted-Digits: GPM vs Finetune vs ER; federated FOT vs FedAvg"),
+    "kappa": Demo("finetune", "KappaTune on SmolLM2-135M: kappa of every matrix, fine-tune vs full"),
+}
+
+# Other names for the same demo (kept so that older commands keep working).
+ALIASES: dict[str, str] = {}
+
+
+def resolve(name: str) -> Demo:
+    """The demo registered under ``name`` or one of its aliases."""
+    key = ALIASES.get(name, name)
+    if key not in DEMOS:
+        raise ValueError(f"name: expected one of {sorted([*DEMOS, *ALIASES])}, got {name!r}")
+    return DEMOS[key]
+
+
+__all__ = ["ALIASES", "DEMOS", "Demo", "Option", "resolve"]
