@@ -144,13 +144,15 @@ class FOT:
             (official defaults: lr 0.01, weight decay 1e-5).
         epsilon, eps_inc: FOT's threshold and its increase per task (PMNIST: 0.96 IID, 0.94 non-IID).
         iid: IID client splits or FedAvg-style label shards.
+        weighted: average the client weights by their sample counts (``client_fractions`` of
+            :func:`server_step`); False (default, as the official code) weights every client 1/#clients.
         seed: client splits, batch order, sketches.
     """
 
     def __init__(self, model: nn.Module, *, n_clients: int = 10, rounds: int = 20, local_epochs: int = 1,
                  lr: float = 0.01, weight_decay: float = 1e-5, batch_size: int = 16, epsilon: float = 0.96,
                  eps_inc: float = 0.0, orthogonal: bool = True, iid: bool = True, seed: int = 0,
-                 progress: bool = True):
+                 progress: bool = True, weighted: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         self.model = model
@@ -164,6 +166,9 @@ class FOT:
         self.eps_inc = _checks.real("eps_inc", eps_inc, low=0.0)
         self.orthogonal = bool(orthogonal)
         self.iid = bool(iid)
+        if not isinstance(weighted, bool):
+            raise TypeError(f"weighted: expected a bool, got {type(weighted).__name__}")
+        self.weighted = weighted
         self.seed = int(seed)
         self.progress = progress
         self.subspace = Subspace()
@@ -219,7 +224,9 @@ class FOT:
                             ratios[n] += sizes[c] / sizes.sum() * r
                 bases = ({self.layer_param[n]: self.subspace[n] for n in self.subspace.names()}
                          if self.orthogonal else {})
-                self.model.load_state_dict(server_step(global_state, clients, bases))
+                fractions = (sizes / sizes.sum()).tolist() if self.weighted else None
+                self.model.load_state_dict(server_step(global_state, clients, bases,
+                                                       client_fractions=fractions))
                 bar.update(1)
             if self.orthogonal:
                 expand_bases(self.subspace, sketches, {n: min(1.0, r) for n, r in ratios.items()}, eps)

@@ -15,8 +15,18 @@ code do it):
 - on every later step (``after_backward``): ``grad_l <- grad_l - (grad_l U_l) U_l^T`` for every
   layer weight (Eq. 10), through the Rust kernel, with two thin matmuls instead of GPM's dense
   ``U U^T``;
-- like the official code, after the first task the gradients of 1-D parameters (biases,
-  norm layers) are zeroed (``freeze_1d``), since their inputs are not represented.
+- like the official code, after the first task the gradients of the 1-D parameters of the
+  projected part of the network are zeroed (``freeze_1d``), since their inputs are not
+  represented: the official code zeroes the 1-D parameters among the first k named parameters
+  (``k < 15`` in ``main_cifar100.py``: conv1..fc2 with their batch-norm parameters, never the
+  head). Here that part is every parameter in model order up to and including the last
+  protected layer's own bias, the output layer (the last Linear/Conv2d of the model) excluded,
+  so a biased head (``nn.Linear(100, 10)``) can still learn the new classes' biases.
+
+First-task rule: ``count`` applies to the first task only. On later tasks a layer whose basis is
+still empty (its first basis came out empty) gets the later-task rule, as in the official code
+(there the first-task branch runs only for ``task_id == 0``): directions are added while the
+captured energy is below the threshold, i.e. the fewest that reach it.
 
 Thresholds: one number, or one per layer in model order (PMNIST: ``[0.95, 0.99, 0.99]``), plus
 ``threshold_inc * task_id`` (CIFAR-100: 0.97 + 0.003 t). Departures: bases grow with an exact
@@ -49,7 +59,8 @@ class GPM:
         n_samples: training examples of the finished task used for its representations.
         count: ``"official"`` or ``"reach"`` (first-task count, see module docstring).
         layers: names of the Linear/Conv2d modules to protect (default: all).
-        freeze_1d: zero 1-D parameter gradients after the first task, as the official code does.
+        freeze_1d: after the first task, zero the gradients of the 1-D parameters (biases, norm
+            layers) of the projected part of the network, never the output layer's (see above).
         seed: which examples are sampled.
     """
 
@@ -72,11 +83,13 @@ class GPM:
         self.tasks_done = 0
         self._projector: GradientProjector | None = None
         self._model: torch.nn.Module | None = None
+        self._frozen: list[torch.nn.Parameter] = []
 
     def _proj(self, model: torch.nn.Module) -> GradientProjector:
         if self._projector is None or self._model is not model:
             self._projector = GradientProjector(model, self.subspace, layers=self.layers)
             self._model = model
+            self._frozen = _projected_1d(model, list(self._projector.layers))
             n = len(self._projector.layers)
             if len(self.thresholds) not in (1, n):
                 raise ValueError(f"threshold: expected 1 or {n} values (one per layer), got {len(self.thresholds)}")
@@ -95,8 +108,8 @@ class GPM:
             return
         self._proj(ctx.model).project_()
         if self.freeze_1d:
-            for p in ctx.model.parameters():
-                if p.grad is not None and p.dim() == 1:
+            for p in self._frozen:
+                if p.grad is not None:
                     p.grad.zero_()
 
     def after_task(self, ctx: Any, task: Any) -> None:
@@ -106,8 +119,11 @@ class GPM:
         idx = torch.randperm(len(x), generator=g)[: self.n_samples]
         reps = proj.representations(x[idx].to(ctx.device))
         ths = self._layer_thresholds(list(proj.layers), self.tasks_done)
+        # The first-task count only for the first task: a basis still empty later gets the
+        # later-task rule (add while below the threshold), which is the "reach" count.
+        count = self.count if self.tasks_done == 0 else "reach"
         added = self.subspace.extend({n: a.cpu() for n, a in reps.items()}, ths, criterion="energy",
-                                     count=self.count)
+                                     count=count)
         self.tasks_done += 1
         log.info("GPM after task %d: added %s, ranks %s", self.tasks_done - 1, added, self.subspace.ranks())
 
@@ -117,3 +133,24 @@ class GPM:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.subspace.load_state_dict(state["subspace"])
         self.tasks_done = int(state["tasks_done"])
+
+
+def _projected_1d(model: torch.nn.Module, layers: list[str]) -> list[torch.nn.Parameter]:
+    """The 1-D parameters of the projected part of ``model``: in ``named_parameters`` order, those
+    up to and including the last protected layer's own parameters, minus the output layer's (the
+    last Linear/Conv2d module)."""
+    convs = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    head = convs[-1] if convs else None
+    body = [n for n in layers if n != head]
+    if not body:
+        return []
+
+    def owner(param_name: str) -> str:
+        return param_name.rsplit(".", 1)[0] if "." in param_name else ""
+
+    named = list(model.named_parameters())
+    names = [n for n, _ in named]
+    last = max(names.index(f"{n}.weight" if n else "weight") for n in body)
+    last_owner = owner(names[last])
+    return [p for i, (n, p) in enumerate(named)
+            if p.dim() == 1 and (i < last or owner(n) == last_owner) and owner(n) != head]

@@ -25,7 +25,7 @@ class Finetune(Plugin):
 
 
 class ER(Plugin):
-    """Experience replay with a reservoir memory.
+    """Experience replay with a reservoir memory (or any buffer you pass).
 
     Chaudhry, Rohrbach, Elhoseiny, Ajanthan, Dokania, Torr and Ranzato, "On Tiny Episodic
     Memories in Continual Learning" (arXiv 1902.10486, 2019), Algorithm 1 with reservoir
@@ -40,18 +40,36 @@ class ER(Plugin):
     within the first task (as in the paper and Mammoth). In task-incremental scenarios each
     replayed example keeps its own task id, so its logits are masked to its own task's classes.
 
+    The memory is pluggable (Avalanche's ``storage_policy`` idea): ``buffer=`` takes any object
+    with ``add(**fields)``, ``sample(n)`` (a dict of tensors with the fields ``x``, ``y``,
+    ``task``), ``len()``, ``state_dict()`` and ``load_state_dict()``, e.g.
+    :class:`forgetcore.replay.ClassBalancedReservoir`; the default is a :class:`ReservoirBuffer`.
+
     Args:
-        capacity: examples the memory holds.
+        capacity: examples the default reservoir holds (leave None when passing ``buffer``).
         batch_size: replayed examples per step; default the stream batch's size (the paper's
             choice, 10 + 10).
         seed: seeds the reservoir's decisions and its sampling.
         device: where the memory lives; default the device of the first stream batch.
+        buffer: the memory to use instead of a reservoir.
     """
 
-    def __init__(self, capacity: int, batch_size: int | None = None, seed: int = 0,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(self, capacity: int | None = None, batch_size: int | None = None, seed: int = 0,
+                 device: torch.device | str | None = None, *, buffer: Any = None) -> None:
         self.batch_size = None if batch_size is None else _checks.positive_int("batch_size", batch_size)
-        self.buffer = ReservoirBuffer(capacity, seed=seed, device=device)  # checks capacity, seed
+        if buffer is None:
+            if capacity is None:
+                raise ValueError("capacity: expected the reservoir's size (or pass buffer=), got None")
+            buffer = ReservoirBuffer(capacity, seed=seed, device=device)  # checks capacity, seed
+        else:
+            if capacity is not None:
+                raise ValueError(f"capacity: pass either capacity or buffer, not both (got capacity={capacity})")
+            missing = [m for m in ("add", "sample", "__len__", "state_dict", "load_state_dict")
+                       if not callable(getattr(buffer, m, None))]
+            if missing:
+                raise TypeError(f"buffer: expected an object with add, sample, len, state_dict and "
+                                f"load_state_dict, got {type(buffer).__name__} without {missing}")
+        self.buffer = buffer
 
     def transform_batch(self, ctx: Context, batch: Batch) -> Batch:
         if len(self.buffer) == 0:
