@@ -13,6 +13,15 @@ after task ``n - 1`` and uses only columns ``j < n`` (plus ``b``). Metrics keep 
 - :func:`average_forgetting`: F_k (Chaudhry, Dokania, Ajanthan and Torr, "Riemannian Walk for
   Incremental Learning: Understanding Forgetting and Intransigence", ECCV 2018, the forgetting
   measure of its evaluation section).
+
+Continual evaluation (De Lange, van de Ven and Tuytelaars, "Continual Evaluation for Lifelong
+Learning: Identifying the Stability Gap", ICLR 2023), over per-iteration accuracy curves
+(:class:`ContinualEvaluation`, or ``Trainer(eval_every=1)``'s ``curves``): :func:`min_acc`,
+:func:`wc_acc`, :func:`windowed_forgetting`, :func:`windowed_plasticity`, :func:`lca`, and
+:func:`stability_gap` for all of them.
+
+Continual instruction tuning (MLLM-CTBench, ``eval_matrix.py`` / ``aggregate_cl.py`` of
+``yueluoshuangtian/MLLM-CTBench``): :func:`ctbench_metrics` (AP, BWT, signed per-task Forget).
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .. import _checks
 
 
 def accuracy_matrix(R: Any) -> np.ndarray:
@@ -129,3 +140,245 @@ def summary(R: Any, b: Any = None) -> dict[str, float]:
         if b is not None:
             out["fwt"] = forward_transfer(a, b)
     return out
+
+
+# ---------------------------------------------------------------------------- MLLM-CTBench
+def ctbench_metrics(P: Any) -> dict[str, Any]:
+    """MLLM-CTBench's continual instruction-tuning metrics of an accuracy matrix ``P`` (N x N).
+
+    ``P[i][j]``: score on task j after training task i. As the benchmark's code computes them
+    (only the diagonal and the last row are needed; other entries may be NaN/None):
+
+    - ``AP`` = (1/N) sum_j P[N-1][j]: average performance after the last task;
+    - ``BWT`` = 1/(N-1) sum_{j<N-1} (P[N-1][j] - P[j][j]) (negative: forgetting);
+    - ``forget``: per task j < N-1, the signed P[N-1][j] - P[j][j] (negative: forgetting;
+      not the max-based forgetting of :func:`average_forgetting`).
+
+    The benchmark applies the same three to its CoT-quality scores; pass that matrix the same way.
+    """
+    if isinstance(P, torch.Tensor):
+        P = P.detach().cpu().numpy()
+    try:
+        a = np.array(P, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"P: expected a square matrix of numbers, got {type(P).__name__} ({e})") from None
+    if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] < 2:
+        raise ValueError(f"P: expected a square matrix (N, N) with N >= 2, got shape {a.shape}")
+    n = a.shape[0]
+    diag, last = np.diag(a), a[n - 1]
+    if not (np.isfinite(diag).all() and np.isfinite(last).all()):
+        raise ValueError("P: expected finite scores on the diagonal and the last row, got NaN/inf/None")
+    forget = (last[: n - 1] - diag[: n - 1]).tolist()
+    return {"AP": float(last.mean()), "BWT": float(np.mean(forget)), "forget": forget}
+
+
+# ---------------------------------------------------------------------------- continual evaluation
+def _curves(curves: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(learning task per evaluation (E,), accuracy (E, T) with NaN where not evaluated)."""
+    if isinstance(curves, Mapping) and "curves" in curves and "acc" not in curves:
+        curves = curves["curves"]  # a Trainer.fit() result
+    if not isinstance(curves, Mapping) or not {"task", "acc"} <= set(curves):
+        raise ValueError("curves: expected a dict with 'task' (learning task per evaluation) and 'acc' "
+                         "(accuracy per task per evaluation), as Trainer.fit()['curves'] or "
+                         "ContinualEvaluation.curves")
+    task = np.asarray(curves["task"], dtype=np.int64)
+    acc = np.array([[np.nan if v is None else v for v in row] for row in curves["acc"]], dtype=np.float64)
+    if task.ndim != 1 or len(task) == 0 or acc.ndim != 2 or acc.shape[0] != len(task):
+        raise ValueError(f"curves: expected as many accuracy rows as learning tasks (>= 1), got "
+                         f"{len(task)} tasks and accuracy shape {acc.shape}")
+    if np.isinf(acc).any():
+        raise ValueError("curves: expected finite accuracies (or None/NaN where not evaluated), got inf")
+    return task, acc
+
+
+def _average(name: str, average: str) -> None:
+    if average not in ("previous", "all"):
+        raise ValueError(f"{name}: expected 'previous' (the paper) or 'all' (the official code), got {average!r}")
+
+
+def min_acc(curves: Any, per_task: bool = False) -> float | dict[int, float]:
+    """Average minimum accuracy, min-ACC (De Lange et al. 2023, Sec. 4, Eq. 4).
+
+    For each task i, the lowest accuracy over every evaluation taken while another task is being
+    learned (so evaluations after task i was learned count, those while it is learned do not;
+    a pre-update point of the next task counts, as it belongs to that task). Averaged over the
+    tasks that have such evaluations, the previous tasks (``per_task=True``: the dict).
+    ``nan`` when there are none (a single task).
+    """
+    task, acc = _curves(curves)
+    out = {}
+    for i in range(acc.shape[1]):
+        v = acc[(task != i), i]
+        v = v[~np.isnan(v)]
+        if len(v):
+            out[i] = float(v.min())
+    if per_task:
+        return out
+    return float(np.mean(list(out.values()))) if out else float("nan")
+
+
+def wc_acc(curves: Any) -> float:
+    """Worst-case accuracy at the last evaluation, WC-ACC (De Lange et al. 2023, Eq. 5):
+    ``(1/k) A(current task) + (1 - 1/k) min-ACC`` over the k tasks seen, i.e. the mean of the
+    current task's accuracy and the previous tasks' minimum accuracies (the official code's
+    ``WCACCPluginMetric``)."""
+    task, acc = _curves(curves)
+    k = int(task[-1])
+    cur = acc[-1, k]
+    if np.isnan(cur):
+        raise ValueError(f"curves: the current task {k} was not evaluated at the last point")
+    mins = min_acc({"task": task, "acc": acc}, per_task=True)
+    vals = [cur] + [m for i, m in mins.items() if i != k]
+    return float(np.mean(vals))
+
+
+def _window_delta(seq: np.ndarray, window: int, sign: float) -> float:
+    """max over windows of ``window`` consecutive values of max_{m<n} sign*(A_m - A_n) (>= 0
+    once two values exist; the official code's running max starts at 0)."""
+    best = 0.0
+    for n in range(1, len(seq)):
+        lo = max(0, n - window + 1)
+        d = sign * (seq[lo:n] - seq[n])
+        best = max(best, float(d.max()))
+    return best
+
+
+def _windowed(curves: Any, window: int, average: str, sign: float, per_task: bool):
+    window = _checks.positive_int("window", window)
+    if window < 2:
+        raise ValueError(f"window: expected at least 2 evaluations, got {window}")
+    _average("average", average)
+    task, acc = _curves(curves)
+    k = int(task[-1])
+    out = {}
+    for i in range(acc.shape[1]):
+        seq = acc[:, i][~np.isnan(acc[:, i])]
+        if len(seq) == 0 or (average == "previous" and i >= k):
+            continue
+        out[i] = _window_delta(seq, window, sign)
+    if per_task:
+        return out
+    return float(np.mean(list(out.values()))) if out else float("nan")
+
+
+def windowed_forgetting(curves: Any, window: int = 10, average: str = "previous",
+                        per_task: bool = False) -> float | dict[int, float]:
+    """Windowed forgetting WF^w (De Lange et al. 2023, Eq. 6): for each task, the largest drop
+    ``A_m - A_n`` (m < n) inside any ``window`` consecutive evaluations of that task, over the
+    whole run (the official code's running max, starting at 0).
+
+    ``average="previous"`` (default, the paper) averages over the tasks before the current
+    (last) one; ``"all"`` over every evaluated task, the current one included (the official
+    code's ``TaskAveragingPluginMetric``).
+    """
+    return _windowed(curves, window, average, 1.0, per_task)
+
+
+def windowed_plasticity(curves: Any, window: int = 10, average: str = "previous",
+                        per_task: bool = False) -> float | dict[int, float]:
+    """Windowed plasticity WP^w (De Lange et al. 2023): as :func:`windowed_forgetting` with the
+    largest rise ``A_n - A_m`` (m < n) instead."""
+    return _windowed(curves, window, average, -1.0, per_task)
+
+
+def lca(curves: Any, beta: int = 10) -> float:
+    """Learning curve area (Chaudhry et al., "Efficient Lifelong Learning with A-GEM", ICLR 2019)
+    as De Lange et al.'s code computes it: per task, the mean accuracy of its first ``beta``
+    evaluations while it is the task being learned (here the first is the pre-update point),
+    averaged over the tasks that had ``beta`` such evaluations (``nan`` if none)."""
+    beta = _checks.positive_int("beta", beta)
+    task, acc = _curves(curves)
+    vals = []
+    for i in np.unique(task):
+        v = acc[task == i, i]
+        v = v[~np.isnan(v)]
+        if len(v) >= beta:
+            vals.append(float(v[:beta].mean()))
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def stability_gap(curves: Any, window: int = 10, beta: int = 10, average: str = "previous") -> dict[str, float]:
+    """Every continual-evaluation metric of one run: ``min_acc``, ``wc_acc``, ``wf`` (WF^window),
+    ``wp`` (WP^window), ``lca``; ``average`` as in :func:`windowed_forgetting`."""
+    return {"min_acc": min_acc(curves), "wc_acc": wc_acc(curves),
+            "wf": windowed_forgetting(curves, window, average), "wp": windowed_plasticity(curves, window, average),
+            "lca": lca(curves, beta)}
+
+
+class ContinualEvaluation:
+    """Per-iteration evaluation as a :class:`~forgetcore.continual.Trainer` plugin (De Lange et al.
+    2023, Sec. 3, the official ``ContinualEvaluationPhasePlugin``).
+
+    Before each task's first update (the pre-update point, x = -1 for task 0) and after every
+    ``every``-th optimisation step, the model (in eval mode, restored after) is evaluated on
+    every seen task's test split, or on ``subset_size`` examples of it. The subset is drawn once
+    per task from ``seed`` and kept (default: a fixed subset, so that resampling noise does not
+    bias the minimum down); ``resample=True`` draws a fresh one at every evaluation, as the
+    official code does (seeded by (seed, task, step), so a resumed run draws the same).
+
+    ``curves`` has the format of ``Trainer.fit()["curves"]`` (``step``, ``task``, ``acc`` with
+    None for tasks not seen) and feeds :func:`stability_gap`. Logits are masked to the task's
+    classes in task-incremental scenarios, as the trainer's evaluation does.
+    """
+
+    def __init__(self, every: int = 1, subset_size: int | None = 1000, resample: bool = False,
+                 seed: int = 0, batch_size: int = 1024) -> None:
+        self.every = _checks.positive_int("every", every)
+        self.subset_size = None if subset_size is None else _checks.positive_int("subset_size", subset_size)
+        if not isinstance(resample, bool):
+            raise TypeError(f"resample: expected a bool, got {type(resample).__name__}")
+        self.resample = resample
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+        self.seed = int(seed)
+        self.batch_size = _checks.positive_int("batch_size", batch_size)
+        self.curves: dict[str, list] = {"step": [], "task": [], "acc": []}
+
+    def _subset(self, j: int, n: int, step: int) -> torch.Tensor:
+        if self.subset_size is None or self.subset_size >= n:
+            return torch.arange(n)
+        key = [self.seed, j, step] if self.resample else [self.seed, j]
+        s = int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0])
+        return torch.randperm(n, generator=torch.Generator().manual_seed(s))[: self.subset_size]
+
+    @torch.no_grad()
+    def _evaluate(self, ctx: Any) -> None:
+        model, sc, t = ctx.model, ctx.scenario, ctx.task_id
+        was = model.training
+        model.eval()
+        row: list[float | None] = [None] * len(sc)
+        try:
+            for j in range(t + 1):
+                x, y = sc[j].test.tensors
+                idx = self._subset(j, len(y), ctx.step)
+                correct = 0
+                for part in idx.split(self.batch_size):
+                    out = model(x[part].to(ctx.device))
+                    if sc.mode == "task":
+                        mask = torch.zeros(out.shape[1], dtype=torch.bool, device=out.device)
+                        mask[sc[j].classes] = True
+                        out = out.masked_fill(~mask, torch.finfo(out.dtype).min)
+                    correct += int((out.argmax(1).cpu() == y[part]).sum())
+                row[j] = correct / len(idx)
+        finally:
+            model.train(was)
+        self.curves["step"].append(int(ctx.step))
+        self.curves["task"].append(int(t))
+        self.curves["acc"].append(row)
+
+    def before_task(self, ctx: Any, task: Any) -> None:
+        self._evaluate(ctx)
+
+    def after_step(self, ctx: Any, batch: Any) -> None:
+        if ctx.step % self.every == 0:
+            self._evaluate(ctx)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"curves": {k: [list(v) if isinstance(v, list) else v for v in vs] for k, vs in self.curves.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        c = state["curves"]
+        if not isinstance(c, Mapping) or set(c) != {"step", "task", "acc"}:
+            raise ValueError("state: expected {'curves': {'step', 'task', 'acc'}} from "
+                             "ContinualEvaluation.state_dict()")
+        self.curves = {k: [list(v) if isinstance(v, list) else v for v in vs] for k, vs in c.items()}
