@@ -15,7 +15,13 @@ from . import scenarios
 from .fot import FOT
 from .gpm import GPM
 from .methods import ER, Finetune, Joint
+from .powerlaw import PowerLawRehearsal
 from .scenarios import Scenario, Task
+from .scole import LogitMask, SCoLeReplay
 from .trainer import Context, Plugin, Trainer
+from .uer import UER
+from .viewbatch import ViewBatch
+from .wa import WA
 
-__all__ = ["ER", "FOT", "GPM", "Context", "Finetune", "Joint", "Plugin", "Scenario", "Task", "Trainer", "scenarios"]
+__all__ = ["ER", "FOT", "GPM", "UER", "WA", "Context", "Finetune", "Joint", "LogitMask", "Plugin",
+           "PowerLawRehearsal", "SCoLeReplay", "Scenario", "Task", "Trainer", "ViewBatch", "scenarios"]

@@ -211,3 +211,95 @@ def rotated(dataset: str = "digits", n_tasks: int = 5, seed: int = 0,
         angles = [_checks.real(f"angles[{i}]", a) for i, a in enumerate(angles)]
     return _domain_stream(dataset, n_tasks, seed, val_fraction, test_fraction,
                           [lambda x, a=a: rotate(x, a) for a in angles], f"rotated-{dataset}")
+
+
+# ---------------------------------------------------------------------------- SCoLe
+def scole_probabilities(n_classes: int, entropy_decrease: float = 0.0, seed: int = 0) -> np.ndarray:
+    """SCoLe's class distribution (Lesort et al. 2023, ``sampling.get_probability``).
+
+    ``entropy_decrease == 0``: uniform. Otherwise ``p_c = 1/C - (1/C) c f`` (``f = 0.05`` for
+    C = 10, else 0.01), normalised, raised to the power ``entropy_decrease`` and normalised
+    again, then shuffled over classes by ``seed``: a few classes become frequent, the rest rare.
+    """
+    c = _checks.positive_int("n_classes", n_classes)
+    ed = _checks.real("entropy_decrease", entropy_decrease, low=0.0)
+    if ed == 0:
+        return np.full(c, 1.0 / c)
+    f = 0.05 if c == 10 else 0.01
+    p = 1.0 / c - (1.0 / c) * np.arange(c) * f
+    if (p <= 0).any():
+        raise ValueError(f"n_classes: SCoLe's skew 1/C - c f/C turns non-positive for C = {c}")
+    p = p / p.sum()
+    p = p ** ed / (p ** ed).sum()
+    np.random.RandomState(seed).shuffle(p)
+    return p
+
+
+def scole_classes(n_tasks: int, n_classes: int = 10, classes_per_task: int = 2, *, entropy_decrease: float = 0.0,
+                  prob_reduction: float | None = None, forgetting_probe: bool = False,
+                  seed: int = 0) -> list[list[int]]:
+    """The classes of each task of a SCoLe stream (Lesort et al. 2023, ``sampling.get_classes``).
+
+    Task t draws ``classes_per_task`` distinct classes with probabilities
+    :func:`scole_probabilities` (so classes re-occur, hundreds of times in long streams).
+    ``prob_reduction = r`` divides the drawn classes' probabilities by r afterwards
+    (renormalised: recently seen classes become less likely). ``forgetting_probe``: from task
+    ``t > n_tasks / 2`` on, classes are drawn only from the first ``n_classes // 2`` (the
+    others are never seen again; their accuracy shows how forgetting proceeds).
+    One seeded ``numpy`` stream drives the draws (the official code seeds numpy's global state).
+    """
+    t_n = _checks.positive_int("n_tasks", n_tasks)
+    c = _checks.positive_int("n_classes", n_classes)
+    k = _checks.positive_int("classes_per_task", classes_per_task)
+    if k > c or (forgetting_probe and k > c // 2):
+        raise ValueError(f"classes_per_task: expected at most {c // 2 if forgetting_probe else c} "
+                         f"(the classes that can be drawn), got {k}")
+    if prob_reduction is not None:
+        prob_reduction = _checks.real("prob_reduction", prob_reduction, low=0.0, low_open=True)
+    p = scole_probabilities(c, entropy_decrease, seed)
+    rng = np.random.RandomState(seed)
+    out = []
+    for t in range(t_n):
+        q = p.copy()
+        if forgetting_probe and t > t_n / 2:
+            q[c // 2:] = 0.0
+        q = q / q.sum()
+        cls = rng.choice(c, size=k, replace=False, p=q)
+        out.append(sorted(int(v) for v in cls))
+        if prob_reduction is not None:
+            p[cls] /= prob_reduction
+            p = p / p.sum()
+    return out
+
+
+def scole(dataset: str = "digits", n_tasks: int = 100, classes_per_task: int = 2, *, entropy_decrease: float = 0.0,
+          prob_reduction: float | None = None, forgetting_probe: bool = False, seed: int = 0,
+          val_fraction: float = 0.1, test_fraction: float = 0.2) -> Scenario:
+    """A SCoLe stream (Lesort, Ostapenko, Rodriguez, Misra, Arefin, Charlin and Rish, "Challenging
+    Common Assumptions about Catastrophic Forgetting and Knowledge Accumulation", CoLLAs 2023;
+    official code ``TLESORT/SCoLe-SCaling-Continual-Learning``): long sequences (hundreds of tasks)
+    of few classes each, drawn with re-occurrence by :func:`scole_classes`.
+
+    Each task trains on every training example of its classes (class-incremental head, global
+    labels). Every task's ``test`` split is the FULL test set of all classes, as SCoLe evaluates,
+    and shares its tensors: evaluate it once per boundary with ``Trainer(eval_tasks="current")``.
+    Train with per-minibatch logit masking (:class:`forgetcore.continual.LogitMask`) and,
+    optionally, :class:`forgetcore.continual.SCoLeReplay`.
+    """
+    n_tasks, seed, val_fraction, test_fraction = _check_common(dataset, n_tasks, seed, val_fraction, test_fraction)
+    x, y, (tr, va, te) = _splits(dataset, seed, val_fraction, test_fraction)
+    n_classes = len(torch.unique(y))
+    plan = scole_classes(n_tasks, n_classes, classes_per_task, entropy_decrease=entropy_decrease,
+                         prob_reduction=prob_reduction, forgetting_probe=forgetting_probe, seed=seed)
+    test = datasets.subset(x, y, te)
+    by_class_tr = {c: datasets.subset(x, y, tr[y[tr] == c]) for c in range(n_classes)}
+    by_class_va = {c: datasets.subset(x, y, va[y[va] == c]) for c in range(n_classes)}
+
+    def union(parts: dict[int, TensorDataset], cls: list[int]) -> TensorDataset:
+        return TensorDataset(torch.cat([parts[c].tensors[0] for c in cls]),
+                             torch.cat([parts[c].tensors[1] for c in cls]))
+
+    tasks = [Task(t, cls, union(by_class_tr, cls), union(by_class_va, cls), test) for t, cls in enumerate(plan)]
+    name = f"scole-{dataset}-{n_tasks}x{classes_per_task}" + (f"-ed{entropy_decrease:g}" if entropy_decrease else "")
+    return Scenario(tasks, name=name + ("-probe" if forgetting_probe else ""), mode="class",
+                    n_classes=n_classes, input_shape=tuple(x.shape[1:]), seed=seed)
