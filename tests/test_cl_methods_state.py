@@ -233,3 +233,15 @@ def test_power_law_plugin_counts_follow_the_scheduler(split3):
     ref = PowerLawScheduler(30, seed=0)
     assert pl.history == [ref.step() for _ in range(3)]
     assert pl.history[2] == [12, 18]  # (2+1)^-1 : (1+1)^-1 of 30
+
+
+def test_er_with_view_batch_stores_each_example_once(split3):
+    er = ER(1000, seed=0)
+    one = Scenario(split3.tasks[:1], name="1", mode="class", n_classes=10, input_shape=(1, 8, 8), seed=0)
+    trainer(mlp(), [er, ViewBatch(4)], epochs=1).fit(one)
+    n = len(one[0].train)
+    assert er.buffer.seen == n // 4  # one epoch serves n // 4 examples, four copies each
+    x = er.buffer.data()["x"]
+    assert len(torch.unique(x.flatten(1), dim=0)) == len(x)  # no duplicates, no noisy copies
+    train = one[0].train.tensors[0].flatten(1)
+    assert all(bool((train == row).all(1).any()) for row in x.flatten(1))

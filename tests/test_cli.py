@@ -23,12 +23,16 @@ def test_demo_cl_quick(tmp_path):
                         "--out", str(out), "--no-progress"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    for row in ("avg accuracy", "avg forgetting", "BWT", "Finetune", "ER", "Joint"):
+    for row in ("avg accuracy", "avg forgetting", "BWT", "Finetune", "ER", "UER", "WA", "ViewBatch", "PowerLaw",
+                "Joint", "stability gap"):
         assert row in r.stdout
     png = out / "cl.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     res = json.loads((out / "cl_results.json").read_text())
-    assert set(res["summary"]) == {"Finetune", "ER", "Joint"}
+    assert set(res["summary"]) == {"Finetune", "ER", "UER", "WA", "ViewBatch", "PowerLaw", "Joint"}
+    gap = out / "cl_stability_gap.png"
+    assert gap.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 0 <= res["stability_gap"]["metrics"]["min_acc"] <= 1
     assert res["config"]["seeds"] == 1 and len(res["runs"]["ER"]) == 1
     assert len(res["runs"]["ER"][0]["R"]) == 5
 

@@ -36,7 +36,9 @@ class ER(Plugin):
 
     Departures: the paper uses a single pass (one epoch) over each task; here the trainer's
     ``epochs`` apply and the same stream example is offered to the reservoir once per epoch
-    (as Mammoth's ER does). Replay starts as soon as the memory holds anything, also
+    (as Mammoth's ER does). A plugin that puts copies of an example in the stream batch marks
+    the rows to store with a boolean ``batch["store"]`` over the stream rows (View-Batch stores
+    each example's first, unaltered copy once). Replay starts as soon as the memory holds anything, also
     within the first task (as in the paper and Mammoth). In task-incremental scenarios each
     replayed example keeps its own task id, so its logits are masked to its own task's classes.
 
@@ -83,7 +85,12 @@ class ER(Plugin):
 
     def after_step(self, ctx: Context, batch: Batch) -> None:
         n = batch["n_stream"]
-        self.buffer.add(x=batch["x"][:n].detach(), y=batch["y"][:n], task=batch["task"][:n])
+        x, y, t = batch["x"][:n].detach(), batch["y"][:n], batch["task"][:n]
+        keep = batch.get("store")  # another plugin may say which stream rows are new examples
+        if keep is not None:
+            x, y, t = x[keep], y[keep], t[keep]
+        if len(y):
+            self.buffer.add(x=x, y=y, task=t)
 
     def state_dict(self) -> dict[str, Any]:
         return {"buffer": self.buffer.state_dict()}

@@ -38,7 +38,9 @@ class ViewBatch(Plugin):
       ``F.kl_div(..., reduction="mean")`` as the official code (it divides by the number of
       classes too: ``kl_reduction="batchmean"`` gives the per-example sum instead).
 
-    Replayed examples a replay plugin appends (after ``batch["n_stream"]``) get the CE only.
+    Replayed examples a replay plugin appends (after ``batch["n_stream"]``) get the CE only, and
+    ``batch["store"]`` marks each example's first copy so that :class:`ER` stores it once, not
+    ``R`` (noisy) times.
     Departures: the official code applies View-Batch to the union of the task's data and the
     buffer (iCaRL); here it orders the task's data and replay (e.g. :class:`ER`) adds to each
     batch as usual; groups are never cut (see ``view_batch_indices``).
@@ -84,9 +86,12 @@ class ViewBatch(Plugin):
         return torch.arange(n) % self.repeat  # batches hold whole groups of R copies
 
     def transform_batch(self, ctx: Context, batch: Batch) -> Batch:
-        if self.repeat == 1 or self.views == "none" or self.alpha == 0:
+        if self.repeat == 1:
             return batch
         n = batch["n_stream"]
+        if self.views == "none" or self.alpha == 0:
+            return {**batch, "store": self._levels(n) == 0}
+
         s = int(np.random.SeedSequence([ctx.seed, 7, ctx.step]).generate_state(1, dtype=np.uint64)[0])
         g = torch.Generator().manual_seed(s)
         x = batch["x"]
@@ -94,6 +99,7 @@ class ViewBatch(Plugin):
         noise = torch.rand(x[:n].shape, generator=g, dtype=x.dtype) * beta.view(-1, *([1] * (x.dim() - 1)))
         out = dict(batch)
         out["x"] = torch.cat([x[:n] + noise.to(x.device), x[n:]])
+        out["store"] = self._levels(n) == 0  # a replay memory stores each example once, unaltered
         return out
 
     def loss(self, ctx: Context, batch: Batch, output: torch.Tensor) -> torch.Tensor:

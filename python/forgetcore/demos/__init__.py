@@ -43,7 +43,8 @@ class Demo:
 
 
 DEMOS: dict[str, Demo] = {
-    "cl": Demo("continual", "Split-Digits class-incremental: Finetune, ER, Joint"),
+    "cl": Demo("continual", "Split-Digits class-incremental: Finetune, ER, UER, WA, ViewBatch, PowerLaw, Joint; "
+               "stability-gap plot", (Option("--full", "10 epochs per task instead of 4 (longer)"),)),
     "unlearn": Demo("unlearning", "SSD vs Retrain/Finetune/GradientAscent, full-class and random, with MIA"),
     "kv": Demo("kvcache", "KV-cache eviction on SmolLM2: A2SF vs H2O vs RecentWindow"),
     "subspace": Demo("subspace", "Permuted-Digits: GPM vs Finetune vs ER; federated FOT vs FedAvg"),
