@@ -44,7 +44,10 @@ class Demo:
 
 DEMOS: dict[str, Demo] = {
     "cl": Demo("continual", "Split-Digits class-incremental: Finetune, ER, UER, WA, ViewBatch, PowerLaw, Joint; "
-               "stability-gap plot", (Option("--full", "10 epochs per task instead of 4 (longer)"),)),
+               "stability-gap plot; SCoLe long streams with --scole N",
+               (Option("--full", "10 epochs per task instead of 4 (longer)"),
+                Option("--scole", "also run SCoLe streams of N tasks (e.g. 300) with and without masking",
+                       action="store", type=int))),
     "unlearn": Demo("unlearning", "SSD vs Retrain/Finetune/GradientAscent, full-class and random, with MIA"),
     "kv": Demo("kvcache", "KV-cache eviction on SmolLM2: A2SF vs H2O vs RecentWindow"),
     "subspace": Demo("subspace", "Permuted-Digits: GPM vs Finetune vs ER; federated FOT vs FedAvg"),
