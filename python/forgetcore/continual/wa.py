@@ -48,7 +48,11 @@ class WA(Plugin):
     the start (the trainer's fixed head) and the rows of classes not seen yet are kept at zero
     (no gradient reaches them: the loss uses seen classes only), so a new class starts from a
     zero row; old rows are kept (PyCIL's choice; the official code re-creates the layer each
-    stage). The optimiser, schedule and epochs are the trainer's.
+    stage). Aligning scales ``W_new`` in place (as PyCIL's ``weight_align``), so the next task
+    trains on from the aligned weights; the official code keeps the factor outside the weights
+    (its NCS module), applies it at inference and to the teacher's logits, and resets the
+    earlier stages' factors to 1 at each alignment. The optimiser, schedule and epochs are the
+    trainer's (the official recipe: SGD, momentum 0.9).
 
     Args:
         memory: total exemplars (official: 20 per class of the whole stream, 2000 on CIFAR-100).
