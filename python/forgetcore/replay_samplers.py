@@ -15,6 +15,7 @@ recall-interval sampler (to be re-exported from :mod:`forgetcore.replay`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -83,7 +84,7 @@ def herding_per_class(features: Any, labels: Any, per_class: int, *, normalize: 
     return out
 
 
-def view_batch_indices(n: int, epoch: int, repeat: int, seed: int = 0) -> torch.Tensor:
+def view_batch_indices(n: int, epoch: int, repeat: int, seed: int | Sequence[int] = 0) -> torch.Tensor:
     """The examples epoch ``epoch`` serves under View-Batch's recall interval ``R = repeat``.
 
     One permutation of ``range(n)`` per block of ``R`` epochs (drawn from ``(seed, epoch // R)``),
@@ -91,7 +92,8 @@ def view_batch_indices(n: int, epoch: int, repeat: int, seed: int = 0) -> torch.
     ``(e % R)``-th of ``R`` equal slices: so every epoch has about the same number of items as
     without repeats (equal compute), an example is seen as ``R`` consecutive copies (cut a
     mini-batch size that is a multiple of ``R`` and they share a mini-batch) and then rests for
-    ``R - 1`` epochs. ``R = 1`` is a plain per-epoch shuffle.
+    ``R - 1`` epochs. ``R = 1`` is a plain per-epoch shuffle. ``seed`` may be several ints
+    (e.g. the run's seed and the task id).
 
     Departure from the official code: slices hold ``(n // R) * R`` items, so groups of copies are
     never cut between epochs, and up to ``R - 1`` examples of each block's permutation are left

@@ -6,7 +6,12 @@
                       plugins=[ER(capacity=200, seed=0)], epochs=5)
     result = trainer.fit(scenario)          # result["R"]: the accuracy matrix
 
-Metrics over ``result["R"]`` live in :mod:`forgetcore.evaluation.continual`.
+Methods (each a plugin of the one ``Trainer``): ``Finetune``, ``ER`` (any buffer), ``Joint``,
+``GPM``, ``UER``, ``WA``, ``ViewBatch``, ``PowerLawRehearsal``, SCoLe's ``LogitMask`` and
+``SCoLeReplay`` (streams: ``scenarios.scole``); ``FOT`` runs its own federated loop.
+
+Metrics over ``result["R"]`` and over per-iteration curves (the stability gap) live in
+:mod:`forgetcore.evaluation.continual`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Metrics and harnesses over the results of forgetcore's methods.
 
-``evaluation.continual``: accuracy-matrix metrics; ``evaluation.unlearning``: forget/retain/test
+``evaluation.continual``: accuracy-matrix metrics, continual evaluation (stability gap) and
+MLLM-CTBench's metrics; ``evaluation.unlearning``: forget/retain/test
 accuracy, membership-inference attacks and the baseline comparison harness.
 """
 
