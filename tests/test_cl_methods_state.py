@@ -2,6 +2,7 @@
 nothing half-changed when a method raises; herding and the View-Batch sampler; SCoLe's generator
 statistics."""
 
+import contextlib
 import itertools
 
 import numpy as np
@@ -245,3 +246,29 @@ def test_er_with_view_batch_stores_each_example_once(split3):
     assert len(torch.unique(x.flatten(1), dim=0)) == len(x)  # no duplicates, no noisy copies
     train = one[0].train.tensors[0].flatten(1)
     assert all(bool((train == row).all(1).any()) for row in x.flatten(1))
+
+
+def test_view_batch_consistency_loss_matches_kl_div():
+    torch.manual_seed(0)
+    sc = scenarios.split("digits", n_tasks=5, mode="class", seed=0)
+    ctx = type("C", (), {"scenario": sc, "task_id": 1, "epoch": 3})()
+    out = torch.randn(8, 10)
+    batch = {"y": torch.tensor([0, 0, 0, 0, 2, 2, 2, 2]), "n_stream": 8}
+    seen = [0, 1, 2, 3]
+    logp = torch.log_softmax(out[:, seen].view(2, 4, 4), dim=2)
+    ce = torch.nn.functional.cross_entropy(out, batch["y"])
+    for red in ("mean", "batchmean"):
+        vb = ViewBatch(4, kl_reduction=red, ssl_weight=0.5)
+        with pytest.warns(UserWarning) if red == "mean" else contextlib.nullcontext():
+            ref = sum(torch.nn.functional.kl_div(logp[:, v], logp[:, 0].exp(), reduction=red) for v in range(1, 4))
+        assert float(vb.loss(ctx, batch, out)) == pytest.approx(float(ce + 0.5 * ref / 4), rel=1e-5)
+    assert float(ViewBatch(4, ssl=False).loss(ctx, batch, out)) == pytest.approx(float(ce))
+    assert float(ViewBatch(4, ssl_start=5).loss(ctx, batch, out)) == pytest.approx(float(ce))  # epoch 3 < 5
+
+
+@pytest.mark.parametrize("schedule", ["power", "exponential", "uniform"])
+def test_power_law_controls_rehearse_the_same_total(schedule, split3):
+    pl = PowerLawRehearsal(30, schedule=schedule, seed=0)
+    trainer(mlp(), [pl], epochs=1).fit(split3)
+    assert [sum(h) for h in pl.history] == [0, 30, 30]  # matched budget per phase
+    assert all(len(i) == n for i, n in zip(pl.indices, pl.history[-1]))
