@@ -28,13 +28,16 @@ COLUMNS = ["forget_acc", "retain_acc", "test_acc", "test_forget_acc", "test_reta
            "mia_loss_auc", "fit_s"]
 
 
-def methods(seed: int, progress: bool) -> list[Any]:
-    ssd_auto = SSD(alpha="auto", seed=seed)
+def methods(seed: int, progress: bool, kind: str = "full-class") -> list[Any]:
+    """The table's methods; SSD's importance batch is 64 for full-class and 128 for random forgetting
+    (the official scripts' batch sizes)."""
+    bs = 128 if kind.startswith("random") else 64
+    ssd_auto = SSD(alpha="auto", seed=seed, batch_size=bs)
     ssd_auto.label = "SSD (auto alpha)"
-    ssd10 = SSD(alpha=10.0, seed=seed)
+    ssd10 = SSD(alpha=10.0, seed=seed, batch_size=bs)
     ssd10.label = "SSD (alpha=10)"
     return [Retrain(seed=seed, progress=progress), RetainFinetune(seed=seed), GradientAscent(seed=seed), ssd_auto,
-            ssd10, LFSSD(alpha=10.0, seed=seed)]
+            ssd10, LFSSD(alpha=10.0, seed=seed, batch_size=bs)]
 
 
 def _mean_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -74,7 +77,8 @@ def _run(out: Path, seeds: int | None, quick: bool, progress: bool) -> dict[str,
                 cls = (3 + 3 * seed) % 10
                 data = ev.full_class(name, cls, seed) if kind == "full-class" else ev.random_subset(name, 0.1, seed)
                 model = ev.train_original(data, "mlp", seed, progress=progress)
-                runs.append(ev.compare(methods(seed, progress), data, model, progress=progress))
+                ms = methods(seed, progress, kind)
+                runs.append(ev.compare(ms, data, model, reference=ms[0], progress=progress))
             key = f"{name} {kind}"
             results[key] = {"mean": _mean_rows(runs), "runs": runs}
             what = f"class {', '.join(str((3 + 3 * s) % 10) for s in range(n_seeds))}" if kind == "full-class" \

@@ -27,18 +27,17 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 from .. import _checks, datasets
 from ..training import fit_epochs, logits_of
-from ..unlearning import TRAIN_DEFAULTS, Retrain, UnlearnData
+from ..unlearning.data import TRAIN_DEFAULTS, UnlearnData, labels_of
 
 __all__ = ["full_class", "random_subset", "make_model", "train_original", "evaluate", "compare",
            "format_table", "SPLIT"]
@@ -85,7 +84,7 @@ def random_subset(name: str = "digits", fraction: float = 0.1, seed: int = 0) ->
     fraction = _checks.real("fraction", fraction, low=0.0, high=1.0, low_open=True, high_open=True)
     x, y, (tr, va, te) = _splits(name, seed)
     perm = tr[torch.randperm(len(tr), generator=torch.Generator().manual_seed(int(seed) + 1))]
-    k = max(1, int(round(fraction * len(tr))))
+    k = max(1, round(fraction * len(tr)))
     f_tr, r_tr = torch.sort(perm[:k]).values, torch.sort(perm[k:]).values
     return UnlearnData(forget=datasets.subset(x, y, f_tr), retain=datasets.subset(x, y, r_tr),
                        retain_val=datasets.subset(x, y, va), test=datasets.subset(x, y, te))
@@ -107,21 +106,22 @@ def make_model(arch: str = "mlp", in_shape: Sequence[int] = (1, 8, 8), n_classes
 
 
 def train_original(data: UnlearnData, arch: str = "mlp", seed: int = 0, *, progress: bool = False,
+                   regulariser: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
                    **recipe: Any) -> nn.Module:
     """Train a fresh :func:`make_model` on retain and forget together, with ``TRAIN_DEFAULTS``
-    (overridable through ``recipe``); returns it in eval mode."""
+    (overridable through ``recipe``); returns it in eval mode.
+
+    ``regulariser(model, loss) -> penalty`` is added to every mini-batch's loss: how the original
+    was trained is part of some methods (IAU's gradient restriction,
+    ``forgetcore.unlearning.iau.gradient_restriction``).
+    """
     cfg = {**TRAIN_DEFAULTS, **recipe}
     x0, y0 = data.retain[0]
-    n_classes = 1 + int(max(_labels(data.retain).max(), _labels(data.forget).max()))
+    n_classes = 1 + int(max(labels_of(data.retain).max(), labels_of(data.forget).max()))
     model = make_model(arch, tuple(x0.shape), n_classes, seed)
-    fit_epochs(model, data.full(seed), seed=seed, progress=progress, desc="train original", **cfg)
+    fit_epochs(model, data.full(seed), seed=seed, progress=progress, desc="train original",
+               regulariser=regulariser, **cfg)
     return model
-
-
-def _labels(ds: Dataset) -> torch.Tensor:
-    if isinstance(ds, torch.utils.data.TensorDataset):
-        return ds.tensors[1]
-    return torch.as_tensor([int(ds[i][1]) for i in range(len(ds))])  # type: ignore[arg-type]
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -210,45 +210,62 @@ def _method_name(m: Any) -> str:
 
 
 def compare(methods: Sequence[Any], data: UnlearnData, model: nn.Module, *, include_original: bool = True,
+            reference: Any | None = None, originals: Mapping[str, nn.Module] | None = None,
             progress: bool = False) -> list[dict[str, Any]]:
     """Run each method on a deep copy of ``model``; one row per method with metrics and ``fit_s``.
 
-    A method whose ``alpha == "auto"`` and ``target is None`` on random-subset data gets as target
-    the forget-set accuracy of a retrained model (the ``Retrain`` in ``methods`` if present, run
-    first; otherwise a default ``Retrain``). Rows also carry what ``fit`` reported about the
-    chosen ``alpha`` and the number of dampened elements, when it did.
+    ``reference``: the gold-standard method (e.g. ``forgetcore.unlearning.Retrain(...)``). A method
+    whose ``alpha == "auto"`` and ``target is None`` on random-subset data gets as target the
+    forget-set accuracy of ``reference``'s model (run first; if ``reference`` is also one of
+    ``methods`` its row is that run). Evaluation does not import methods: the caller passes them.
+    ``originals``: a different original model for some methods, keyed by method name (a method
+    whose original is trained differently, e.g. IAU's gradient restriction); the others use
+    ``model``. Rows also carry what ``fit`` reported about the chosen ``alpha``, the number of
+    dampened elements and the target, when it did.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(data, UnlearnData):
         raise TypeError(f"data: expected an UnlearnData, got {type(data).__name__}")
+    originals = dict(originals or {})
+    for k, v in originals.items():
+        if not isinstance(v, nn.Module):
+            raise TypeError(f"originals: expected torch.nn.Module values, got {type(v).__name__} for {k!r}")
+    if reference is not None and not callable(getattr(reference, "fit", None)):
+        raise TypeError(f"reference: expected a method with fit(model, data), got {type(reference).__name__}")
+    needs_target = data.forget_classes is None and any(
+        getattr(m, "alpha", None) == "auto" and getattr(m, "target", 0) is None for m in methods)
+    if needs_target and reference is None:
+        raise ValueError("reference: a method tunes alpha on random-subset data and needs the forget accuracy of a "
+                         "retrained model; pass reference=Retrain(...) (or give the method a target)")
     head: list[dict[str, Any]] = []
     if include_original:
         head.append({"method": "Original", "fit_s": 0.0, **evaluate(model, data)})
-    needs_target = data.forget_classes is None and any(
-        getattr(m, "alpha", None) == "auto" and getattr(m, "target", 0) is None for m in methods)
-    # Retrain first when its forget accuracy is some other method's target.
-    order = sorted(range(len(methods)), key=lambda i: not isinstance(methods[i], Retrain)) if needs_target \
-        else list(range(len(methods)))
-    retrain_forget: float | None = None
     rows: dict[int, dict[str, Any]] = {}
-    for i in order:
-        m = methods[i]
-        if needs_target and getattr(m, "alpha", None) == "auto" and getattr(m, "target", 0) is None:
-            if retrain_forget is None:
-                ref = copy.deepcopy(model)
-                Retrain(progress=progress).fit(ref, data)
-                retrain_forget = evaluate(ref, data)["forget_acc"]
-            m = copy.copy(m)
-            m.target = retrain_forget
-        work = copy.deepcopy(model)
+
+    def run(i: int, m: Any) -> dict[str, Any]:
+        base = originals.get(_method_name(m), model)
+        work = copy.deepcopy(base)
         t0 = time.perf_counter()
         info = m.fit(work, data)
         row: dict[str, Any] = {"method": _method_name(m), "fit_s": time.perf_counter() - t0, **evaluate(work, data)}
         row.update({k: info[k] for k in ("alpha", "dampened", "target") if k in info})
-        if isinstance(m, Retrain) and retrain_forget is None:
-            retrain_forget = row["forget_acc"]
-        rows[i] = row
+        return row
+
+    target: float | None = None
+    if needs_target:
+        pos = next((i for i, m in enumerate(methods) if m is reference), None)
+        ref_row = run(-1 if pos is None else pos, reference)
+        if pos is not None:
+            rows[pos] = ref_row
+        target = ref_row["forget_acc"]
+    for i, m in enumerate(methods):
+        if i in rows:
+            continue
+        if needs_target and getattr(m, "alpha", None) == "auto" and getattr(m, "target", 0) is None:
+            m = copy.copy(m)  # the caller's object is untouched
+            m.target = target
+        rows[i] = run(i, m)
     return head + [rows[i] for i in range(len(methods))]
 
 
