@@ -2,6 +2,7 @@
 
 - :class:`SSD` / :class:`LFSSD`: Selective Synaptic Dampening (Foster et al., AAAI 2024).
 - :class:`GU`: Geometric-disentanglement Unlearning (Zhou et al., 2025), PCGrad as its baseline.
+- :class:`IAU`: influence approximation, one Adam step (Liu et al., 2025).
 - Baselines: :class:`Retrain` (gold standard), :class:`RetainFinetune`, :class:`GradientAscent`.
 
 ``forgetcore.evaluation.unlearning`` builds scenarios on the embedded digits/MNIST data and
@@ -13,7 +14,8 @@ from __future__ import annotations
 from .baselines import TRAIN_DEFAULTS, GradientAscent, RetainFinetune, Retrain
 from .data import UnlearnData
 from .gu import GU
+from .iau import IAU
 from .ssd import DEFAULT_ALPHAS, LFSSD, SSD
 
-__all__ = ["UnlearnData", "GU", "SSD", "LFSSD", "Retrain", "RetainFinetune", "GradientAscent", "TRAIN_DEFAULTS",
+__all__ = ["UnlearnData", "GU", "IAU", "SSD", "LFSSD", "Retrain", "RetainFinetune", "GradientAscent", "TRAIN_DEFAULTS",
            "DEFAULT_ALPHAS"]
