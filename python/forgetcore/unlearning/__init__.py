@@ -3,6 +3,7 @@
 - :class:`SSD` / :class:`LFSSD`: Selective Synaptic Dampening (Foster et al., AAAI 2024).
 - :class:`GU`: Geometric-disentanglement Unlearning (Zhou et al., 2025), PCGrad as its baseline.
 - :class:`IAU`: influence approximation, one Adam step (Liu et al., 2025).
+- :class:`RandomLabelForgetting`: fine-tune on random labels (Zhang, Choshen & Andreas, 2024).
 - Baselines: :class:`Retrain` (gold standard), :class:`RetainFinetune`, :class:`GradientAscent`.
 
 ``forgetcore.evaluation.unlearning`` builds scenarios on the embedded digits/MNIST data and
@@ -15,7 +16,8 @@ from .baselines import TRAIN_DEFAULTS, GradientAscent, RetainFinetune, Retrain
 from .data import UnlearnData
 from .gu import GU
 from .iau import IAU
+from .random_label import RandomLabelForgetting
 from .ssd import DEFAULT_ALPHAS, LFSSD, SSD
 
-__all__ = ["UnlearnData", "GU", "IAU", "SSD", "LFSSD", "Retrain", "RetainFinetune", "GradientAscent", "TRAIN_DEFAULTS",
-           "DEFAULT_ALPHAS"]
+__all__ = ["UnlearnData", "GU", "IAU", "RandomLabelForgetting", "SSD", "LFSSD", "Retrain", "RetainFinetune",
+           "GradientAscent", "TRAIN_DEFAULTS", "DEFAULT_ALPHAS"]
