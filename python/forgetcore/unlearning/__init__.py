@@ -4,6 +4,7 @@
 - :class:`GU`: Geometric-disentanglement Unlearning (Zhou et al., 2025), PCGrad as its baseline.
 - :class:`IAU`: influence approximation, one Adam step (Liu et al., 2025).
 - :class:`RandomLabelForgetting`: fine-tune on random labels (Zhang, Choshen & Andreas, 2024).
+- :class:`SafeEraser`: refusal unlearning with the prompt-decouple term (Chen et al., 2025).
 - Baselines: :class:`Retrain` (gold standard), :class:`RetainFinetune`, :class:`GradientAscent`.
 
 ``forgetcore.evaluation.unlearning`` builds scenarios on the embedded digits/MNIST data and
@@ -17,7 +18,8 @@ from .data import UnlearnData
 from .gu import GU
 from .iau import IAU
 from .random_label import RandomLabelForgetting
+from .safeeraser import SafeEraser
 from .ssd import DEFAULT_ALPHAS, LFSSD, SSD
 
-__all__ = ["UnlearnData", "GU", "IAU", "RandomLabelForgetting", "SSD", "LFSSD", "Retrain", "RetainFinetune",
-           "GradientAscent", "TRAIN_DEFAULTS", "DEFAULT_ALPHAS"]
+__all__ = ["UnlearnData", "GU", "IAU", "RandomLabelForgetting", "SafeEraser", "SSD", "LFSSD", "Retrain",
+           "RetainFinetune", "GradientAscent", "TRAIN_DEFAULTS", "DEFAULT_ALPHAS"]
