@@ -41,7 +41,7 @@ from ..training import fit_epochs, logits_of
 from ..unlearning.data import TRAIN_DEFAULTS, UnlearnData, labels_of
 
 __all__ = ["full_class", "random_subset", "make_model", "train_original", "evaluate", "compare",
-           "format_table", "SPLIT", "two_factor", "sarr"]
+           "format_table", "SPLIT", "two_factor", "sarr", "biased", "group_accuracy"]
 
 #: train / validation / test fractions of every scenario (stratified by class).
 SPLIT: tuple[float, float, float] = (0.6, 0.2, 0.2)
@@ -355,3 +355,57 @@ def sarr(model: nn.Module, prompts: Dataset, refusal_class: int, valid: torch.Te
     if len(refused) == 0:
         raise ValueError("prompts: no valid judgement to compute SARR from")
     return float(refused.float().mean())
+
+
+def biased(name: str = "digits", forget_class: int = 3, seed: int = 0, conflicting: float = 0.05,
+           scale: float = 1.0) -> dict[str, Any]:
+    """CUPID's "biased digits": pixels plus a spurious 10-way one-hot (times ``scale``) appended.
+
+    In the training split the spurious code equals the class for a fraction ``1 - conflicting`` of
+    each class (bias-aligned) and is a random other class for the rest (bias-conflicting; the
+    spec's 0.5 % leaves no conflicting forget example at digits scale, so 5 % here); the test
+    split is half aligned, half conflicting. Returns ``data`` (an ``UnlearnData`` forgetting
+    ``forget_class``; ``test`` the whole test split) and bool masks ``forget_aligned`` (over
+    ``data.forget``), ``test_aligned`` (over ``data.test``).
+    """
+    conflicting = _checks.real("conflicting", conflicting, low=0.0, high=1.0, low_open=True, high_open=True)
+    x, y = datasets.load(name)
+    tr, te = datasets.stratified_split(y, (0.7, 0.3), int(seed))
+    g = torch.Generator().manual_seed(int(seed) + 17)
+    k = int(y.max()) + 1
+
+    def with_code(idx: torch.Tensor, p_conf: float) -> tuple[torch.Tensor, torch.Tensor]:
+        conf = torch.rand(len(idx), generator=g) < p_conf
+        code = y[idx].clone()
+        code[conf] = (code[conf] + torch.randint(1, k, (int(conf.sum()),), generator=g)) % k
+        return torch.cat([x[idx].reshape(len(idx), -1), scale * F.one_hot(code, k).float()], 1), ~conf
+
+    xtr, al_tr = with_code(tr, conflicting)
+    xte, al_te = with_code(te, 0.5)
+    f = y[tr] == int(forget_class)
+    data = UnlearnData(forget=torch.utils.data.TensorDataset(xtr[f], y[tr][f]),
+                       retain=torch.utils.data.TensorDataset(xtr[~f], y[tr][~f]),
+                       test=torch.utils.data.TensorDataset(xte, y[te]), forget_classes=(int(forget_class),))
+    return {"data": data, "forget_aligned": al_tr[f], "test_aligned": al_te, "n_features": xtr.shape[1]}
+
+
+def group_accuracy(model: nn.Module, scenario: dict[str, Any]) -> dict[str, float]:
+    """CUPID's group metrics: forget accuracy on the training forget set and on the test examples of the
+    forgotten class, each split into bias-aligned and bias-conflicting, their gaps, and kept-class test accuracy."""
+    data = scenario["data"]
+    lf, yf = logits_of(model, data.forget)
+    hit_f = lf.argmax(1) == yf
+    lt, yt = logits_of(model, data.test)
+    hit_t = lt.argmax(1) == yt
+    fc = torch.isin(yt, torch.tensor(data.forget_classes))
+    al_f, al_t = scenario["forget_aligned"], scenario["test_aligned"]
+
+    def mean(h: torch.Tensor) -> float:
+        return float(h.float().mean()) if len(h) else math.nan
+
+    out = {"fa_train_aligned": mean(hit_f[al_f]), "fa_train_conflicting": mean(hit_f[~al_f]),
+           "fa_test_aligned": mean(hit_t[fc & al_t]), "fa_test_conflicting": mean(hit_t[fc & ~al_t]),
+           "kept_test_acc": mean(hit_t[~fc])}
+    out["gap_train"] = abs(out["fa_train_aligned"] - out["fa_train_conflicting"])
+    out["gap_test"] = abs(out["fa_test_aligned"] - out["fa_test_conflicting"])
+    return out

@@ -5,6 +5,7 @@
 - :class:`IAU`: influence approximation, one Adam step (Liu et al., 2025).
 - :class:`RandomLabelForgetting`: fine-tune on random labels (Zhang, Choshen & Andreas, 2024).
 - :class:`SafeEraser`: refusal unlearning with the prompt-decouple term (Chen et al., 2025).
+- :class:`CUPID`: sharpness-partitioned, pathway-routed ascent under bias (Kwon et al., 2026).
 - Baselines: :class:`Retrain` (gold standard), :class:`RetainFinetune`, :class:`GradientAscent`.
 
 ``forgetcore.evaluation.unlearning`` builds scenarios on the embedded digits/MNIST data and
@@ -14,6 +15,7 @@ compares methods (accuracies, membership inference, wall time).
 from __future__ import annotations
 
 from .baselines import TRAIN_DEFAULTS, GradientAscent, RetainFinetune, Retrain
+from .cupid import CUPID
 from .data import UnlearnData
 from .gu import GU
 from .iau import IAU
@@ -21,5 +23,5 @@ from .random_label import RandomLabelForgetting
 from .safeeraser import SafeEraser
 from .ssd import DEFAULT_ALPHAS, LFSSD, SSD
 
-__all__ = ["UnlearnData", "GU", "IAU", "RandomLabelForgetting", "SafeEraser", "SSD", "LFSSD", "Retrain",
+__all__ = ["UnlearnData", "CUPID", "GU", "IAU", "RandomLabelForgetting", "SafeEraser", "SSD", "LFSSD", "Retrain",
            "RetainFinetune", "GradientAscent", "TRAIN_DEFAULTS", "DEFAULT_ALPHAS"]
