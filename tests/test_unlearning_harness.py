@@ -57,7 +57,7 @@ def test_scenario_and_data_bad_input():
         ev.random_subset("digits", 1.0, 0)
     with pytest.raises(ValueError, match="^name: expected one of"):
         ev.full_class("cifar", 3, 0)
-    with pytest.raises(ValueError, match="^arch: expected 'mlp' or 'cnn'"):
+    with pytest.raises(ValueError, match="^arch: expected 'mlp', 'resmlp' or 'cnn'"):
         ev.make_model("vit")
     empty = TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))
     some = TensorDataset(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))

@@ -100,12 +100,38 @@ def make_model(arch: str = "mlp", in_shape: Sequence[int] = (1, 8, 8), n_classes
         if arch == "mlp":
             return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), 128), nn.ReLU(), nn.Linear(128, 128),
                                  nn.ReLU(), nn.Linear(128, n_classes))
+        if arch == "resmlp":
+            return ResMLP(math.prod(shape), n_classes)
         if arch == "cnn":
             c = shape[0]
             return nn.Sequential(nn.Conv2d(c, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                                  nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
                                  nn.Linear(32 * 4, n_classes))
-    raise ValueError(f"arch: expected 'mlp' or 'cnn', got {arch!r}")
+    raise ValueError(f"arch: expected 'mlp', 'resmlp' or 'cnn', got {arch!r}")
+
+
+class FFNBlock(nn.Module):
+    """``x + fc2(relu(fc1(x)))``: the feed-forward half of a Transformer block (GS-LoRA's LoRA sites)."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.relu(self.fc1(x)))
+
+
+class ResMLP(nn.Module):
+    """Stem, ``blocks`` residual feed-forward blocks (``blocks.i.fc1`` / ``fc2``) and a linear head."""
+
+    def __init__(self, in_features: int, n_classes: int, width: int = 64, hidden: int = 128, blocks: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), nn.ReLU())
+        self.blocks = nn.Sequential(*(FFNBlock(width, hidden) for _ in range(blocks)))
+        self.head = nn.Linear(width, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.blocks(self.stem(x))))
 
 
 def train_original(data: UnlearnData, arch: str = "mlp", seed: int = 0, *, progress: bool = False,
@@ -286,7 +312,8 @@ def format_table(rows: Sequence[dict[str, Any]], keys: Sequence[str] | None = No
         if isinstance(v, float):
             if math.isnan(v):
                 return "-"
-            if k.endswith("_acc") or k.startswith("mia") or k == "target":
+            if k.endswith("_acc") or k.startswith(("mia", "fa_", "gap", "probe", "forget_", "a_test", "b_test",
+                                                     "mem_", "top_k")) or k in ("target", "sarr", "harmful_refused"):
                 return f"{100 * v:.1f}"
             if k.endswith("_s"):
                 return f"{v:.2f}"
