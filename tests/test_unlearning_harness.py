@@ -172,9 +172,11 @@ def test_demo_quick(tmp_path, capsys):
     cli.main(["demo", "unlearn", "--quick", "--no-progress", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     for word in ("digits full-class", "digits random-10%", "Retrain", "RetainFinetune", "GradientAscent",
-                 "SSD (auto alpha)", "LF-SSD", "mia_entropy", "mia_loss"):
+                 "SSD (auto alpha)", "LF-SSD", "mia_entropy", "mia_loss", "IAU", "RandomLabel", "GS-LoRA",
+                 "GS-LoRA++", "SARR", "PO (no PD)", "CUPID", "GA (forget set)", "probe_after", "mem_mislabelled"):
         assert word in out, word
     assert (tmp_path / "unlearn.png").stat().st_size > 10_000
+    assert (tmp_path / "unlearn_studies.png").stat().st_size > 10_000
 
 
 def _imports(path):
@@ -223,3 +225,30 @@ def test_demo_random_subset_uses_the_official_batch():
     assert ssd and all(m.batch_size == 128 for m in ssd)
     ssd = [m for m in demo.methods(0, False, "full-class") if isinstance(m, SSD)]
     assert ssd and all(m.batch_size == 64 for m in ssd)
+
+
+def test_compare_uses_a_method_specific_original(full):
+    """compare(originals=): a method whose original is trained differently (IAU's GR) gets that one."""
+    data, model = full
+    other = ev.make_model("mlp", (1, 8, 8), 10, 5)  # untrained: its accuracy is near chance
+
+    class Keep:
+        name = "Keep"
+
+        def fit(self, m, d):
+            return {}
+
+    rows = ev.compare([Keep(), RetainFinetune(epochs=1)], data, model, include_original=False,
+                      originals={"Keep": other})
+    assert rows[0]["retain_acc"] < 0.5 < rows[1]["retain_acc"]
+    with pytest.raises(TypeError, match="^originals: expected torch.nn.Module values"):
+        ev.compare([Keep()], data, model, originals={"Keep": "model"})
+
+
+def test_train_original_with_a_regulariser_changes_training():
+    from forgetcore.unlearning.iau import gradient_restriction
+
+    data = ev.full_class("digits", 3, 0)
+    a = ev.train_original(data, "mlp", 0, epochs=1)
+    b = ev.train_original(data, "mlp", 0, epochs=1, regulariser=gradient_restriction(0.5))
+    assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
