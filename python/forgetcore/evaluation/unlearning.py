@@ -5,7 +5,12 @@ Scenarios (seeded, stratified train/validation/test splits of ``forgetcore.datas
 - :func:`full_class`: forget every training example of one class;
 - :func:`random_subset`: forget a random 10 % of the training set.
 
-:func:`train_original` trains the model to unlearn from (retain and forget together).
+:func:`train_original` trains the model to unlearn from (retain and forget together; ``regulariser=``
+adds a training penalty such as IAU's gradient restriction). Studies with their own scenarios:
+:func:`two_factor` and :func:`sarr` (SafeEraser's refusal mechanism), :func:`biased` and
+:func:`group_accuracy` (CUPID's biased digits); ``evaluation.probes`` (random-label forgetting) and
+``evaluation.memorization`` (Feldman-Zhang scores) hold the others. This module imports no method:
+methods and the reference (``Retrain``) are passed to :func:`compare` as arguments.
 :func:`evaluate` measures forget / retain / test accuracy and two membership-inference attacks:
 
 - ``mia_entropy``: the SSD paper's attack (``get_membership_attack_prob`` in the official code,
