@@ -2,7 +2,7 @@
 
 - :class:`SSD` / :class:`LFSSD`: Selective Synaptic Dampening (Foster et al., AAAI 2024).
 - :class:`GU`: Geometric-disentanglement Unlearning (Zhou et al., 2025), PCGrad as its baseline.
-- :class:`IAU`: influence approximation, one Adam step (Liu et al., 2025).
+- :class:`IAU`: influence approximation, one Adam step (Liu, Wu, Lian & Chen, 2025).
 - :class:`RandomLabelForgetting`: fine-tune on random labels (Zhang, Choshen & Andreas, 2024).
 - :class:`SafeEraser`: refusal unlearning with the prompt-decouple term (Chen et al., 2025).
 - :class:`CUPID`: sharpness-partitioned, pathway-routed ascent under bias (Kwon et al., 2026).

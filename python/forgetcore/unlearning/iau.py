@@ -1,12 +1,13 @@
 """IAU: Efficient Machine Unlearning via Influence Approximation.
 
-Liu et al., "Efficient Machine Unlearning via Influence Approximation" (2025; official code
-``Lolo1222/IAU``: ``train_model.py`` for the gradient restriction, ``IAU_unlearn.py`` for the
+Liu, Wu, Lian & Chen, "Efficient Machine Unlearning via Influence Approximation" (2025; official
+code ``Lolo1222/IAU``: ``train_model.py`` for the gradient restriction, ``IAU_unlearn.py`` for the
 update). Two parts:
 
 - Gradient restriction (GR), a property of how the *original* model is trained: the loss gets
   ``alpha * sum_l ||grad_{theta_l} CE||_2``, the sum of per-tensor gradient norms (not the
-  global norm), through double backprop. :func:`gradient_restriction` returns that penalty for
+  global norm: the README writes one norm, the code sums per-tensor norms; we follow the code),
+  through double backprop. :func:`gradient_restriction` returns that penalty for
   ``evaluation.unlearning.train_original(regulariser=...)`` (official alpha: 0.005).
 - The unlearning update (:class:`IAU`): from the trained model, a fresh Adam (lr 1e-3) takes
   ONE step on ``grad mean_{retain} CE - grad mean_{forget} CE``, each mean over the whole set.
