@@ -2,8 +2,8 @@
 # `.ci/run` calls `make test`. Every Python step runs in the cached environment that
 # scripts/env.sh creates (keyed on requirements/*.lock).
 #
-# CI budget (README, "Tests"): the whole `make test` under 15 minutes on 2 cores; each method
-# issue's new tests under 90 s in total. Slower tests carry `@pytest.mark.slow_ci` and run in
+# CI budget (README, "Tests and CI budget"): the whole `make test` under 15 minutes on 2 cores;
+# the tests a method adds under 90 s in total. Slower tests carry `@pytest.mark.slow_ci` and run in
 # `make test-slow` only.
 
 SHELL := /bin/bash
