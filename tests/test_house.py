@@ -103,6 +103,23 @@ def test_missing_demo_model_error_says_the_exact_command(monkeypatch):
         models.smollm2_path()
 
 
+def test_missing_kv_extra_error_says_which_extra(monkeypatch):
+    import importlib.util
+
+    from forgetcore import models
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(ModuleNotFoundError, match=r'^SmolLM2 needs gguf, .*pip install "forgetcore\[kv\]"'):
+        models.load_smollm2()
+
+
+def test_cli_verbosity_levels():
+    from forgetcore.cli import build_parser
+
+    assert [build_parser().parse_args([*v, "demo"]).verbose for v in ([], ["-v"], ["-vv"])] == [0, 1, 2]
+
+
 INNER = """
 import pytest
 from conftest import requires
