@@ -257,3 +257,30 @@ def test_custom_ops_are_registered_under_forgetcore():
         assert hasattr(torch.ops.forgetcore, name)
     assert set(ops.__all__) >= {"project_grad", "register_projection_hooks"}
     assert subspace.project_out_ is not ops.project_out_  # the op wraps the primitive, no shadowing
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA device here: GPU tests run on a GPU machine (benches/gpu_check.py)")
+def test_ops_on_cuda_match_cpu_eager_and_compiled():
+    g = torch.Generator().manual_seed(7)
+    params = [torch.randn(64, 32, generator=g), torch.randn(32, generator=g)]
+    grads = [torch.randn_like(p) for p in params]
+    full = [torch.rand(p.shape, generator=g) for p in params]
+    attn = torch.softmax(torch.randn(1, 4, 2, 9, generator=g), -1)
+
+    def step(params, acc, scores, grads, full, attn):
+        ops.accumulate_(acc, grads, 0.5)
+        counts = ops.ssd_dampen_(params, full, acc, alpha=1.0, lam=1.0)
+        ops.kv_accumulate_(scores, attn, 0.9, group=2)
+        return counts
+
+    def run(fn, device):
+        state = ([p.clone().to(device) for p in params], [torch.zeros_like(p, device=device) for p in params],
+                 torch.zeros(1, 2, 9, device=device))
+        counts = fn(*state, [t.to(device) for t in grads], [t.to(device) for t in full], attn.to(device))
+        return [t.cpu() for t in (*state[0], *state[1], state[2], counts)]
+
+    expected = run(step, "cpu")
+    for got in (run(step, "cuda"), run(_compile(step), "cuda")):
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

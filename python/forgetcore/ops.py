@@ -19,9 +19,10 @@ The functions below wrap them with the primitives' keyword arguments. The in-pla
 under ``torch.no_grad()`` (they update parameters or statistics, not a graph) and detach what
 they only read. They validate at run time, as the primitives do (compiled code included): a
 bad argument raises the primitive's ``ValueError``/``TypeError`` naming it, before anything is
-written. ``kv_accumulate_`` and the CPU paths are sync-free; the checked paths of
-``ssd_dampen_``/``project_out_`` on CUDA read a flag back to the host, so capture those in a
-CUDA graph only with ``validated=True`` / ``check=False``.
+written. CUDA graphs: on CUDA, ``accumulate_`` and ``ssd_dampen_(..., validated=True)`` launch
+forgetcore's kernels without a host synchronisation; ``kv_accumulate_``, the checked
+``ssd_dampen_`` and the projections read a NaN check back to the host, so they cannot be
+captured. Capture of the first two is not tested yet (the test suite has no GPU).
 
 Gradient projection without the ``Trainer`` (GPM, Saha et al., "Gradient Projection Memory for
 Continual Learning", ICLR 2021; GU's projection in the same form): ``g <- g - (g U) U^T`` for a
