@@ -47,8 +47,9 @@ lint:
 	cargo fmt --check
 	$(ENV)/bin/ruff check python tests benches
 
+# clippy with --all-features so the bindings (behind the `python` feature) are linted too.
 test-rust:
-	$(PYO3) cargo clippy --quiet --all-targets -- -D warnings
+	$(PYO3) cargo clippy --quiet --all-targets --all-features -- -D warnings
 	$(PYO3) $(LIBPY) cargo test --quiet
 
 typecheck:

@@ -69,7 +69,7 @@ def test_test_target_runs_every_gate_and_deselects_slow_ci():
     r = subprocess.run(["make", "-n", "test", f"ENV={Path(sys.executable).parents[1]}"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    for gate in ("cargo fmt --check", "cargo clippy --quiet --all-targets -- -D warnings",
+    for gate in ("cargo fmt --check", "cargo clippy --quiet --all-targets --all-features -- -D warnings",
                  "ruff check python tests benches", "-m mypy python/forgetcore/_backend.py",
                  "cargo test", '-m pytest -m "not slow_ci" --durations=25'):
         assert gate in r.stdout, gate
