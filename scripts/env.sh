@@ -5,7 +5,7 @@
 # requirements/*.lock, so a fresh clone (CI) reuses the same multi-GB torch
 # install as long as the pins are unchanged. Override with FORGETCORE_ENV=DIR,
 # and the interpreter with PYTHON=/path/to/python (any CPython >= 3.11; the lock
-# is resolved and tested on 3.11; a newer CPython gets the same pins).
+# is resolved and tested on 3.11; every pin has wheels for 3.12 and 3.13 too).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 lock="$root/requirements/dev.lock"
