@@ -63,8 +63,9 @@ test-python:
 	PYTHONPATH=python $(PY) -m pytest -m "not slow_ci" --durations=25 $(PYTEST_ARGS)
 
 # Tests too slow for the CI budget (world size 4, long fuzzing, Flower's simulation engine).
+# (pytest's exit status 5, "no tests collected", is not a failure here.)
 test-slow: build
-	PYTHONPATH=python $(PY) -m pytest -m slow_ci --durations=25 $(PYTEST_ARGS)
+	PYTHONPATH=python $(PY) -m pytest -m slow_ci --durations=25 $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 bench: build
 	$(PYO3) $(LIBPY) cargo bench
