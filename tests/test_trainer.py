@@ -276,8 +276,10 @@ class L2(L1):
     (lambda: Trainer("mlp", sgd()), "^model: expected a torch.nn.Module, got str", TypeError),
     (lambda: Trainer(mlp(), "sgd"), "^make_optimizer: expected a callable", TypeError),
     (lambda: Trainer(mlp(), sgd(), Finetune()), "^plugins: expected a list", TypeError),
-    (lambda: Trainer(mlp(), sgd(), [L1(), L2()]), r"^plugins: at most one plugin may define loss\(\), got 2: L1, L2", ValueError),
-    (lambda: Trainer(mlp(), sgd(), [Joint(), Joint()]), r"^plugins: at most one plugin may define train_data\(\)", ValueError),
+    (lambda: Trainer(mlp(), sgd(), [L1(), L2()]), r"^plugins: at most one plugin may define loss\(\), got 2: L1, L2",
+     ValueError),
+    (lambda: Trainer(mlp(), sgd(), [Joint(), Joint()]), r"^plugins: at most one plugin may define train_data\(\)",
+     ValueError),
     (lambda: Trainer(mlp(), sgd(), epochs=0), "^epochs: expected an int >= 1, got 0", ValueError),
     (lambda: Trainer(mlp(), sgd(), epochs=2.5), "^epochs: expected an int", TypeError),
     (lambda: Trainer(mlp(), sgd(), batch_size=0), "^batch_size: expected an int >= 1", ValueError),
@@ -292,9 +294,11 @@ def test_bad_construction(make, match, exc):
 
 def test_bad_fit(split5):
     s = first(split5, 2)
-    with pytest.raises(ValueError, match=r"^model: expected output of shape \(batch, n_classes\) = \(\d+, 10\), got float32 \(\d+, 5\)"):
+    with pytest.raises(ValueError, match=r"^model: expected output of shape \(batch, n_classes\) = "
+                                         r"\(\d+, 10\), got float32 \(\d+, 5\)"):
         trainer(mlp(out=5)).fit(s)
-    with pytest.raises(TypeError, match="^make_optimizer: expected a function returning a torch.optim.Optimizer, got list"):
+    with pytest.raises(TypeError,
+                       match="^make_optimizer: expected a function returning a torch.optim.Optimizer, got list"):
         trainer(mlp(), make_optimizer=lambda m: list(m.parameters())).fit(s)
     with pytest.raises(TypeError, match="^scenario: expected a forgetcore.continual.Scenario, got list"):
         trainer(mlp()).fit(list(s))
@@ -324,7 +328,8 @@ def test_bad_fit(split5):
         tr.fit(first(split5, 3))
     with pytest.raises(ValueError, match="^state: saved with 0 plugins, this trainer has 1"):
         trainer(mlp(), [Finetune()]).load_state_dict(tr.state_dict())
-    with pytest.raises(ValueError, match=r"^state: saved by a trainer with \{'seed': 0, 'epochs': 1, 'batch_size': 32\}, this one has \{'seed': 1,"):
+    with pytest.raises(ValueError, match=r"^state: saved by a trainer with \{'seed': 0, 'epochs': 1, "
+                                         r"'batch_size': 32\}, this one has \{'seed': 1,"):
         trainer(mlp(), seed=1).load_state_dict(tr.state_dict())
     assert tr.fit(s, max_steps=2)["steps"] == 3  # already past the pause point: nothing runs
     with pytest.raises(ValueError, match=r"^state: expected a Trainer.state_dict\(\), missing \['rng'\]"):

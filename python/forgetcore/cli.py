@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .demos import ALIASES, DEMOS
 
     p = argparse.ArgumentParser(prog="forgetcore", description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="log at INFO level; -vv at DEBUG (which backend each primitive ran, and why)")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="run a demo experiment on embedded data")
     d.add_argument("name", nargs="?", default="cl", choices=[*DEMOS, *ALIASES, "all"],
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level,
                         format="%(levelname)s %(name)s: %(message)s")
     return int(args.func(args))
 

