@@ -15,7 +15,9 @@ from . import scenarios
 from .fot import FOT
 from .gpm import GPM
 from .methods import ER, Finetune, Joint
+from .rif import GRPO, RIF
 from .scenarios import Scenario, Task
 from .trainer import Context, Plugin, Trainer
 
-__all__ = ["ER", "FOT", "GPM", "Context", "Finetune", "Joint", "Plugin", "Scenario", "Task", "Trainer", "scenarios"]
+__all__ = ["ER", "FOT", "GPM", "GRPO", "RIF", "Context", "Finetune", "Joint", "Plugin",
+           "Scenario", "Task", "Trainer", "scenarios"]
