@@ -263,7 +263,9 @@ def _pretrained_state(seed: int, steps: int) -> dict[str, torch.Tensor]:
 
 def _cache_file(seed: int, steps: int) -> Path:
     # Keyed by everything that shapes the weights, so a changed vocabulary never loads stale ones.
-    key = hashlib.sha256(repr((vocabulary(), seed, steps, _RECIPE, torch.__version__)).encode()).hexdigest()[:16]
+    # (this file's source covers the corpus, the model and the recipe).
+    src = Path(__file__).read_bytes()
+    key = hashlib.sha256(repr((src, seed, steps, _RECIPE, torch.__version__)).encode()).hexdigest()[:16]
     root = Path(os.environ.get("FORGETCORE_CACHE", Path.home() / ".cache" / "forgetcore"))
     return root / "tiny-lm" / f"seed{seed}-steps{steps}-{key}.pt"
 
