@@ -4,7 +4,6 @@ Seeds (0, 1, 2) were fixed before any result was seen. The tiny LM is pretrained
 process (and cached on disk, see forgetcore.lm.pretrained_tiny_lm).
 """
 
-import math
 
 import numpy as np
 import pytest
