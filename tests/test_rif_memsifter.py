@@ -158,3 +158,30 @@ def test_claim_proxy_ranker_beats_prefilter_only_with_distractors():
             gains[dis] = (trained["reward"] - pre["reward"], trained["acc@3"] - pre["acc@3"])
         assert gains[True][0] > 0.3 and gains[True][1] > 0.3, (seed, gains)
         assert abs(gains[False][0]) < 0.05 and abs(gains[False][1]) < 0.05, (seed, gains)
+
+
+@pytest.mark.parametrize("pause", [20, 50])  # inside task 0 (SFT, 40 steps); inside task 1 (RL, filtered)
+def test_rif_resumes_bit_identically(pause):
+    scn = scenarios.rotated("digits", n_tasks=2, angles=[0, 45], seed=0)
+
+    def make(seed):
+        m = _model(seed)
+        tr = Trainer(m, lambda mod: torch.optim.SGD(mod.parameters(), lr=0.05),
+                     [RIF(4, k=4, sft_tasks=(0,), seed=3)], epochs=1, batch_size=32, seed=5, progress=False,
+                     eval_every=None)
+        return m, tr
+
+    model_a, full = make(0)
+    ra = full.fit(scn)
+    _, part = make(0)
+    part.fit(scn, max_steps=pause)
+    buf = io.BytesIO()
+    torch.save(part.state_dict(), buf)
+    buf.seek(0)
+    model_c, resumed = make(1)
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    rc = resumed.fit(scn)
+    assert rc["R"] == ra["R"]
+    assert resumed.plugins[0].rollouts == full.plugins[0].rollouts
+    for p, q in zip(model_a.state_dict().values(), model_c.state_dict().values()):
+        assert torch.equal(p, q)
