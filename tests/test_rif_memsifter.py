@@ -160,7 +160,7 @@ def test_claim_proxy_ranker_beats_prefilter_only_with_distractors():
         assert abs(gains[False][0]) < 0.05 and abs(gains[False][1]) < 0.05, (seed, gains)
 
 
-@pytest.mark.parametrize("pause", [20, 50])  # inside task 0 (SFT, 40 steps); inside task 1 (RL, filtered)
+@pytest.mark.parametrize("pause", [50])  # task 0 (SFT) takes 40 steps: pause inside the filtered RL task
 def test_rif_resumes_bit_identically(pause):
     scn = scenarios.rotated("digits", n_tasks=2, angles=[0, 45], seed=0)
 
