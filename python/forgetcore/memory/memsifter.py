@@ -109,13 +109,19 @@ class ExtractiveReader:
         self._patterns = {rel: re.compile(re.escape(t[0]).replace(r"\{e\}", r"(?P<e>[a-z]+)")
                                           .replace(r"\{a\}", r"(?P<a>[a-z]+)"))
                           for rel, (_, t) in lm.RELATIONS.items()}
+        self._facts: dict[tuple[str, str], list[tuple[str, str]]] = {}  # parsed once per (relation, text)
+
+    def _parse(self, relation: str, text: str) -> list[tuple[str, str]]:
+        key = (relation, text)
+        if key not in self._facts:
+            self._facts[key] = [(m.group("e"), m.group("a")) for m in self._patterns[relation].finditer(text)]
+        return self._facts[key]
 
     def answer(self, entity: str, relation: str, context: Sequence[str]) -> str | None:
-        pat = self._patterns[relation]
         for text in context:
-            for m in pat.finditer(text):
-                if m.group("e") == entity:
-                    return m.group("a")
+            for e, a in self._parse(relation, text):
+                if e == entity:
+                    return a
         return None
 
     def score(self, question: Question, context: Sequence[str]) -> float:
