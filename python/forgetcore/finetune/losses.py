@@ -37,7 +37,7 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
 def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """GRPO's group-normalised advantages (Shao et al., "DeepSeekMath", arXiv 2402.03300, 2024;
-    EasyR1 ``compute_grpo_outcome_advantage``): ``A_i = (r_i - mean(r)) / (std(r) + eps)`` within
+    EasyR1 ``compute_grpo_outcome_advantage``, commit 2a319e33): ``A_i = (r_i - mean(r)) / (std(r) + eps)`` within
     each group (row) of ``rewards`` (B, G), with the unbiased (n - 1) standard deviation as
     ``torch.std`` computes it. A group whose rewards are all equal gets A = 0 exactly."""
     _checks.tensor("rewards", rewards, ndim=2)
@@ -51,7 +51,8 @@ def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor | None = None,
               ref_logp: torch.Tensor | None = None, *, clip_low: float = 0.2, clip_high: float = 0.3,
               dual_clip: float | None = 3.0, kl_coef: float = 1e-2) -> tuple[torch.Tensor, dict[str, float]]:
-    """The GRPO policy loss as EasyR1 computes it (``verl/trainer/core_algos.py``, HEAD 2026-07):
+    """The GRPO policy loss as EasyR1 computes it (``verl/trainer/core_algos.py``, read at commit
+    2a319e33: ``compute_policy_loss`` with ``loss_type="default"``, ``compute_kl``, ``average_loss``):
 
     - ratio ``rho = exp(clamp(logp - old_logp, -20, 20))`` per token;
     - clipped surrogate ``max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high))`` (asymmetric
