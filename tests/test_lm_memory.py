@@ -186,3 +186,15 @@ def test_claim_knowledge_acquisition_effectivity_and_power_law_forgetting():
         print(f"seed {seed}: E mem {e_mem:.3f} gen {e_gen:.3f}; decay slope {fit['slope']:.3f} "
               f"R2 {fit['r2']:.2f}; kept dup {kept_dup:.3f} once {kept_once:.3f}")
         assert kept_dup > kept_once, (seed, kept_dup, kept_once, fit["r2"])
+
+
+def test_tiny_lm_is_a_fresh_copy_each_call_and_facts_split_at_the_attribute(tiny):
+    model, tok = tiny
+    other, _ = lm.pretrained_tiny_lm()
+    assert other is not model
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    assert lm.fact("pet", "kalo", "owl") == ("kalo owns a pet", "owl .")
+    assert lm.fact("job", "kalo", "baker", 1) == ("the job of kalo is", "baker .")
+    assert 1 not in tok("kalo owns a pet owl .")["input_ids"]  # no unknown words in templated facts
+    with pytest.raises(ValueError, match="^relation"):
+        lm.fact("height", "kalo", "tall")

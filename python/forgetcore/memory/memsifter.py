@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import _checks, lm
-from .store import BM25, MemoryStore, power_law_weight, tokens
+from .store import MemoryStore, Prefilter, power_law_weight, tokens
 
 TIERS = (1, 2, 3, 5, 8)
 
@@ -201,7 +201,7 @@ N_FEATURES = 5
 
 
 def candidate_features(question: Question, candidates: Sequence[int], bm25: np.ndarray) -> np.ndarray:
-    """Per-candidate features (M, 5): BM25 over the best candidate's, rank in the prefilter
+    """Per-candidate features (M, 5): prefilter score over the best candidate's, rank in the prefilter
     (0 best .. 1 worst), the power-law recency prior ``(age + 1) ** -0.5``, the fraction of the
     session's words that are question words, and 1 / (1 + repeated question words)."""
     store = question.store
@@ -254,11 +254,14 @@ class Prepared:
     gold_pos: list[int]
 
 
-def prepare(questions: Sequence[Question], m: int = 20) -> list[Prepared]:
-    """Prefilter each question's memory with BM25 to ``m`` candidates and compute their features."""
+def prepare(questions: Sequence[Question], m: int = 20, method: str = "bm25") -> list[Prepared]:
+    """Prefilter each question's memory (:class:`~forgetcore.memory.store.Prefilter`, BM25 or
+    TF-IDF, no decay prior: recency is a feature the ranker weighs) to ``m`` candidates and
+    compute their features."""
+    pre = Prefilter(method)
     out = []
     for q in questions:
-        bm = BM25(q.store.texts).scores(q.text)
+        bm = pre.scores(q.store, q.text)
         cand = list(np.argsort(-bm, kind="stable")[:m])
         feats = torch.tensor(candidate_features(q, cand, bm), dtype=torch.float32)
         gold_pos = [j for j, i in enumerate(cand) if q.store.ids[i] in q.gold]
