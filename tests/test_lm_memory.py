@@ -154,7 +154,7 @@ def test_claim_knowledge_acquisition_effectivity_and_power_law_forgetting():
 
     Asserted: effectivity > 0, and larger for memorisation probes (the injected wording) than
     for generalisation probes (an unseen paraphrase); retainability after the last injection
-    falls with log t (negative slope, fit R^2 reported in the failure message); duplicated
+    falls with log t (negative slope; R^2 > 0.4, a bound set after seeing 0.63-0.72); duplicated
     injection keeps more of its gain than a single one, measured the same number of steps
     after the last injection. Window 10 steps instead of 50 for the scale.
     """
@@ -179,7 +179,7 @@ def test_claim_knowledge_acquisition_effectivity_and_power_law_forgetting():
         curve = np.array([K.filtered_mean(row) for row in r[:50]])
         ts = np.arange(1, 51)
         fit = K.decay_fit(ts, curve / 100)
-        assert fit["slope"] < 0, (seed, fit)
+        assert fit["slope"] < 0 and fit["r2"] > 0.4, (seed, fit)
         t = 55  # retained gain, t steps after each mode's last injection
         kept_once = (v[0, once] - v[0 + t, once]).mean()
         kept_dup = (v[0, dup] - v[40 + t, dup]).mean()
