@@ -18,8 +18,10 @@ Defaults follow EasyR1 (``examples/config.yaml``): n = 5 rollouts, temperature 1
 ``kl_coef = 1e-2`` and ``low_var_kl``, clip 0.2 / 0.3, dual clip 3. The reference is the model
 at the start of each task (``reference="task"``): in continual post-training EasyR1's reference,
 "the run's initial model", is the previous task's model. ``reference="first"`` keeps the model
-before the first RFT task instead. One policy update per rollout batch (``ppo_epochs = 1``), so
-the ratio is exactly 1 in value and only its gradient acts, as in on-policy EasyR1 runs. Not
+before the first RFT task instead. Departure: each step samples its own rollouts and makes one
+update with them, so the ratio is exactly 1 in value and only its gradient acts; EasyR1 splits a
+rollout batch (512) into several updates (global batch 128), so its later updates are slightly
+off-policy and the clipping can bite. Not
 verified against the paper: its own n, K (8 in a third-party reimplementation, used here) and
 KL coefficient. RIF drops only all-wrong instances (not DAPO's all-correct groups), once, before
 the task, with the same sampler and reward as training.
