@@ -118,7 +118,9 @@ def run(out_dir: str | Path = "forgetcore-out", seeds: int | None = None, quick:
     t_all = time.perf_counter()
     model, tok, name = _load(use_tiny, seed)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    lr = 3e-3 if use_tiny else 1e-4
+    # SmolLM2 (last two layers): 1e-4 barely moves recognition in 3 exposures (0.38 -> 0.63 on 8
+    # natural-prose items, seed 0), 1e-3 reaches 1.0 and lifts recall 0.61 -> 0.83 (measured under load).
+    lr = 3e-3 if use_tiny else 1e-3
     n_items = 16 if use_tiny else 12
     print(f"model: {name}; seed {seed}")
 
@@ -158,7 +160,7 @@ def run(out_dir: str | Path = "forgetcore-out", seeds: int | None = None, quick:
     bg = lm.templated_corpus(2000, seed=100 + seed) + lm.prose(600, offset=lm.N_PRETRAIN_PROSE + 100)
     steps = (100 if quick else 150) if use_tiny else 70
     v = K.run_injection(model, tok, bg, K.injection_schedule(items, steps_at), probes, steps=steps,
-                        batch_size=16, lr=1e-3 if use_tiny else lr, seed=seed,
+                        batch_size=16, lr=1e-3, seed=seed,
                         progress=progress).numpy()
     n = len(items)
     eff = K.effectivity(v, [0], window=10)[0]
