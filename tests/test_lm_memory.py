@@ -198,3 +198,18 @@ def test_tiny_lm_is_a_fresh_copy_each_call_and_facts_split_at_the_attribute(tiny
     assert 1 not in tok("kalo owns a pet owl .")["input_ids"]  # no unknown words in templated facts
     with pytest.raises(ValueError, match="^relation"):
         lm.fact("height", "kalo", "tall")
+
+
+def test_smollm2_takes_the_same_code_path(smollm2):
+    """The real model through the same functions (evaluation only: the fixture is shared)."""
+    model, tok = smollm2
+    seen, foils = ["the value is determined when the interpreter starts .", "assignments to debug are illegal ."], \
+        ["the module is imported when the statement runs first .", "comparisons of types are allowed ."]
+    one = M.item_losses(model, tok, seen, batch_size=1)
+    two = M.item_losses(model, tok, seen, batch_size=2)
+    assert torch.allclose(one, two, atol=1e-4) and torch.isfinite(one).all()
+    assert 0.0 <= M.recognition(model, tok, seen, foils, max_word_gap=1)["accuracy"] <= 1.0
+    out = M.recall(model, tok, seen[1:])
+    assert out["outputs"][0].lower().startswith("assignments") and 0 < out["rouge_l"] <= 1
+    span = K.span_losses(model, tok, [("kalo owns a pet", "owl ."), ("the job of kalo is", "baker .")])
+    assert span.shape == (2,) and torch.isfinite(span).all()
