@@ -21,7 +21,8 @@ Knowledge During Pretraining?" (NeurIPS 2024, arXiv 2406.11813); official code
   ``R(t) = 100 (v[LAM + t] - v[0]) / (v[LAM] - v[0])`` (baseline ``v[0]``, t counted from the LAM;
   NaN where ``v[LAM] == v[0]``, which the code skips).
 - :func:`iqr_filter`: keep values in ``[Q1 - k IQR, Q3 + k IQR]`` (``np.percentile``, linear
-  interpolation). ``k = 2`` as the spec reads the analysis; the code's helper defaults to 1.5.
+  interpolation). ``k = 2``: ``remove_outliers_iqr``'s default in ``ppl_analysis.py`` at commit
+  c5273a3, where the window, E and R above were also checked (an older version used 1.5).
 - :func:`decay_fit`: ``y = a log10 t + b`` by least squares (``np.polyfit``), with the slope's
   standard error ``sqrt(SSR / (n - 2)) / sqrt(sum (log10 t - mean)^2)``, R^2 and the x-intercept
   ``t* = 10 ** (-b / a)`` (the code prints ``-b / a``, in log10 steps); and, as the code's
