@@ -114,6 +114,7 @@ def test_rewards_as_intended_and_the_legacy_tier_one_skip():
     assert dcg_reward([2, 0, 1], [0], 3) == pytest.approx(1 / math.log2(3))
     assert dcg_reward([0, 0, 1], [1], 3) == pytest.approx(1 / math.log2(3))  # duplicates dropped first
     assert dcg_reward([5, 0], [0], 3) == 0.0  # format error: 0, never negative
+    assert dcg_reward([0, 0, 1], [1], 3, length=3) == 0.0  # two unique indices where three are due
     full = {0: 0.0, 1: 1.0, 2: 1.0, 3: 1.0, 5: 1.0, 8: 1.0}
     assert tiered_reward(full) == pytest.approx(1.0)  # the weights telescope to C(1) = 1
     only_top1 = {0: 0.0, 1: 1.0, 2: 0.0, 3: 0.0, 5: 0.0, 8: 0.0}

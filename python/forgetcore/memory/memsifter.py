@@ -24,6 +24,11 @@ Rewards (pure functions of a ranking):
   index 1: ``R = -s_0 + sum_{n=2}^{N-1} w_n s_{F_n} + C(F_N) s_{F_N}``, which skips tier 1.
   The default is the intended form (ours: a deliberate fix).
 
+Checked against ``plageon/MemSifter@62a5489``: ``genrank_reward_score.py`` (``calculate_dcg``,
+``dedup_indexes``, format errors scored 0) and ``genrank_reward_score_paper.py``
+(``compute_paper_reward_from_scores``, whose loop is the ``legacy`` form above;
+``generate_fibonacci_tiers(10)`` = 1, 2, 3, 5, 8).
+
 Departures: the proxy is an MLP over lexical features, not a reasoning LLM; the prefilter is BM25,
 not bge-m3 embeddings; no curriculum and no checkpoint merging; the working model is a rule-based
 reader (:class:`ExtractiveReader`), not an LLM.
@@ -59,13 +64,17 @@ def _dedupe(ranking: Sequence[int]) -> list[int]:
     return out
 
 
-def dcg_reward(ranking: Sequence[int], gold: Sequence[int], n_candidates: int) -> float:
-    """The DCG reward of the official ``dcg`` mode (see the module doc)."""
+def dcg_reward(ranking: Sequence[int], gold: Sequence[int], n_candidates: int, length: int | None = None) -> float:
+    """The DCG reward of the official ``dcg`` mode (see the module doc). ``length``: as the
+    official parser demands (``min(10, n_sessions)``), a ranking whose deduplicated length differs
+    is a format error (reward 0); None skips that check."""
     if not gold:
         raise ValueError("gold: expected at least one gold candidate, got none")
     if any(not 0 <= int(i) < n_candidates for i in ranking):
         return 0.0  # format error
     r = _dedupe(ranking)
+    if length is not None and len(r) != length:
+        return 0.0  # format error
     gs = set(int(g) for g in gold)
     return sum(1.0 / math.log2(p + 2) for p, i in enumerate(r) if i in gs) / len(gs)
 
