@@ -12,12 +12,15 @@ and its tokenizer (SmolLM2 through :func:`forgetcore.models.load_smollm2`, or th
   the mean token loss of ``seen[i]`` is below that of ``foils[i]``; accuracy is the mean (chance
   50 %). Per-item losses come from the logits row by row (:func:`item_losses`), so they are right
   at any batch size: the official ``test.py`` repeats the batch-mean loss for every item, which
-  is only correct at batch size 1 (a test here shows the difference).
+  is only correct at batch size 1 (``loss.repeat(batch_size)`` in ``test.py`` at commit 48b4c40;
+  a test here shows the difference).
 - Recall (:func:`recall`): prompt with the first ``floor(n/2)`` tokens of a studied sentence
   (``n`` its token length), decode greedily to ``n`` tokens, and score ROUGE-L (F-measure of the
   longest common subsequence over lower-cased alphanumeric words, as ``rouge_score`` tokenises)
   of the whole output, prompt included, against the whole sentence. The prompt inflates the
-  score, so report it beside the pre-study model's score (``baseline``).
+  score, so report it beside the pre-study model's score (``baseline``). ``generate.py`` (read at
+  commit 39f4ba4) cuts every item of a batch at the first item's length, so it too is only
+  right at batch size 1; here each item has its own prompt and length.
 - Retention (:func:`retention`): keep training on other text and re-measure at log-spaced steps
   (:func:`log_schedule`: 1..10, 20..100, 200..1000, ...).
 
