@@ -124,6 +124,23 @@ def test_rewards_as_intended_and_the_legacy_tier_one_skip():
         tiered_reward({0: 0.0, 1: 1.0})
 
 
+def test_plackett_luce_log_prob_matches_the_sequential_definition():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, generator=g)
+    rankings = torch.stack([torch.randperm(6, generator=g)[:4] for _ in range(3)])
+    want = []
+    for r in rankings.tolist():
+        left, lp = list(range(6)), 0.0
+        for i in r:
+            lp += float(scores[i] - torch.logsumexp(scores[left], 0))
+            left.remove(i)
+        want.append(lp)
+    assert torch.allclose(MS.plackett_luce_logp(scores, rankings), torch.tensor(want), atol=1e-5)
+    full = torch.tensor([[0, 1], [1, 0]])
+    two = torch.tensor([0.3, -0.2])
+    assert torch.allclose(MS.plackett_luce_logp(two, full).exp().sum(), torch.tensor(1.0))
+
+
 def test_store_forgetting_hooks_and_state():
     st = MemoryStore()
     a = st.add("kalo owns a pet owl .", 0.0)

@@ -244,15 +244,10 @@ def plackett_luce_logp(scores: torch.Tensor, rankings: torch.Tensor) -> torch.Te
     """Log-probability of each (partial) ranking ``rankings`` (G, K) under Plackett-Luce with
     ``scores`` (M,): ``sum_p [s_{r_p} - logsumexp(s of the candidates not yet placed)]``."""
     g, k = rankings.shape
-    s = scores[rankings]  # (G, K)
-    placed = torch.zeros(g, scores.shape[0], dtype=torch.bool)
-    out = torch.zeros(g, dtype=scores.dtype)
-    for p in range(k):
-        rest = scores.expand(g, -1).masked_fill(placed, float("-inf"))
-        out = out + s[:, p] - torch.logsumexp(rest, 1)
-        placed = placed.clone()
-        placed[torch.arange(g), rankings[:, p]] = True
-    return out
+    onehot = torch.nn.functional.one_hot(rankings, scores.shape[0])  # (G, K, M)
+    placed = (onehot.cumsum(1) - onehot) > 0  # candidates placed before position p
+    rest = scores.expand(g, k, -1).masked_fill(placed, float("-inf"))
+    return (scores[rankings] - torch.logsumexp(rest, 2)).sum(1)
 
 
 @dataclass
