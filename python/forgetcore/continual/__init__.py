@@ -21,6 +21,7 @@ from .fot import FOT
 from .gpm import GPM
 from .methods import ER, Finetune, Joint
 from .powerlaw import PowerLawRehearsal
+from .rif import GRPO, RIF
 from .scenarios import Scenario, Task
 from .scole import LogitMask, SCoLeReplay
 from .trainer import Context, Plugin, Trainer
@@ -28,5 +29,5 @@ from .uer import UER
 from .viewbatch import ViewBatch
 from .wa import WA
 
-__all__ = ["ER", "FOT", "GPM", "UER", "WA", "Context", "Finetune", "Joint", "LogitMask", "Plugin",
+__all__ = ["ER", "FOT", "GPM", "GRPO", "RIF", "UER", "WA", "Context", "Finetune", "Joint", "LogitMask", "Plugin",
            "PowerLawRehearsal", "SCoLeReplay", "Scenario", "Task", "Trainer", "ViewBatch", "scenarios"]

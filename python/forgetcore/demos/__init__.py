@@ -54,6 +54,8 @@ DEMOS: dict[str, Demo] = {
     "kv": Demo("kvcache", "KV-cache eviction on SmolLM2: A2SF vs H2O vs RecentWindow"),
     "subspace": Demo("subspace", "Permuted-Digits: GPM vs Finetune vs ER; federated FOT vs FedAvg"),
     "kappa": Demo("finetune", "KappaTune on SmolLM2-135M: kappa of every matrix, fine-tune vs full"),
+    "memory": Demo("memory", "LM memory on SmolLM2: recognition/recall/retention, knowledge decay, MemSifter",
+                   (Option("--tiny", "run the tiny LM instead of SmolLM2 (what --quick does)"),)),
 }
 
 # Other names for the same demo (kept so that older commands keep working).

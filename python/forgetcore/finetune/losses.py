@@ -35,4 +35,67 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return loss * t * t if scale_by_t2 else loss
 
 
-__all__ = ["distillation_kl"]
+def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO's group-normalised advantages (Shao et al., "DeepSeekMath", arXiv 2402.03300, 2024;
+    EasyR1 ``compute_grpo_outcome_advantage``, commit 2a319e33): ``A_i = (r_i - mean(r)) / (std(r) + eps)`` within
+    each group (row) of ``rewards`` (B, G), with the unbiased (n - 1) standard deviation as
+    ``torch.std`` computes it. A group whose rewards are all equal gets A = 0 exactly."""
+    _checks.tensor("rewards", rewards, ndim=2)
+    _checks.finite("rewards", rewards)
+    if rewards.shape[1] < 2:
+        raise ValueError(f"rewards: expected groups of >= 2 rollouts (B, G >= 2), got {_checks.describe(rewards)}")
+    r = rewards.float()
+    return (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor | None = None,
+              ref_logp: torch.Tensor | None = None, *, clip_low: float = 0.2, clip_high: float = 0.3,
+              dual_clip: float | None = 3.0, kl_coef: float = 1e-2) -> tuple[torch.Tensor, dict[str, float]]:
+    """The GRPO policy loss as EasyR1 computes it (``verl/trainer/core_algos.py``, read at commit
+    2a319e33: ``compute_policy_loss`` with ``loss_type="default"``, ``compute_kl``, ``average_loss``):
+
+    - ratio ``rho = exp(clamp(logp - old_logp, -20, 20))`` per token;
+    - clipped surrogate ``max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high))`` (asymmetric
+      clip), and for ``A < 0`` the dual clip ``min(that, -A * dual_clip)`` (Ye et al. 2020);
+    - the k3 ("low_var_kl") KL to the reference: ``d = clamp(ref_logp - logp, -20, 20)``,
+      ``clamp(exp(d) - d - 1, -10, 10)``, weighted by ``kl_coef`` (EasyR1 default 1e-2);
+    - token-mean averaging over ``mask`` (``loss_avg_mode = "token"``).
+
+    All tensors share one shape, e.g. (B*G, T) of the sampled responses' tokens; ``advantages``
+    is broadcast per response to its tokens by the caller. ``ref_logp=None`` drops the KL term.
+    Returns ``(loss, stats)`` with ``pg_loss``, ``kl`` and ``clip_frac`` as floats.
+    """
+    _checks.tensor("logp", logp)
+    for name, t in (("old_logp", old_logp), ("advantages", advantages), ("mask", mask), ("ref_logp", ref_logp)):
+        if t is not None:
+            _checks.tensor(name, t)
+            if t.shape != logp.shape:
+                raise ValueError(f"{name}: expected the shape of logp {tuple(logp.shape)}, got {_checks.describe(t)}")
+    _checks.real("clip_low", clip_low, low=0.0, high=1.0, high_open=True)
+    _checks.real("clip_high", clip_high, low=0.0)
+    _checks.real("kl_coef", kl_coef, low=0.0)
+    if dual_clip is not None:
+        _checks.real("dual_clip", dual_clip, low=1.0, low_open=True)
+    m = torch.ones_like(logp) if mask is None else mask.to(logp.dtype)
+    n = m.sum().clamp_min(1.0)
+    adv = advantages.detach().to(logp.dtype)
+    ratio = torch.exp(torch.clamp(logp - old_logp.detach(), -20.0, 20.0))
+    pg1 = -adv * ratio
+    pg2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    pg = torch.maximum(pg1, pg2)
+    if dual_clip is not None:
+        pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
+    pg_loss = (pg * m).sum() / n
+    loss = pg_loss
+    kl_val = 0.0
+    if ref_logp is not None and kl_coef > 0:
+        d = torch.clamp(ref_logp.detach() - logp, -20.0, 20.0)
+        kl = torch.clamp(torch.exp(d) - d - 1.0, -10.0, 10.0)
+        kl_mean = (kl * m).sum() / n
+        loss = loss + kl_coef * kl_mean
+        kl_val = float(kl_mean.detach())
+    clip_frac = float((((pg2 > pg1).to(logp.dtype)) * m).sum() / n)
+    return loss, {"pg_loss": float(pg_loss.detach()), "kl": kl_val, "clip_frac": clip_frac}
+
+
+__all__ = ["distillation_kl", "grpo_advantages", "grpo_loss"]
