@@ -235,7 +235,8 @@ class KappaTune:
         a peft model is wrapped once, at construction)."""
         need = {"names", "kappa", "selected", "select", "k", "seed", "trainable_extra"}
         if not isinstance(state, dict) or not need <= state.keys():
-            raise ValueError(f"state: expected keys {sorted(need)}, got {sorted(state) if isinstance(state, dict) else type(state).__name__}")
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"state: expected keys {sorted(need)}, got {got}")
         if self.lora is not None:
             raise ValueError("state: load_state_dict is not supported in LoRA mode; build a new KappaTune")
         params = dict(self.model.named_parameters())
