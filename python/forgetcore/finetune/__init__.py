@@ -6,8 +6,9 @@ knew survives. Each method has the shape of :class:`FinetuneMethod` (``prepare``
 from __future__ import annotations
 
 from .base import FinetuneCallback, FinetuneMethod, FinetunePlugin, trainable_parameters
+from .gere import GeRe, GeRePlugin
 from .hft import HFT, GatedMLP
 from .kappatune import KappaTune
 
-__all__ = ["HFT", "FinetuneCallback", "FinetuneMethod", "FinetunePlugin", "GatedMLP", "KappaTune",
+__all__ = ["HFT", "GeRe", "GeRePlugin", "FinetuneCallback", "FinetuneMethod", "FinetunePlugin", "GatedMLP", "KappaTune",
            "trainable_parameters"]
