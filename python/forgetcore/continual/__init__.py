@@ -11,11 +11,12 @@ Metrics over ``result["R"]`` live in :mod:`forgetcore.evaluation.continual`.
 
 from __future__ import annotations
 
-from . import scenarios
+from . import moe, scenarios
 from .fot import FOT
 from .gpm import GPM
 from .methods import ER, Finetune, Joint
 from .scenarios import Scenario, Task
 from .trainer import Context, Plugin, Trainer
 
-__all__ = ["ER", "FOT", "GPM", "Context", "Finetune", "Joint", "Plugin", "Scenario", "Task", "Trainer", "scenarios"]
+__all__ = ["ER", "FOT", "GPM", "Context", "Finetune", "Joint", "Plugin", "Scenario", "Task", "Trainer", "moe",
+           "scenarios"]
