@@ -9,6 +9,7 @@ from .base import FinetuneCallback, FinetuneMethod, FinetunePlugin, trainable_pa
 from .gere import GeRe, GeRePlugin
 from .hft import HFT, GatedMLP
 from .kappatune import KappaTune
+from .reglora import RegLoRA
 
-__all__ = ["HFT", "GeRe", "GeRePlugin", "FinetuneCallback", "FinetuneMethod", "FinetunePlugin", "GatedMLP", "KappaTune",
-           "trainable_parameters"]
+__all__ = ["HFT", "FinetuneCallback", "FinetuneMethod", "FinetunePlugin", "GatedMLP", "GeRe", "GeRePlugin",
+           "KappaTune", "RegLoRA", "trainable_parameters"]

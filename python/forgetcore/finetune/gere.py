@@ -120,6 +120,17 @@ class GeRe(FinetuneMethod):
     def reapply(self, model: torch.nn.Module) -> None:
         self._attach(model)
 
+    @property
+    def last_features(self) -> torch.Tensor | None:
+        """The ``features`` output of the model's latest forward pass (kept by a hook)."""
+        return self._last
+
+    def close(self) -> None:
+        """Remove the forward hook from the model."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook, self._last = None, None
+
     def tm_loss(self, hidden: torch.Tensor, index: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """L_TM of the current ``hidden`` (one row per general sample ``index[i]``) against the references."""
         if self.pos_thr is None:
