@@ -15,8 +15,9 @@ from . import moe, scenarios
 from .fot import FOT
 from .gpm import GPM
 from .methods import ER, Finetune, Joint
+from .refresh import DERpp, Refresh
 from .scenarios import Scenario, Task
 from .trainer import Context, Plugin, Trainer
 
-__all__ = ["ER", "FOT", "GPM", "Context", "Finetune", "Joint", "Plugin", "Scenario", "Task", "Trainer", "moe",
-           "scenarios"]
+__all__ = ["DERpp", "ER", "FOT", "GPM", "Context", "Finetune", "Joint", "Plugin", "Refresh", "Scenario", "Task",
+           "Trainer", "moe", "scenarios"]
