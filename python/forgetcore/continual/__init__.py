@@ -14,10 +14,11 @@ from __future__ import annotations
 from . import moe, scenarios
 from .fot import FOT
 from .gpm import GPM
+from .kfpf import KFPF
 from .methods import ER, Finetune, Joint
 from .refresh import DERpp, Refresh
 from .scenarios import Scenario, Task
 from .trainer import Context, Plugin, Trainer
 
-__all__ = ["DERpp", "ER", "FOT", "GPM", "Context", "Finetune", "Joint", "Plugin", "Refresh", "Scenario", "Task",
-           "Trainer", "moe", "scenarios"]
+__all__ = ["DERpp", "ER", "FOT", "GPM", "KFPF", "Context", "Finetune", "Joint", "Plugin", "Refresh", "Scenario",
+           "Task", "Trainer", "moe", "scenarios"]
