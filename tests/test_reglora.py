@@ -192,3 +192,30 @@ if __name__ == "__main__":
         v = [r for r in rows if r["lam"] == lam]
         f = lambda k, v=v: f"{np.mean([r[k] for r in v]):.3f} +- {np.std([r[k] for r in v]):.3f}"  # noqa: E731
         print(f"lam {lam:g}: BWT {f('bwt')}  final acc {f('acc')}  plasticity {f('plasticity')}")
+
+
+def test_hf_callback_on_a_tiny_llama(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from forgetcore.finetune import FinetuneCallback
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    targets = [f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")]
+    rl = RegLoRA(target_modules=targets, r=4, lam=1e3, seed=0)
+    callback = FinetuneCallback(rl, model=model)  # adapters exist before the optimiser is built
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 96, (16, 12), generator=g)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=8,
+                                          learning_rate=1e-2, report_to=[], save_strategy="no",
+                                          logging_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+    transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]).train()
+    assert rl.stage == 1 and set(rl.keys) == set(targets)  # merged once, after epoch 1
+    assert callback.penalties[0] == 0 and callback.penalties[-1] > 0  # active in epoch 2
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            continue
+        moved = not torch.equal(p, base[n])
+        assert moved == any(n.startswith(t + ".") for t in targets), n  # only merges move base weights

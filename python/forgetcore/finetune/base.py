@@ -110,19 +110,29 @@ class FinetuneCallback(_callback_base()):  # type: ignore[misc]
     ``grad=None``, which torch's optimisers skip entirely (no update, no weight decay) because
     transformers zeroes gradients with ``set_to_none``.
 
+    A method that ADDS parameters in ``prepare`` (RegLoRA's adapters) must be prepared before
+    ``transformers.Trainer`` builds its optimiser: pass ``model=`` here (it calls ``prepare``
+    at once, and ``on_train_begin`` then does nothing).
+
     The penalty is added once per optimiser step, at ``on_step_begin``, as the gradient of
     ``penalty(model, None, None)`` (before gradient clipping); a method whose penalty needs the
     batch (GeRe) cannot be driven this way and raises there.
     """
 
-    def __init__(self, method: FinetuneMethod) -> None:
+    def __init__(self, method: FinetuneMethod, model: torch.nn.Module | None = None) -> None:
         if not callable(getattr(method, "penalty", None)) or not callable(getattr(method, "prepare", None)):
             raise TypeError(f"method: expected an object with prepare/penalty/after_stage, got {type(method).__name__}")
         self.method = method
         self.penalties: list[float] = []
+        self.prepared = False
+        if model is not None:
+            method.prepare(model)
+            self.prepared = True
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        self.method.prepare(model)
+        if not self.prepared:
+            self.method.prepare(model)
+            self.prepared = True
 
     def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         pen = self.method.penalty(model, None, None)
