@@ -265,6 +265,12 @@ def test_claim_no_retention_margin_at_matched_new_task_accuracy(claim_rows):
     assert np.mean([r["retention_all_logits"] for r in claim_rows]) < 0.1
 
 
+def test_demo_is_finetune_with_kappa_as_alias():
+    from forgetcore.demos import DEMOS, resolve
+
+    assert resolve("kappa") is DEMOS["finetune"] and DEMOS["finetune"].module == "finetune"
+
+
 def summary(rows):
     """Mean +- std over seeds per arm (the table of the docstring)."""
     out = []
@@ -287,3 +293,4 @@ if __name__ == "__main__":  # print the table behind the assertions
     for r in rows:
         print(r)
     print("\n".join(summary(rows)))
+
