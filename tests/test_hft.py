@@ -238,6 +238,7 @@ def run_claim(seeds=SEEDS):
     return rows
 
 
+@pytest.mark.slow  # over 10 s of CPU: see the report
 def test_claim_hft_forgets_less_at_similar_current_accuracy():
     torch.set_num_threads(1)
     rows = run_claim()

@@ -240,6 +240,7 @@ def _by(rows):
     return {(r["seed"], r["arm"]): r for r in rows}, sorted({r["seed"] for r in rows})
 
 
+@pytest.mark.slow  # over 10 s of CPU: see the report
 def test_claim_lowest_kappa_follows_depth_and_is_more_plastic(claim_rows):
     by, seeds = _by(claim_rows)
     # Depth: the lowest-kappa pick contains the input layer (64 x 128, the best-conditioned shape).
@@ -252,6 +253,7 @@ def test_claim_lowest_kappa_follows_depth_and_is_more_plastic(claim_rows):
     assert full.mean() < low.mean()  # training everything is the fastest, as expected
 
 
+@pytest.mark.slow  # over 10 s of CPU: see the report
 def test_claim_no_retention_margin_at_matched_new_task_accuracy(claim_rows):
     by, seeds = _by(claim_rows)
     both = [s for s in seeds if by[s, "lowest"]["reached"] and by[s, "highest"]["reached"]]

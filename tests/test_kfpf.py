@@ -135,6 +135,7 @@ def run_claim(seeds=SEEDS):
     return rows
 
 
+@pytest.mark.slow  # over 10 s of CPU: see the report
 def test_claim_kfpf_recovers_most_of_er_with_fewer_replay_passes():
     torch.set_num_threads(1)
     rows = run_claim()

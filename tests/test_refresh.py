@@ -162,6 +162,7 @@ def run_claim(seeds=SEEDS, arms=ARMS):
     return rows
 
 
+@pytest.mark.slow  # over 10 s of CPU: see the report
 def test_claim_refresh_delta_sweep_is_null_but_live():
     torch.set_num_threads(1)
     rows = run_claim()

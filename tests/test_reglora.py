@@ -171,6 +171,7 @@ def run_claim(seeds=SEEDS, lams=(0.0, LAM)):
     return rows
 
 
+@pytest.mark.slow  # over 10 s of CPU: see the report
 def test_claim_reglora_lowers_bwt_at_a_plasticity_cost():
     torch.set_num_threads(1)
     rows = run_claim()
