@@ -117,7 +117,7 @@ class KFPF(Plugin):
             total = self.total_steps
             if total is None:
                 tr = ctx.trainer
-                total = sum(tr.epochs * math.ceil(len(t.train) / tr.batch_size) for t in ctx.scenario)
+                total = sum(int(tr.epochs * math.ceil(len(t.train) / tr.batch_size)) for t in ctx.scenario or ())
             self.period = max(1, total // self.k)
         if self._last_state is None:
             self._last_state = {n: v.detach().clone() for n, v in ctx.model.state_dict().items()}

@@ -75,7 +75,8 @@ class GeRe(FinetuneMethod):
         self.k = _checks.positive_int("k", k, allow_zero=True)
         self.seed = _checks.positive_int("seed", seed, allow_zero=True)
         self.ref: list[torch.Tensor] = []
-        self.pos_thr = self.neg_thr = None
+        self.pos_thr: torch.Tensor | None = None
+        self.neg_thr: torch.Tensor | None = None
         self._hook: Any = None
         self._last: torch.Tensor | None = None
 
@@ -151,7 +152,7 @@ class GeRe(FinetuneMethod):
             parts.append(F.cross_entropy(output[g], batch["y"][g]))
         if bool((~g).any()):
             parts.append(F.cross_entropy(output[~g], batch["y"][~g]))
-        ce = sum(parts) / len(parts)
+        ce = parts[0] if len(parts) == 1 else (parts[0] + parts[1]) / 2  # the official averaging
         return ce + self.penalty(model, batch, output, ce=ce)
 
     def penalty(self, model: torch.nn.Module, batch: Any, outputs: Any, ce: torch.Tensor | None = None) -> torch.Tensor:

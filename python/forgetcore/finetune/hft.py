@@ -97,7 +97,7 @@ class HFT(FinetuneMethod):
         g = torch.Generator().manual_seed(int(ss))
         n = len(units)
         two_of_three = set(torch.randperm(n, generator=g)[: n // 2].tolist())
-        chosen = []
+        chosen: list[str] = []
         for i, u in enumerate(units):
             for cat in ("attention", "ffn", "norms"):
                 mods = u[cat]
