@@ -93,6 +93,13 @@ class Refresh(Plugin):
       weighted by ``p(y|x)``), normalised by ``num_batches * batch_size`` as the official code
       does (slightly more than the example count when the last batch is partial).
 
+    Order: the unlearn step runs BEFORE the learning step, as the spec reads the repository's last
+    commit (7c90da5: "the last two commits only move the unlearn call in front of the learning
+    step"); the stored version at 2484f2a still calls it after ``opt.step()``. Departures: the
+    noise comes from the plugin's own seeded generator (the official ``randn_like`` draws from
+    the global one), and the official optimiser's weight decay 1e-4 is the trainer's
+    ``make_optimizer``'s business (pass ``SGD(..., weight_decay=1e-4)`` to match it).
+
     ``delta = 1e-5`` and ``tau = 1e-5`` are the official constants; with them the step changes
     each tensor by about 1e-5 of its norm. Use it beside :class:`DERpp` (the official base):
     ``plugins=[Refresh(...), DERpp(...)]``; the noise comes from the plugin's own generator
