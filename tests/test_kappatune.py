@@ -144,27 +144,30 @@ def test_bad_input():
 #
 # The spec's experiment (methods-b.md section 19): a 6-layer MLP (64 -> 128 x 5 -> 10) pretrained on
 # digits 0-4, fine-tuned on 5-9 with the same 10-way head trainable in every arm, plus K = 2 of the
-# 5 hidden weights chosen by lowest kappa (the paper), highest kappa, random, or everything (full
-# fine-tuning). Each arm trains until 90 % accuracy on the new classes' training data (masked to
-# logits 5-9), so retention is compared at comparable new-task accuracy; retention = accuracy on
-# the 0-4 test images with logits masked to 0-4 (with all 10 logits every arm that learns 5-9
-# falls to ~0 % on 0-4: the shared head's bias, not the hidden weights, dominates).
+# 5 hidden weights chosen by lowest kappa (the paper) or highest kappa, against full fine-tuning.
+# Every arm trains (Adam lr 3e-3, batches of 64) until its accuracy on a VALIDATION split of the new
+# classes (20 % of their training images, never trained on; logits masked to 5-9) reaches 0.80,
+# checked every 5 steps, or 600 steps; so retention is compared at the same new-task accuracy, which
+# the paper's comparison requires. Retention = accuracy on the 0-4 test images, logits masked to 0-4
+# (with all 10 logits every arm that learns 5-9 falls to ~0 on 0-4: the shared head's bias).
 #
-# Measured over seeds 0-4 (python tests/test_kappatune.py prints the table; Adam lr 2e-3, 200
-# pretraining steps, fine-tuning until 90 % or 400 steps):
-#   arm      retention (0-4, masked)  new-task acc (5-9)  steps to target
-#   lowest   0.552 +- 0.162           0.881 +- 0.021      246 +- 37
-#   highest  0.423 +- 0.113           0.898 +- 0.024      352 +- 41
-#   random   0.469 +- 0.198           0.825 +- 0.119      302 +- 79
-#   full     0.386 +- 0.148           0.906 +- 0.013      112 +- 10
-# The paper's direction holds here: lowest-kappa forgets less than highest-kappa at comparable
-# new-task accuracy, in 4 of 5 seeds, by 0.13 on average, but the seed spread is as large as the
-# gap and it is sensitive to the setting: with lr 1e-3, 300 pretraining steps and up to 600
-# fine-tuning steps the same experiment gave 0.570 vs 0.550 (no margin). Robust in every seed and
-# setting tried: the lowest-kappa rule always picks the input layer (the depth effect the spec
-# warns of) and its weights are more plastic (reach the target in fewer steps).
+# Settings were tuned on seeds 0-4 only; the test runs seeds 20-31, fixed before they were run.
+# Measured on seeds 20-31 (python tests/test_kappatune.py prints the table):
+#   arm      retention (0-4, masked)  new-task test acc (5-9)  steps to target  reached
+#   lowest   0.290 +- 0.115           0.815 +- 0.035           177 +- 44        12/12
+#   highest  0.325 +- 0.151           0.793 +- 0.064           398 +- 131       10/12
+#   full     0.279 +- 0.068           0.842 +- 0.050           124 +- 33        12/12
+#   retention gap lowest - highest: -0.035 +- 0.241 (positive in 7 of 12 seeds); lowest-kappa picked
+#   the input layer (0.weight) in 12 of 12 seeds. On the tuning seeds 0-4: gap -0.032, 2 of 5.
+# The paper's direction does NOT hold at this scale once the arms are matched on new-task
+# accuracy: the earlier version of this test (stopped on training accuracy, 5 seeds) showed a gap of
+# 0.13 that came from the seeds and from the arms reaching different new-task accuracy. What does
+# hold in every seed set tried: lowest-kappa selection follows depth (it picks the input layer) and
+# those weights are more plastic (reach the target in fewer steps than the highest-kappa ones).
 
-STEPS, TARGET, K, LR = 400, 0.9, 2, 2e-3
+SEEDS = range(20, 32)
+STEPS, TARGET, K, LR, BATCH, PRETRAIN = 600, 0.8, 2, 3e-3, 64, 150
+ARMS = ("lowest", "highest", "full")
 
 
 def _acc(model, x, y, classes):
@@ -173,32 +176,43 @@ def _acc(model, x, y, classes):
         return (z.argmax(1) + classes[0] == y).float().mean().item()
 
 
-def _train(model, params, x, y, steps, lr, classes=None, target=None):
+def _train(model, params, x, y, steps, lr, seed, val=None):
+    """Adam on seeded mini-batches; with ``val=(x, y, classes)`` stop once it reaches TARGET
+    (checked every 5 steps). Returns the steps taken and whether the target was reached."""
     opt = torch.optim.Adam(params, lr=lr)
-    for s in range(steps):
-        if target is not None and s % 10 == 0 and _acc(model, x, y, classes) >= target:
-            return s
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.empty(0, dtype=torch.long)
+    for s in range(steps + 1):
+        if val is not None and s % 5 == 0 and _acc(model, *val) >= TARGET:
+            return s, True
+        if s == steps:
+            break
+        if len(order) < BATCH:
+            order = torch.cat([order, torch.randperm(len(y), generator=gen)])
+        idx, order = order[:BATCH], order[BATCH:]
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
-    return steps
+    return steps, val is None
 
 
-def run_claim(seeds=range(5), k=K):
-    """Rows (seed, arm, picked, steps, retention, retention_all_logits, new) of the experiment."""
+def run_claim(seeds=SEEDS, k=K):
+    """Rows (seed, arm, picked, steps, reached, retention, retention_all_logits, new) of the experiment."""
     x, y = datasets.load("digits")
     x = x.flatten(1)
     tr, te = datasets.stratified_split(y, [0.7, 0.3], seed=0)
-    old_tr, new_tr = tr[y[tr] < 5], tr[y[tr] >= 5]
+    old_tr, new_all = tr[y[tr] < 5], tr[y[tr] >= 5]
+    fit, val = datasets.stratified_split(y[new_all], [0.8, 0.2], seed=0)
+    new_tr, new_val = new_all[fit], new_all[val]
     old_te, new_te = te[y[te] < 5], te[y[te] >= 5]
     old, new = torch.arange(5), torch.arange(5, 10)
     rows = []
     for seed in seeds:
         base = mlp(seed)
-        _train(base, base.parameters(), x[old_tr], y[old_tr], 200, 2e-3)
+        _train(base, base.parameters(), x[old_tr], y[old_tr], PRETRAIN, 2e-3, seed)
         state = base.state_dict()
         kap = spectral.condition_numbers({n: p for n, p in base.named_parameters() if n in HIDDEN}, progress=False)
-        for arm in ("lowest", "highest", "random", "full"):
+        for arm in ARMS:
             model = mlp(seed)
             model.load_state_dict(state)
             if arm == "full":
@@ -207,8 +221,9 @@ def run_claim(seeds=range(5), k=K):
                 kt = KappaTune(model, k=k, select=arm, seed=seed, include=HIDDEN, kappa=kap,
                                trainable_extra=["10"])
                 params, picked = kt.parameters(), kt.selected
-            steps = _train(model, params, x[new_tr], y[new_tr], STEPS, LR, new, TARGET)
-            rows.append({"seed": seed, "arm": arm, "picked": picked, "steps": steps,
+            steps, reached = _train(model, params, x[new_tr], y[new_tr], STEPS, LR, seed,
+                                    val=(x[new_val], y[new_val], new))
+            rows.append({"seed": seed, "arm": arm, "picked": picked, "steps": steps, "reached": reached,
                          "retention": _acc(model, x[old_te], y[old_te], old),
                          "retention_all_logits": _acc(model, x[old_te], y[old_te], torch.arange(10)),
                          "new": _acc(model, x[new_te], y[new_te], new)})
@@ -221,38 +236,63 @@ def claim_rows():
     return run_claim()
 
 
-def test_claim_lowest_kappa_weights_are_more_plastic(claim_rows):
-    by = {(r["seed"], r["arm"]): r for r in claim_rows}
-    seeds = sorted({r["seed"] for r in claim_rows})
+def _by(rows):
+    return {(r["seed"], r["arm"]): r for r in rows}, sorted({r["seed"] for r in rows})
+
+
+@pytest.mark.slow  # over 10 s of CPU: see the report
+def test_claim_lowest_kappa_follows_depth_and_is_more_plastic(claim_rows):
+    by, seeds = _by(claim_rows)
+    # Depth: the lowest-kappa pick contains the input layer (64 x 128, the best-conditioned shape).
+    assert sum("0.weight" in by[s, "lowest"]["picked"] for s in seeds) >= 0.8 * len(seeds)
     low = np.array([by[s, "lowest"]["steps"] for s in seeds])
     high = np.array([by[s, "highest"]["steps"] for s in seeds])
     full = np.array([by[s, "full"]["steps"] for s in seeds])
-    assert (low < high).sum() >= 4, (low, high)
+    assert (low < high).sum() >= 0.7 * len(seeds), (low, high)
     assert low.mean() < 0.8 * high.mean(), (low, high)
     assert full.mean() < low.mean()  # training everything is the fastest, as expected
-    # The lowest-kappa pick always contains the input layer: the ranking follows depth.
-    assert all("0.weight" in by[s, "lowest"]["picked"] for s in seeds)
-    # Comparable new-task accuracy (the spec's condition) is met by the kappa arms on average.
-    assert np.mean([by[s, a]["new"] for s in seeds for a in ("lowest", "highest")]) > 0.75
 
 
-def test_claim_lowest_kappa_forgets_less_at_comparable_accuracy(claim_rows):
-    by = {(r["seed"], r["arm"]): r for r in claim_rows}
-    seeds = sorted({r["seed"] for r in claim_rows})
-    gap = np.array([by[s, "lowest"]["retention"] - by[s, "highest"]["retention"] for s in seeds])
-    assert gap.mean() > 0.05 and (gap > 0).sum() >= 4, gap
-    new_gap = np.mean([by[s, "highest"]["new"] - by[s, "lowest"]["new"] for s in seeds])
-    assert new_gap < 0.05, new_gap  # comparable new-task accuracy: lowest is not just learning less
+@pytest.mark.slow  # over 10 s of CPU: see the report
+def test_claim_no_retention_margin_at_matched_new_task_accuracy(claim_rows):
+    by, seeds = _by(claim_rows)
+    both = [s for s in seeds if by[s, "lowest"]["reached"] and by[s, "highest"]["reached"]]
+    assert len(both) >= 0.75 * len(seeds)  # the matching works: most arms reach the target
+    new_gap = np.mean([by[s, "highest"]["new"] - by[s, "lowest"]["new"] for s in both])
+    assert abs(new_gap) < 0.05, new_gap  # matched: the same new-task test accuracy
+    gap = np.array([by[s, "lowest"]["retention"] - by[s, "highest"]["retention"] for s in both])
+    # The paper's claim would be gap > 0 with a margin; at matched accuracy it is not there.
+    assert gap.mean() < 0.05, gap
     # With all 10 logits, every arm that learns 5-9 forgets 0-4 (the shared head's bias).
     assert np.mean([r["retention_all_logits"] for r in claim_rows]) < 0.1
 
+
+def test_demo_is_finetune_with_kappa_as_alias():
+    from forgetcore.demos import DEMOS, resolve
+
+    assert resolve("kappa") is DEMOS["finetune"] and DEMOS["finetune"].module == "finetune"
+
+
+def summary(rows):
+    """Mean +- std over seeds per arm (the table of the docstring)."""
+    out = []
+    for arm in ARMS:
+        v = [r for r in rows if r["arm"] == arm]
+        f = lambda key, v=v: f"{np.mean([r[key] for r in v]):.3f} +- {np.std([r[key] for r in v]):.3f}"  # noqa: E731
+        out.append(f"{arm:8s} retention {f('retention')}  new {f('new')}  steps {f('steps')}  "
+                   f"reached {sum(r['reached'] for r in v)}/{len(v)}")
+    by, seeds = _by(rows)
+    gap = np.array([by[s, "lowest"]["retention"] - by[s, "highest"]["retention"] for s in seeds])
+    out.append(f"gap lowest - highest: {gap.mean():+.3f} +- {gap.std():.3f}, positive in {(gap > 0).sum()}/{len(gap)}")
+    return out
+
+
 if __name__ == "__main__":  # print the table behind the assertions
+    import sys
+
     torch.set_num_threads(1)
-    rows = run_claim()
+    rows = run_claim(eval(sys.argv[1]) if len(sys.argv) > 1 else SEEDS)
     for r in rows:
         print(r)
-    for arm in ("lowest", "highest", "random", "full"):
-        v = [r for r in rows if r["arm"] == arm]
-        f = lambda key: f"{np.mean([r[key] for r in v]):.3f}+-{np.std([r[key] for r in v]):.3f}"  # noqa: E731
-        print(f"{arm:8s} retention {f('retention')} all-logits {f('retention_all_logits')} "
-              f"new {f('new')} steps {f('steps')}")
+    print("\n".join(summary(rows)))
+

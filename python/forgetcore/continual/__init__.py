@@ -16,12 +16,14 @@ Metrics over ``result["R"]`` and over per-iteration curves (the stability gap) l
 
 from __future__ import annotations
 
-from . import scenarios
+from . import moe, scenarios
 from .fot import FOT
 from .gpm import GPM
+from .kfpf import KFPF
 from .methods import ER, Finetune, Joint
 from .powerlaw import PowerLawRehearsal
 from .rif import GRPO, RIF
+from .refresh import DERpp, Refresh
 from .scenarios import Scenario, Task
 from .scole import LogitMask, SCoLeReplay
 from .trainer import Context, Plugin, Trainer
@@ -29,5 +31,6 @@ from .uer import UER
 from .viewbatch import ViewBatch
 from .wa import WA
 
-__all__ = ["ER", "FOT", "GPM", "GRPO", "RIF", "UER", "WA", "Context", "Finetune", "Joint", "LogitMask", "Plugin",
-           "PowerLawRehearsal", "SCoLeReplay", "Scenario", "Task", "Trainer", "ViewBatch", "scenarios"]
+__all__ = ["DERpp", "ER", "FOT", "GPM", "GRPO", "KFPF", "RIF", "UER", "WA", "Context", "Finetune", "Joint",
+           "LogitMask", "Plugin", "PowerLawRehearsal", "Refresh", "SCoLeReplay", "Scenario", "Task", "Trainer",
+           "ViewBatch", "moe", "scenarios"]

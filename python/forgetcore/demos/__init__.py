@@ -53,13 +53,13 @@ DEMOS: dict[str, Demo] = {
                     (Option("--iau-gr", "train IAU its gradient-restricted original (slower)"),)),
     "kv": Demo("kvcache", "KV-cache eviction on SmolLM2: A2SF vs H2O vs RecentWindow"),
     "subspace": Demo("subspace", "Permuted-Digits: GPM vs Finetune vs ER; federated FOT vs FedAvg"),
-    "kappa": Demo("finetune", "KappaTune on SmolLM2-135M: kappa of every matrix, fine-tune vs full"),
+    "finetune": Demo("finetune", "Selective fine-tuning on SmolLM2-135M: KappaTune, HFT, GeRe vs full fine-tuning"),
     "memory": Demo("memory", "LM memory on SmolLM2: recognition/recall/retention, knowledge decay, MemSifter",
                    (Option("--tiny", "run the tiny LM instead of SmolLM2 (what --quick does)"),)),
 }
 
 # Other names for the same demo (kept so that older commands keep working).
-ALIASES: dict[str, str] = {}
+ALIASES: dict[str, str] = {"kappa": "finetune"}
 
 
 def resolve(name: str) -> Demo:

