@@ -43,8 +43,8 @@ class Demo:
 
 
 DEMOS: dict[str, Demo] = {
-    "cl": Demo("continual", "Split-Digits class-incremental: Finetune, ER, UER, WA, ViewBatch, PowerLaw, Joint; "
-               "stability-gap plot; SCoLe long streams with --scole N",
+    "cl": Demo("continual", "Split-Digits class-incremental: Finetune, ER, UER, WA, ViewBatch, PowerLaw, DER++, "
+               "Refresh, k-FPF, Joint; stability-gap plot; SCoLe long streams with --scole N",
                (Option("--full", "10 epochs per task instead of 4 (longer)"),
                 Option("--scole", "also run SCoLe streams of N tasks (e.g. 300) with and without masking",
                        action="store", type=int))),

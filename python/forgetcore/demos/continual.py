@@ -8,8 +8,9 @@ over seeds) and writes ``cl.png`` (mean accuracy matrices and seed-0 learning cu
 task boundaries marked; min-ACC, WC-ACC and WF^10 printed) and ``cl_results.json`` (every run's
 accuracy matrix, curves and timings) to ``out_dir``.
 
-The rows come from :data:`METHODS`, a registry ``name -> Method(make, bias_free_head)``: other
-families add their rows with :func:`register` (the selective-training methods, for instance).
+The rows come from :data:`METHODS`, a registry ``name -> Method(make, bias_free_head)``; other
+rows can be added with :func:`register`. DER++, Refresh (refresh learning on DER++) and k-FPF are
+the selective-training family's vision methods.
 All methods share one protocol, after Chaudhry et al. 2019's ER where it applies: stream
 batches of 10 (plus 10 replayed for the replay methods), plain SGD, memory 200, several epochs
 per task because the data set is tiny. UER and WA use a bias-free output layer (their method
@@ -33,6 +34,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..continual import ER, UER, WA, Finetune, Joint, PowerLawRehearsal, Trainer, ViewBatch, scenarios
+from ..continual.kfpf import kfpf_plugins
+from ..continual.refresh import derpp_plugins, refresh_plugins
 from ..evaluation import continual as metrics
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,10 @@ METHODS: dict[str, Method] = {
     "ViewBatch": Method(lambda cfg, seed: [ER(cfg["capacity"], batch_size=cfg["batch_size"], seed=seed),
                                            ViewBatch(5)]),
     "PowerLaw": Method(lambda cfg, seed: [PowerLawRehearsal(cfg["capacity"], seed=seed)]),
+    # the selective-training family's vision methods (each replaces the Trainer's loss)
+    "DER++": Method(lambda cfg, seed: derpp_plugins(seed, capacity=cfg["capacity"])),
+    "Refresh": Method(lambda cfg, seed: refresh_plugins(seed, capacity=cfg["capacity"])),
+    "k-FPF": Method(lambda cfg, seed: kfpf_plugins(seed, capacity=cfg["capacity"])),
     "Joint": Method(lambda cfg, seed: [Joint()]),
 }
 
