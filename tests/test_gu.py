@@ -27,7 +27,8 @@ def small_model(seed=0):
 def batches(s):
     x, y = datasets.load("digits")
     s = s % 10
-    return (x[s * 20:(s + 1) * 20], y[s * 20:(s + 1) * 20]), (x[500 + s * 64:564 + s * 64], y[500 + s * 64:564 + s * 64])
+    r = slice(500 + s * 64, 564 + s * 64)
+    return (x[s * 20:(s + 1) * 20], y[s * 20:(s + 1) * 20]), (x[r], y[r])
 
 
 def step_cosines(gu, n_steps):
@@ -148,3 +149,21 @@ def test_gu_keeps_more_retain_accuracy_than_gradient_ascent_at_matched_forget(tr
         assert res["gu"][0] <= 0.05 and res["none"][0] <= 0.05  # matched forget accuracy
         gains.append(res["gu"][1] - res["none"][1])
     assert min(gains) >= 0.0 and statistics.mean(gains) >= 0.005, gains
+
+
+def test_defaults_follow_the_spec():
+    """gamma * P_perp(g_f) + alpha * g_r with gamma = alpha = 1; the multi-vector variant
+    gamma = 0.125, alpha = 1, 4 retain vectors (issue 13: the old default alpha = 0 dropped the retain term)."""
+    gu = GU()
+    assert (gu.gamma, gu.alpha) == (1.0, 1.0)
+    multi = GU(mode="multi", geometry="euclidean")
+    assert (multi.gamma, multi.alpha, multi.max_retain_vectors) == (0.125, 1.0, 4)
+    # the retain term is in the default direction: it differs from the projected forget gradient alone
+    model = small_model()
+    params = list(model.parameters())
+    fb, rb = batches(2)
+    GU(optimizer="sgd", geometry="euclidean").direction(model, torch.optim.SGD(params, lr=0.1), fb, rb)
+    with_r = flat([p.grad for p in params])
+    GU(optimizer="sgd", geometry="euclidean", alpha=0.0).direction(model, torch.optim.SGD(params, lr=0.1), fb, rb)
+    g_r = flat(torch.autograd.grad(F.cross_entropy(model(rb[0]), rb[1]), params))
+    assert torch.allclose(with_r - flat([p.grad for p in params]), g_r, atol=1e-6)

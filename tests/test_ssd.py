@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from forgetcore.evaluation import unlearning as ev
 from forgetcore.unlearning import LFSSD, SSD, Retrain, UnlearnData
@@ -26,12 +26,21 @@ def originals():
     return {s: ev.train_original(ev.full_class("digits", CLASSES[0], s), "mlp", s) for s in SEEDS}
 
 
-def official_ssd(model, data: UnlearnData, alpha: float, lam: float, seed: int) -> None:
+def official_order(data: UnlearnData):
+    """The official ``full_train_dl`` for full-class forgetting, built independently of ``UnlearnData.full``:
+    ``ConcatDataset((retain, forget))`` unshuffled, with retain assembled class by class."""
+    xr, yr = data.retain.tensors
+    by_class = [torch.nonzero(yr == c).flatten() for c in sorted(set(yr.tolist()))]
+    idx = torch.cat(by_class)
+    return TensorDataset(torch.cat([xr[idx], data.forget.tensors[0]]), torch.cat([yr[idx], data.forget.tensors[1]]))
+
+
+def official_ssd(model, data: UnlearnData, alpha: float, lam: float) -> None:
     """The official ParameterPerturber (the benchmark baseline): calc_importance on the forget set
-    and on the seeded mix of retain and forget, then modify_weight with boolean masks."""
+    and on the official full-set order, then modify_weight with boolean masks."""
     model.eval()
     f_imp = ssd_official.calc_importance(model, DataLoader(data.forget, batch_size=64, shuffle=False))
-    d_imp = ssd_official.calc_importance(model, DataLoader(data.full(seed), batch_size=64, shuffle=False))
+    d_imp = ssd_official.calc_importance(model, DataLoader(official_order(data), batch_size=64, shuffle=False))
     names = [n for n, _ in model.named_parameters()]
     ssd_official.modify_weight([p for _, p in model.named_parameters()], [d_imp[n] for n in names],
                                [f_imp[n] for n in names], alpha, lam)
@@ -43,11 +52,48 @@ def test_fixed_alpha_matches_official_code_bit_for_bit(originals):
     a.load_state_dict(originals[0].state_dict())
     b = ev.make_model("mlp", (1, 8, 8), 10, 0)
     b.load_state_dict(originals[0].state_dict())
-    info = SSD(alpha=10.0, lam=1.0, seed=0).fit(a, data)
-    official_ssd(b, data, 10.0, 1.0, seed=0)
-    assert info["dampened"] > 0
+    info = SSD(alpha=10.0, lam=1.0, order="official", seed=0).fit(a, data)
+    official_ssd(b, data, 10.0, 1.0)
+    assert info["dampened"] > 0 and info["order"] == "official"
     for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(pa, pb), n
+
+
+def test_official_full_set_order():
+    """Full-class: class-sorted retain then forget; random: a seeded permutation of retain then forget."""
+    data = ev.full_class("digits", 3, 0)
+    off = data.full(0, "official")
+    ref = official_order(data)
+    assert torch.equal(off.tensors[0], ref.tensors[0]) and torch.equal(off.tensors[1], ref.tensors[1])
+    y = off.tensors[1]
+    # in that order every batch of 64 holds at most two classes, and about half hold one
+    assert max(len(set(b.tolist())) for b in y.split(64)) <= 2
+    assert sum(len(set(b.tolist())) == 1 for b in y.split(64)) >= 0.4 * len(y.split(64))
+    shuffled = data.full(0).tensors[1]
+    assert sum(len(set(b.tolist())) == 1 for b in shuffled.split(64)) == 0
+    rand = ev.random_subset("digits", 0.1, 0)
+    ro = rand.full(5, "official").tensors[1]
+    nr = len(rand.retain)
+    assert torch.equal(ro[nr:], rand.forget.tensors[1])
+    assert torch.equal(torch.sort(ro[:nr]).values, torch.sort(rand.retain.tensors[1]).values)
+    assert not torch.equal(ro[:nr], rand.retain.tensors[1])  # permuted, as random_split leaves it
+    with pytest.raises(ValueError, match="^order: expected one of"):
+        data.full(0, "sorted")
+
+
+def test_order_changes_what_the_batch_fisher_dampens(originals):
+    """The review's measurement: with the batch Fisher the official order dampens far fewer weights
+    and forgets less than the shuffled one (seed 0, class 3, alpha 10)."""
+    data = ev.full_class("digits", 3, 0)
+    res = {}
+    for order in ("official", "shuffled"):
+        model = ev.make_model("mlp", (1, 8, 8), 10, 0)
+        model.load_state_dict(originals[0].state_dict())
+        info = SSD(alpha=10.0, order=order, seed=0).fit(model, data)
+        res[order] = (info["dampened"], ev.evaluate(model, data)["test_forget_acc"])
+    print(f"\nSSD alpha 10, class 3: official order {res['official']}, shuffled {res['shuffled']}")
+    assert res["shuffled"][0] > 2 * res["official"][0]
+    assert res["shuffled"][1] < res["official"][1] - 0.3
 
 
 def test_claim_forget_class_below_10_percent_others_within_3_points(originals):
@@ -151,8 +197,15 @@ def test_bad_input(originals):
     with pytest.raises(ValueError, match="^data: alpha='auto' needs data.retain_val"):
         SSD(alpha="auto").fit(model, no_val)
     rand = ev.random_subset("digits", 0.1, 0)
-    with pytest.raises(ValueError, match="^target: random-subset forgetting"):
+    with pytest.raises(ValueError, match="^target: random-subset forgetting") as err:
         SSD(alpha="auto").fit(model, rand)
+    assert "forget_classes=" in str(err.value) and "every training example" not in str(err.value)
+    # class forgetting without forget_classes: the message names the whole class and the fix
+    no_cls = UnlearnData(forget=data.forget, retain=data.retain, retain_val=data.retain_val)
+    with pytest.raises(ValueError, match=r"^target: .*class\(es\) \[3\].*forget_classes=\(3,\)"):
+        SSD(alpha="auto").fit(model, no_cls)
+    with pytest.raises(ValueError, match="^order: expected one of"):
+        SSD(order="sorted")
     with pytest.raises(TypeError, match="^data: expected an UnlearnData"):
         SSD().fit(model, (data.forget, data.retain))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -57,7 +57,7 @@ def test_scenario_and_data_bad_input():
         ev.random_subset("digits", 1.0, 0)
     with pytest.raises(ValueError, match="^name: expected one of"):
         ev.full_class("cifar", 3, 0)
-    with pytest.raises(ValueError, match="^arch: expected 'mlp' or 'cnn'"):
+    with pytest.raises(ValueError, match="^arch: expected 'mlp', 'resmlp' or 'cnn'"):
         ev.make_model("vit")
     empty = TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))
     some = TensorDataset(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))
@@ -146,7 +146,7 @@ def test_compare_gives_random_subset_ssd_the_retrain_target():
     model = ev.train_original(data, "mlp", 0, epochs=10)
     auto = SSD(alpha="auto")
     retrain = Retrain(epochs=10)
-    rows = ev.compare([auto, retrain], data, model)
+    rows = ev.compare([auto, retrain], data, model, reference=retrain)
     assert [r["method"] for r in rows] == ["Original", "SSD", "Retrain"]
     assert rows[1]["target"] == rows[2]["forget_acc"]
     assert auto.target is None  # the caller's object is untouched
@@ -175,3 +175,51 @@ def test_demo_quick(tmp_path, capsys):
                  "SSD (auto alpha)", "LF-SSD", "mia_entropy", "mia_loss"):
         assert word in out, word
     assert (tmp_path / "unlearn.png").stat().st_size > 10_000
+
+
+def _imports(path):
+    import ast
+
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            out.add(("." * node.level + (node.module or ""), tuple(a.name for a in node.names)))
+        elif isinstance(node, ast.Import):
+            out.update((a.name, ()) for a in node.names)
+    return out
+
+
+def test_layering_evaluation_takes_methods_as_arguments():
+    """evaluation/unlearning.py imports no method (only the neutral data module); ssd.py no private check."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "python" / "forgetcore"
+    for mod, names in _imports(root / "evaluation" / "unlearning.py"):
+        if "unlearning" in mod:
+            assert mod == "..unlearning.data", (mod, names)
+    for path in (root / "unlearning").glob("*.py"):
+        for mod, names in _imports(path):
+            if mod != "..":  # package-level _checks / _backend are fine; a sibling's private name is not
+                assert not any(n.startswith("_") for n in names), (path.name, mod, names)
+            assert "baselines" not in mod or path.name == "__init__.py", (path.name, mod)
+    # public paths still work
+    from forgetcore.unlearning import TRAIN_DEFAULTS as a
+    from forgetcore.unlearning.data import TRAIN_DEFAULTS as b
+    assert a is b
+
+
+def test_compare_needs_a_reference_for_a_random_subset_target():
+    data = ev.random_subset("digits", 0.1, 0)
+    model = ev.make_model("mlp", (1, 8, 8), 10, 0)
+    with pytest.raises(ValueError, match="^reference: "):
+        ev.compare([SSD(alpha="auto")], data, model)
+
+
+def test_demo_random_subset_uses_the_official_batch():
+    from forgetcore.demos import unlearning as demo
+
+    ssd = [m for m in demo.methods(0, False, "random-10%") if isinstance(m, SSD)]
+    assert ssd and all(m.batch_size == 128 for m in ssd)
+    ssd = [m for m in demo.methods(0, False, "full-class") if isinstance(m, SSD)]
+    assert ssd and all(m.batch_size == 64 for m in ssd)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,8 +27,12 @@ def reinit_(model: nn.Module, seed: int) -> None:
 
 def fit_epochs(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: int, seed: int,
                weight_decay: float = 0.0, ascent: bool = False, optimizer: str = "adam",
+               regulariser: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
                progress: bool = False, desc: str = "train") -> int:
-    """Train (or, with ``ascent=True``, un-train) with cross-entropy; returns the number of steps."""
+    """Train (or, with ``ascent=True``, un-train) with cross-entropy; returns the number of steps.
+
+    ``regulariser(model, loss) -> penalty``, if given, is added to each batch's (signed) loss.
+    """
     dev = device_of(model)
     gen = torch.Generator().manual_seed(int(seed))
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen)
@@ -42,7 +48,10 @@ def fit_epochs(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch
             x, y = x.to(dev), y.to(dev)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
-            (-loss if ascent else loss).backward()
+            obj = -loss if ascent else loss
+            if regulariser is not None:
+                obj = obj + regulariser(model, obj)
+            obj.backward()
             opt.step()
             steps += 1
     model.eval()

@@ -48,7 +48,9 @@ DEMOS: dict[str, Demo] = {
                (Option("--full", "10 epochs per task instead of 4 (longer)"),
                 Option("--scole", "also run SCoLe streams of N tasks (e.g. 300) with and without masking",
                        action="store", type=int))),
-    "unlearn": Demo("unlearning", "SSD vs Retrain/Finetune/GradientAscent, full-class and random, with MIA"),
+    "unlearn": Demo("unlearning", "SSD, IAU, GS-LoRA(++), random labels vs Retrain/Finetune/GradientAscent, "
+                    "with MIA; SafeEraser, CUPID and memorisation studies",
+                    (Option("--iau-gr", "train IAU its gradient-restricted original (slower)"),)),
     "kv": Demo("kvcache", "KV-cache eviction on SmolLM2: A2SF vs H2O vs RecentWindow"),
     "subspace": Demo("subspace", "Permuted-Digits: GPM vs Finetune vs ER; federated FOT vs FedAvg"),
     "kappa": Demo("finetune", "KappaTune on SmolLM2-135M: kappa of every matrix, fine-tune vs full"),

@@ -7,6 +7,6 @@ accuracy, membership-inference attacks and the baseline comparison harness.
 
 from __future__ import annotations
 
-from . import continual, unlearning
+from . import continual, probes, unlearning
 
-__all__ = ["continual", "unlearning"]
+__all__ = ["continual", "probes", "unlearning"]

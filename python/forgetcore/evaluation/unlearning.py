@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,10 +38,10 @@ from torch.utils.data import Dataset
 
 from .. import _checks, datasets
 from ..training import fit_epochs, logits_of
-from ..unlearning import TRAIN_DEFAULTS, Retrain, UnlearnData
+from ..unlearning.data import TRAIN_DEFAULTS, UnlearnData, labels_of
 
 __all__ = ["full_class", "random_subset", "make_model", "train_original", "evaluate", "compare",
-           "format_table", "SPLIT"]
+           "format_table", "SPLIT", "two_factor", "sarr", "biased", "group_accuracy"]
 
 #: train / validation / test fractions of every scenario (stratified by class).
 SPLIT: tuple[float, float, float] = (0.6, 0.2, 0.2)
@@ -85,43 +85,72 @@ def random_subset(name: str = "digits", fraction: float = 0.1, seed: int = 0) ->
     fraction = _checks.real("fraction", fraction, low=0.0, high=1.0, low_open=True, high_open=True)
     x, y, (tr, va, te) = _splits(name, seed)
     perm = tr[torch.randperm(len(tr), generator=torch.Generator().manual_seed(int(seed) + 1))]
-    k = max(1, int(round(fraction * len(tr))))
+    k = max(1, round(fraction * len(tr)))
     f_tr, r_tr = torch.sort(perm[:k]).values, torch.sort(perm[k:]).values
     return UnlearnData(forget=datasets.subset(x, y, f_tr), retain=datasets.subset(x, y, r_tr),
                        retain_val=datasets.subset(x, y, va), test=datasets.subset(x, y, te))
 
 
 def make_model(arch: str = "mlp", in_shape: Sequence[int] = (1, 8, 8), n_classes: int = 10, seed: int = 0) -> nn.Module:
-    """A small seeded classifier: ``"mlp"`` (two hidden layers of 128, ReLU) or ``"cnn"`` (two conv layers)."""
-    c, h, w = (int(s) for s in in_shape)
+    """A small seeded classifier: ``"mlp"`` (two hidden layers of 128, ReLU; any input shape) or
+    ``"cnn"`` (two conv layers; input ``(c, h, w)``)."""
+    shape = tuple(int(s) for s in in_shape)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         if arch == "mlp":
-            return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
-                                 nn.Linear(128, n_classes))
+            return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), 128), nn.ReLU(), nn.Linear(128, 128),
+                                 nn.ReLU(), nn.Linear(128, n_classes))
+        if arch == "resmlp":
+            return ResMLP(math.prod(shape), n_classes)
         if arch == "cnn":
+            c = shape[0]
             return nn.Sequential(nn.Conv2d(c, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                                  nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
                                  nn.Linear(32 * 4, n_classes))
-    raise ValueError(f"arch: expected 'mlp' or 'cnn', got {arch!r}")
+    raise ValueError(f"arch: expected 'mlp', 'resmlp' or 'cnn', got {arch!r}")
+
+
+class FFNBlock(nn.Module):
+    """``x + fc2(relu(fc1(x)))``: the feed-forward half of a Transformer block (GS-LoRA's LoRA sites)."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.relu(self.fc1(x)))
+
+
+class ResMLP(nn.Module):
+    """Stem, ``blocks`` residual feed-forward blocks (``blocks.i.fc1`` / ``fc2``) and a linear head."""
+
+    def __init__(self, in_features: int, n_classes: int, width: int = 64, hidden: int = 128, blocks: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), nn.ReLU())
+        self.blocks = nn.Sequential(*(FFNBlock(width, hidden) for _ in range(blocks)))
+        self.head = nn.Linear(width, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.blocks(self.stem(x))))
 
 
 def train_original(data: UnlearnData, arch: str = "mlp", seed: int = 0, *, progress: bool = False,
+                   regulariser: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
                    **recipe: Any) -> nn.Module:
     """Train a fresh :func:`make_model` on retain and forget together, with ``TRAIN_DEFAULTS``
-    (overridable through ``recipe``); returns it in eval mode."""
+    (overridable through ``recipe``); returns it in eval mode.
+
+    ``regulariser(model, loss) -> penalty`` is added to every mini-batch's loss: how the original
+    was trained is part of some methods (IAU's gradient restriction,
+    ``forgetcore.unlearning.iau.gradient_restriction``).
+    """
     cfg = {**TRAIN_DEFAULTS, **recipe}
     x0, y0 = data.retain[0]
-    n_classes = 1 + int(max(_labels(data.retain).max(), _labels(data.forget).max()))
+    n_classes = 1 + int(max(labels_of(data.retain).max(), labels_of(data.forget).max()))
     model = make_model(arch, tuple(x0.shape), n_classes, seed)
-    fit_epochs(model, data.full(seed), seed=seed, progress=progress, desc="train original", **cfg)
+    fit_epochs(model, data.full(seed), seed=seed, progress=progress, desc="train original",
+               regulariser=regulariser, **cfg)
     return model
-
-
-def _labels(ds: Dataset) -> torch.Tensor:
-    if isinstance(ds, torch.utils.data.TensorDataset):
-        return ds.tensors[1]
-    return torch.as_tensor([int(ds[i][1]) for i in range(len(ds))])  # type: ignore[arg-type]
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -210,45 +239,62 @@ def _method_name(m: Any) -> str:
 
 
 def compare(methods: Sequence[Any], data: UnlearnData, model: nn.Module, *, include_original: bool = True,
+            reference: Any | None = None, originals: Mapping[str, nn.Module] | None = None,
             progress: bool = False) -> list[dict[str, Any]]:
     """Run each method on a deep copy of ``model``; one row per method with metrics and ``fit_s``.
 
-    A method whose ``alpha == "auto"`` and ``target is None`` on random-subset data gets as target
-    the forget-set accuracy of a retrained model (the ``Retrain`` in ``methods`` if present, run
-    first; otherwise a default ``Retrain``). Rows also carry what ``fit`` reported about the
-    chosen ``alpha`` and the number of dampened elements, when it did.
+    ``reference``: the gold-standard method (e.g. ``forgetcore.unlearning.Retrain(...)``). A method
+    whose ``alpha == "auto"`` and ``target is None`` on random-subset data gets as target the
+    forget-set accuracy of ``reference``'s model (run first; if ``reference`` is also one of
+    ``methods`` its row is that run). Evaluation does not import methods: the caller passes them.
+    ``originals``: a different original model for some methods, keyed by method name (a method
+    whose original is trained differently, e.g. IAU's gradient restriction); the others use
+    ``model``. Rows also carry what ``fit`` reported about the chosen ``alpha``, the number of
+    dampened elements and the target, when it did.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(data, UnlearnData):
         raise TypeError(f"data: expected an UnlearnData, got {type(data).__name__}")
+    originals = dict(originals or {})
+    for k, v in originals.items():
+        if not isinstance(v, nn.Module):
+            raise TypeError(f"originals: expected torch.nn.Module values, got {type(v).__name__} for {k!r}")
+    if reference is not None and not callable(getattr(reference, "fit", None)):
+        raise TypeError(f"reference: expected a method with fit(model, data), got {type(reference).__name__}")
+    needs_target = data.forget_classes is None and any(
+        getattr(m, "alpha", None) == "auto" and getattr(m, "target", 0) is None for m in methods)
+    if needs_target and reference is None:
+        raise ValueError("reference: a method tunes alpha on random-subset data and needs the forget accuracy of a "
+                         "retrained model; pass reference=Retrain(...) (or give the method a target)")
     head: list[dict[str, Any]] = []
     if include_original:
         head.append({"method": "Original", "fit_s": 0.0, **evaluate(model, data)})
-    needs_target = data.forget_classes is None and any(
-        getattr(m, "alpha", None) == "auto" and getattr(m, "target", 0) is None for m in methods)
-    # Retrain first when its forget accuracy is some other method's target.
-    order = sorted(range(len(methods)), key=lambda i: not isinstance(methods[i], Retrain)) if needs_target \
-        else list(range(len(methods)))
-    retrain_forget: float | None = None
     rows: dict[int, dict[str, Any]] = {}
-    for i in order:
-        m = methods[i]
-        if needs_target and getattr(m, "alpha", None) == "auto" and getattr(m, "target", 0) is None:
-            if retrain_forget is None:
-                ref = copy.deepcopy(model)
-                Retrain(progress=progress).fit(ref, data)
-                retrain_forget = evaluate(ref, data)["forget_acc"]
-            m = copy.copy(m)
-            m.target = retrain_forget
-        work = copy.deepcopy(model)
+
+    def run(i: int, m: Any) -> dict[str, Any]:
+        base = originals.get(_method_name(m), model)
+        work = copy.deepcopy(base)
         t0 = time.perf_counter()
         info = m.fit(work, data)
         row: dict[str, Any] = {"method": _method_name(m), "fit_s": time.perf_counter() - t0, **evaluate(work, data)}
         row.update({k: info[k] for k in ("alpha", "dampened", "target") if k in info})
-        if isinstance(m, Retrain) and retrain_forget is None:
-            retrain_forget = row["forget_acc"]
-        rows[i] = row
+        return row
+
+    target: float | None = None
+    if needs_target:
+        pos = next((i for i, m in enumerate(methods) if m is reference), None)
+        ref_row = run(-1 if pos is None else pos, reference)
+        if pos is not None:
+            rows[pos] = ref_row
+        target = ref_row["forget_acc"]
+    for i, m in enumerate(methods):
+        if i in rows:
+            continue
+        if needs_target and getattr(m, "alpha", None) == "auto" and getattr(m, "target", 0) is None:
+            m = copy.copy(m)  # the caller's object is untouched
+            m.target = target
+        rows[i] = run(i, m)
     return head + [rows[i] for i in range(len(methods))]
 
 
@@ -266,7 +312,8 @@ def format_table(rows: Sequence[dict[str, Any]], keys: Sequence[str] | None = No
         if isinstance(v, float):
             if math.isnan(v):
                 return "-"
-            if k.endswith("_acc") or k.startswith("mia") or k == "target":
+            if k.endswith("_acc") or k.startswith(("mia", "fa_", "gap", "probe", "forget_", "a_test", "b_test",
+                                                     "mem_", "top_k")) or k in ("target", "sarr", "harmful_refused"):
                 return f"{100 * v:.1f}"
             if k.endswith("_s"):
                 return f"{v:.2f}"
@@ -280,3 +327,112 @@ def format_table(rows: Sequence[dict[str, Any]], keys: Sequence[str] | None = No
     lines += ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body]
     return "\n".join(lines)
 
+
+
+def two_factor(name: str = "digits", harmful_class: int = 3, seed: int = 0, q_scale: float = 4.0) -> dict[str, Any]:
+    """SafeEraser's mechanism test on embedded data: prompts are ``[image pixels, question one-hot]``.
+
+    The image is a digit (harmful: class ``harmful_class``); the question is harmful or benign
+    (a 2-way one-hot scaled by ``q_scale``); the answer is the digit (10 classes) and output 10
+    means REFUSE. Returns ``n_outputs`` (11), ``refusal_class`` (10), ``pretrain`` (every image
+    with both questions, answered; the original model learns to answer everything),
+    ``data`` (an ``UnlearnData``: forget = harmful image + harmful question, labelled with the
+    answer it used to get; retain = every training image with the benign question), ``decoupled``
+    (benign training images + harmful question: PD's inputs), ``sarr_prompts`` (benign TEST images
+    + harmful question), ``harmful_test`` (harmful test images + harmful question) and
+    ``utility_test`` (every test image with the benign question).
+    """
+    x, y = datasets.load(name)
+    tr, te = datasets.stratified_split(y, (0.7, 0.3), int(seed))
+    flat = x.reshape(len(x), -1)
+
+    def prompts(idx: torch.Tensor, harmful_q: bool) -> torch.Tensor:
+        q = torch.zeros(len(idx), 2)
+        q[:, 1 if harmful_q else 0] = q_scale
+        return torch.cat([flat[idx], q], 1)
+
+    def ds(idx: torch.Tensor, harmful_q: bool) -> torch.utils.data.TensorDataset:
+        return torch.utils.data.TensorDataset(prompts(idx, harmful_q), y[idx])
+
+    b_tr = tr[y[tr] != harmful_class]
+    h_tr = tr[y[tr] == harmful_class]
+    h_te, b_te = te[y[te] == harmful_class], te[y[te] != harmful_class]
+    pretrain = torch.utils.data.TensorDataset(torch.cat([prompts(tr, False), prompts(tr, True)]),
+                                              torch.cat([y[tr], y[tr]]))
+    data = UnlearnData(forget=ds(h_tr, True), retain=ds(tr, False), test=ds(te, False))
+    return {"n_outputs": 11, "refusal_class": 10, "pretrain": pretrain, "data": data,
+            "decoupled": prompts(b_tr, True), "sarr_prompts": ds(b_te, True), "harmful_test": ds(h_te, True),
+            "utility_test": ds(te, False)}
+
+
+def sarr(model: nn.Module, prompts: Dataset, refusal_class: int, valid: torch.Tensor | None = None) -> float:
+    """Safe Answer Refusal Rate: the fraction of benign-image + harmful-question prompts refused.
+
+    ``valid`` (bool per prompt) marks judgements to count: SafeEraser's evaluator drops
+    unparseable judge outputs from the denominator instead of counting them as refusals. Here
+    the "judge" is exact (the refusal output is the argmax), so all are valid by default.
+    """
+    logits, _ = logits_of(model, prompts)
+    refused = logits.argmax(1) == int(refusal_class)
+    if valid is not None:
+        valid = torch.as_tensor(valid, dtype=torch.bool)
+        if valid.shape != refused.shape:
+            raise ValueError(f"valid: expected {tuple(refused.shape)} flags, got {tuple(valid.shape)}")
+        refused = refused[valid]
+    if len(refused) == 0:
+        raise ValueError("prompts: no valid judgement to compute SARR from")
+    return float(refused.float().mean())
+
+
+def biased(name: str = "digits", forget_class: int = 3, seed: int = 0, conflicting: float = 0.05,
+           scale: float = 1.0) -> dict[str, Any]:
+    """CUPID's "biased digits": pixels plus a spurious 10-way one-hot (times ``scale``) appended.
+
+    In the training split the spurious code equals the class for a fraction ``1 - conflicting`` of
+    each class (bias-aligned) and is a random other class for the rest (bias-conflicting; the
+    spec's 0.5 % leaves no conflicting forget example at digits scale, so 5 % here); the test
+    split is half aligned, half conflicting. Returns ``data`` (an ``UnlearnData`` forgetting
+    ``forget_class``; ``test`` the whole test split) and bool masks ``forget_aligned`` (over
+    ``data.forget``), ``test_aligned`` (over ``data.test``).
+    """
+    conflicting = _checks.real("conflicting", conflicting, low=0.0, high=1.0, low_open=True, high_open=True)
+    x, y = datasets.load(name)
+    tr, te = datasets.stratified_split(y, (0.7, 0.3), int(seed))
+    g = torch.Generator().manual_seed(int(seed) + 17)
+    k = int(y.max()) + 1
+
+    def with_code(idx: torch.Tensor, p_conf: float) -> tuple[torch.Tensor, torch.Tensor]:
+        conf = torch.rand(len(idx), generator=g) < p_conf
+        code = y[idx].clone()
+        code[conf] = (code[conf] + torch.randint(1, k, (int(conf.sum()),), generator=g)) % k
+        return torch.cat([x[idx].reshape(len(idx), -1), scale * F.one_hot(code, k).float()], 1), ~conf
+
+    xtr, al_tr = with_code(tr, conflicting)
+    xte, al_te = with_code(te, 0.5)
+    f = y[tr] == int(forget_class)
+    data = UnlearnData(forget=torch.utils.data.TensorDataset(xtr[f], y[tr][f]),
+                       retain=torch.utils.data.TensorDataset(xtr[~f], y[tr][~f]),
+                       test=torch.utils.data.TensorDataset(xte, y[te]), forget_classes=(int(forget_class),))
+    return {"data": data, "forget_aligned": al_tr[f], "test_aligned": al_te, "n_features": xtr.shape[1]}
+
+
+def group_accuracy(model: nn.Module, scenario: dict[str, Any]) -> dict[str, float]:
+    """CUPID's group metrics: forget accuracy on the training forget set and on the test examples of the
+    forgotten class, each split into bias-aligned and bias-conflicting, their gaps, and kept-class test accuracy."""
+    data = scenario["data"]
+    lf, yf = logits_of(model, data.forget)
+    hit_f = lf.argmax(1) == yf
+    lt, yt = logits_of(model, data.test)
+    hit_t = lt.argmax(1) == yt
+    fc = torch.isin(yt, torch.tensor(data.forget_classes))
+    al_f, al_t = scenario["forget_aligned"], scenario["test_aligned"]
+
+    def mean(h: torch.Tensor) -> float:
+        return float(h.float().mean()) if len(h) else math.nan
+
+    out = {"fa_train_aligned": mean(hit_f[al_f]), "fa_train_conflicting": mean(hit_f[~al_f]),
+           "fa_test_aligned": mean(hit_t[fc & al_t]), "fa_test_conflicting": mean(hit_t[fc & ~al_t]),
+           "kept_test_acc": mean(hit_t[~fc])}
+    out["gap_train"] = abs(out["fa_train_aligned"] - out["fa_train_conflicting"])
+    out["gap_test"] = abs(out["fa_test_aligned"] - out["fa_test_conflicting"])
+    return out

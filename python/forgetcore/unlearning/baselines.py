@@ -22,17 +22,7 @@ from torch import nn
 
 from .. import _checks
 from ..training import fit_epochs, reinit_
-from .data import UnlearnData
-
-#: The recipe of the harness's original models (Adam, cross-entropy, shuffled mini-batches).
-TRAIN_DEFAULTS: dict[str, Any] = {"epochs": 30, "lr": 1e-3, "batch_size": 64, "weight_decay": 0.0}
-
-
-def _check(model: Any, data: Any) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(data, UnlearnData):
-        raise TypeError(f"data: expected an UnlearnData, got {type(data).__name__}")
+from .data import TRAIN_DEFAULTS, UnlearnData
 
 
 class Retrain:
@@ -56,7 +46,7 @@ class Retrain:
         self.progress = progress
 
     def fit(self, model: nn.Module, data: UnlearnData) -> dict[str, Any]:
-        _check(model, data)
+        UnlearnData.check(model, data)
         t0 = time.perf_counter()
         reinit_(model, self.seed)
         steps = fit_epochs(model, data.retain, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
@@ -79,7 +69,7 @@ class RetainFinetune:
         self.progress = progress
 
     def fit(self, model: nn.Module, data: UnlearnData) -> dict[str, Any]:
-        _check(model, data)
+        UnlearnData.check(model, data)
         t0 = time.perf_counter()
         steps = fit_epochs(model, data.retain, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
                            seed=self.seed, progress=self.progress, desc="finetune")
@@ -104,7 +94,7 @@ class GradientAscent:
         self.progress = progress
 
     def fit(self, model: nn.Module, data: UnlearnData) -> dict[str, Any]:
-        _check(model, data)
+        UnlearnData.check(model, data)
         t0 = time.perf_counter()
         steps = fit_epochs(model, data.forget, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
                            seed=self.seed, ascent=True, optimizer="sgd", progress=self.progress,
