@@ -364,7 +364,34 @@ def _square(seed, power=2):
     return seed ** power
 
 
-def test_sweep_matches_the_sequential_run():
+def _seeded_fit(seed, steps=20):
+    """A small seeded training run: its final loss and weights."""
+    torch.manual_seed(seed)
+    model = _mlp(seed)
+    x, y = datasets.load("digits")
+    x = x.reshape(len(x), -1)[:256]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (32,))
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x[idx]), y[:256][idx])
+        loss.backward()
+        opt.step()
+    return float(loss.detach()), model.state_dict()
+
+
+def test_sweep_across_processes_equals_the_sequential_run():
+    seeds = [4, 0, 7]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers run one thread each: compare like with like
+    try:
+        seq = distributed.sweep(_seeded_fit, seeds, processes=1, progress=False, steps=10)
+    finally:
+        torch.set_num_threads(threads)
+    par = distributed.sweep(_seeded_fit, seeds, processes=2, progress=False, steps=10)
+    for (la, ma), (lb, mb) in zip(seq, par):
+        assert la == lb
+        _close(ma, mb, 0.0)
     assert distributed.sweep(_square, [3, 1, 2], processes=1, progress=False) == [9, 1, 4]
     with pytest.raises(ValueError, match="^seeds: expected at least one"):
         distributed.sweep(_square, [], progress=False)
