@@ -115,6 +115,47 @@ def run(worlds, n, repeats):
     return out
 
 
+def ddp_smoke(device: str = "cuda") -> dict:
+    """One-process DDP smoke run (``benches/gpu_check.py``): NCCL on CUDA, gloo on CPU.
+
+    In a world of one rank: torch DDP training steps equal plain steps, ``fisher_diagonal`` with
+    ``distributed=True`` (an all-reduce per batch) equals the single-process Fisher. Returns the
+    largest differences and the seconds taken; ``ok`` says whether both stayed within 1e-5.
+    """
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from forgetcore.importance import fisher_diagonal
+
+    t0 = time.perf_counter()
+    dev = torch.device(device)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_port()}", rank=0, world_size=1)
+    try:
+        x, y = _data(1000)
+        x, y = x.to(dev), y.to(dev)
+        torch.manual_seed(0)
+        plain = torch.nn.Sequential(torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)).to(dev)
+        wrapped = DDP(_model_like(x, plain.state_dict()).to(dev).train(),
+                      device_ids=[dev.index or 0] if dev.type == "cuda" else None)
+        for m in (plain, wrapped):
+            opt = torch.optim.SGD(m.parameters(), lr=0.05)
+            for i in range(0, 1000, 100):
+                opt.zero_grad()
+                F.cross_entropy(m(x[i:i + 100]), y[i:i + 100]).backward()
+                opt.step()
+        step_diff = max(float((a - b).detach().abs().max()) for a, b in zip(plain.parameters(), wrapped.module.parameters()))
+        plain.eval()
+        ds = TensorDataset(x, y)
+        one = fisher_diagonal(plain, ds, mode="batch", batch_size=100, distributed=False)
+        red = fisher_diagonal(plain, ds, mode="batch", batch_size=100, distributed=True)
+        fisher_diff = max(float((one[k] - red[k]).abs().max()) for k in one)
+    finally:
+        dist.destroy_process_group()
+    return {"step_diff": step_diff, "fisher_diff": fisher_diff, "backend": backend,
+            "ok": step_diff <= 1e-5 and fisher_diff <= 1e-5, "seconds": time.perf_counter() - t0}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worlds", default="1,2,4")
