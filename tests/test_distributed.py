@@ -157,6 +157,43 @@ def check_ssd(world, r):
     return {"model": model.state_dict()}
 
 
+def _fsdp_problem(world):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g)
+    return model, x, y
+
+
+def check_fsdp(world, r):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from forgetcore.importance import fisher_diagonal
+
+    model, x, y = _fsdp_problem(world)
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    try:
+        fisher_diagonal(model, TensorDataset(x, y), mode="empirical")
+        refused = None
+    except ValueError as e:
+        refused = str(e)
+    # rank r's batches b together form the single process's batch b (sizes 4 * world and 2 * world)
+    full = distributed.fsdp_fisher_diagonal(model, TensorDataset(x[r::world], y[r::world]), batch_size=4)
+    forget = distributed.fsdp_fisher_diagonal(model, TensorDataset(x[:8][r::world], y[:8][r::world]),
+                                              batch_size=1)
+    counts = distributed.fsdp_ssd_dampen_(model, full, forget, alpha=1.0, lam=1.0)
+    whole = {}
+    for n, p in model.named_parameters():
+        whole[n] = DTensor.from_local(full[n], p.device_mesh, p.placements, shape=p.shape,
+                                      stride=p.stride()).full_tensor()
+    return {"fisher": whole, "counts": counts, "params": {n: p.full_tensor().detach() for n, p in
+                                                          model.named_parameters()}, "refused": refused}
+
+
 def check_bad_input(world, r, tmp):
     errors = {}
 
@@ -188,7 +225,7 @@ def check_bad_input(world, r, tmp):
 
 CHECKS = {"trainer_gpm": check_trainer_gpm, "trainer_er": check_trainer_er, "trainer_resume": check_trainer_resume,
           "reservoir": check_reservoir, "gu": check_gu, "gu_fit": check_gu_fit_agrees, "ssd": check_ssd,
-          "bad_input": check_bad_input}
+          "fsdp": check_fsdp, "bad_input": check_bad_input}
 NEEDS_TMP = {"trainer_resume", "bad_input"}
 
 
@@ -335,6 +372,23 @@ def test_ssd_under_ddp_dampens_like_one_process_on_the_union(ranks):
                                                                                  TensorDataset(xr, yr)))
     for g in got:
         _close(g["model"], model.state_dict(), 1e-6)
+
+
+def test_fsdp_batch_fisher_and_ssd_dampening_on_shards_equal_the_unsharded_result(ranks):
+    from forgetcore.importance import fisher_diagonal, ssd_dampen_
+
+    world, results = ranks
+    got = _get(results, "fsdp")
+    model, x, y = _fsdp_problem(world)
+    full = fisher_diagonal(model, TensorDataset(x, y), batch_size=4 * world)
+    forget = fisher_diagonal(model, TensorDataset(x[:8], y[:8]), batch_size=world)
+    counts = ssd_dampen_(model, full, forget, alpha=1.0, lam=1.0)
+    assert int(counts.sum()) > 0  # the check dampens something
+    for g in got:
+        assert g["refused"].startswith("model: its parameters are sharded"), g["refused"]
+        _close(g["fisher"], full, 1e-7)
+        assert torch.equal(g["counts"], counts)
+        _close(g["params"], dict(model.named_parameters()), 1e-6)
 
 
 def test_bad_input_is_refused_on_every_rank_naming_the_rank(ranks):

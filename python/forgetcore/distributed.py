@@ -34,7 +34,7 @@ from . import _checks
 
 __all__ = ["rank", "world_size", "is_distributed", "resolve_world", "check_agree", "checksum",
            "mean_across_ranks", "gather_rows", "gram_root", "ShardBatches", "DistributedReservoir",
-           "save_once", "sweep"]
+           "save_once", "sweep", "is_sharded", "fsdp_fisher_diagonal", "fsdp_ssd_dampen_"]
 
 
 def is_distributed() -> bool:
@@ -332,6 +332,93 @@ class DistributedReservoir:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.buffer.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------- FSDP
+def is_sharded(p: torch.Tensor) -> bool:
+    """True for a parameter sharded by FSDP (``fully_shard``) or any other ``DTensor``."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return False
+    return isinstance(p, DTensor)
+
+
+def fsdp_fisher_diagonal(model: torch.nn.Module, data: Any, loss_fn: Callable[..., torch.Tensor] | None = None,
+                         *, batch_size: int = 64, accumulate: str = "sq",
+                         progress: bool = False) -> dict[str, torch.Tensor]:
+    """``fisher_diagonal(mode="batch")`` for a model sharded by FSDP: each rank gets its own shard.
+
+    Every rank passes its own ``data`` (a ``TensorDataset`` or a list of ``(x, y)`` batches; the
+    same number of batches on every rank, as FSDP's collectives need). Global batch ``b`` is the
+    union of the ranks' batches ``b``: each rank back-propagates its summed loss scaled by
+    ``world / n_b`` (``n_b`` the global batch size, all-reduced), FSDP's reduce-scatter
+    averages over ranks, so each rank's gradient shard is the shard of the global batch's mean
+    gradient; its square (``"abs"``: absolute value, LF-SSD) is accumulated and divided by the
+    number of batches, as the batch mode does. Returns name -> float32 local shard (a plain
+    tensor shaped like ``p.to_local()``). The per-sample modes differentiate functional copies
+    of the parameters and bypass FSDP's unshard hooks: they are not offered here.
+    """
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if accumulate not in ("sq", "abs"):
+        raise ValueError(f"accumulate: expected 'sq' or 'abs', got {accumulate!r}")
+    batch_size = _checks.positive_int("batch_size", batch_size)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named or not any(is_sharded(p) for _, p in named):
+        raise ValueError("model: expected parameters sharded by FSDP (fully_shard); use "
+                         "forgetcore.importance.fisher_diagonal for an unsharded model")
+    if isinstance(data, torch.utils.data.TensorDataset):
+        ts = data.tensors
+        batches = [tuple(t[s:s + batch_size] for t in ts) for s in range(0, len(ts[0]), batch_size)]
+    else:
+        batches = list(data)
+    _same_int("data", len(batches))
+    if not batches:
+        raise ValueError("data: expected a non-empty dataset, got no batches")
+    loss_fn = loss_fn or (lambda out, y: F.cross_entropy(out, y, reduction="none"))
+    device = next(iter(model.parameters())).device
+    acc = {n: torch.zeros_like(_local(p), dtype=torch.float32) for n, p in named}
+    world = world_size()
+    for x, y in tqdm(batches, desc="fisher (fsdp)", disable=not progress, leave=False):
+        x, y = x.to(device), y.to(device)
+        n = torch.tensor([float(len(y))], device=_device())
+        dist.all_reduce(n)
+        model.zero_grad(set_to_none=True)
+        (loss_fn(model(x), y).sum() * (world / float(n))).backward()
+        for name, p in named:
+            if p.grad is not None:
+                g = _local(p.grad).float()
+                acc[name].add_(g.pow(2) if accumulate == "sq" else g.abs())
+    model.zero_grad(set_to_none=True)
+    for a in acc.values():
+        a.div_(len(batches))
+    return acc
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if is_sharded(t) else t
+
+
+def fsdp_ssd_dampen_(model: torch.nn.Module, imp_full: Mapping[str, torch.Tensor],
+                     imp_forget: Mapping[str, torch.Tensor], alpha: float, lam: float = 1.0) -> torch.Tensor:
+    """SSD's dampening on FSDP-sharded parameters: each rank dampens its own shard in place with
+    the matching shards of the importances (from :func:`fsdp_fisher_diagonal`). Returns the
+    global number of dampened elements per tensor (all-reduced)."""
+    from .importance import ssd_dampen_
+
+    with torch.no_grad():
+        params = {n: _local(p) for n, p in model.named_parameters() if n in imp_full}
+        counts = ssd_dampen_(params, dict(imp_full), dict(imp_forget), alpha, lam)
+    if is_distributed():
+        import torch.distributed as dist
+
+        counts = counts.to(_device())
+        dist.all_reduce(counts)
+    return counts
 
 
 # ---------------------------------------------------------------------------------- saving
