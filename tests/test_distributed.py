@@ -8,6 +8,7 @@ results; the tests compare them here with single-process references. World size 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import socket
 import traceback
 
@@ -194,6 +195,18 @@ def check_fsdp(world, r):
                                                           model.named_parameters()}, "refused": refused}
 
 
+def check_kappatune(world, r):
+    from forgetcore.finetune import KappaTune
+
+    model = _trained_mlp()
+    if r == 1:  # a last-bit difference on one rank (as SVDs on different devices can give)
+        with torch.no_grad():
+            model[1].weight[0, 0] += 1e-4
+    kt = KappaTune(model, k=1, progress=False)
+    distributed.check_agree("kappa", kt.kappa)
+    return {"selected": list(kt.selected), "trainable": [n for n, p in model.named_parameters() if p.requires_grad]}
+
+
 def check_bad_input(world, r, tmp):
     errors = {}
 
@@ -225,7 +238,7 @@ def check_bad_input(world, r, tmp):
 
 CHECKS = {"trainer_gpm": check_trainer_gpm, "trainer_er": check_trainer_er, "trainer_resume": check_trainer_resume,
           "reservoir": check_reservoir, "gu": check_gu, "gu_fit": check_gu_fit_agrees, "ssd": check_ssd,
-          "fsdp": check_fsdp, "bad_input": check_bad_input}
+          "fsdp": check_fsdp, "kappatune": check_kappatune, "bad_input": check_bad_input}
 NEEDS_TMP = {"trainer_resume", "bad_input"}
 
 
@@ -233,7 +246,10 @@ def _worker(r, world, port, tmp):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=world)
+    # A check that raises on one rank only would leave the others waiting in a collective: the
+    # timeout turns that hang into an error.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     results = {}
     for name, fn in CHECKS.items():
         try:
@@ -389,6 +405,11 @@ def test_fsdp_batch_fisher_and_ssd_dampening_on_shards_equal_the_unsharded_resul
         _close(g["fisher"], full, 1e-7)
         assert torch.equal(g["counts"], counts)
         _close(g["params"], dict(model.named_parameters()), 1e-6)
+
+
+def test_kappatune_selects_the_same_tensors_on_every_rank(ranks):
+    got = _get(ranks[1], "kappatune")  # check_agree on kappa raised nothing in the workers
+    assert all(g == got[0] for g in got)
 
 
 def test_bad_input_is_refused_on_every_rank_naming_the_rank(ranks):

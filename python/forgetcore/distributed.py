@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from . import _checks
 
 __all__ = ["rank", "world_size", "is_distributed", "resolve_world", "check_agree", "checksum",
-           "mean_across_ranks", "gather_rows", "gram_root", "ShardBatches", "DistributedReservoir",
+           "mean_across_ranks", "broadcast_object", "gather_rows", "gram_root", "ShardBatches", "DistributedReservoir",
            "save_once", "sweep", "is_sharded", "fsdp_fisher_diagonal", "fsdp_ssd_dampen_"]
 
 
@@ -130,6 +130,17 @@ def check_agree(name: str, obj: Any) -> None:
 def _same_int(name: str, value: int) -> None:
     """All ranks must pass the same integer (else a ValueError naming the ranks, on every rank)."""
     check_agree(name, int(value))
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` (any picklable value) on every rank; ``obj`` itself in one process."""
+    if not is_distributed():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=_device())
+    return box[0]
 
 
 # ---------------------------------------------------------------------------------- reductions
