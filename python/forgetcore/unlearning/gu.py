@@ -30,13 +30,13 @@ codes it):
   ``g_f_perp = g_f - sum_i <g_f, u_i> u_i``, final ``alpha * mean(g_r) + gamma * g_f_perp``;
   Euclidean only, as in the official code.
 
-Under ``torch.distributed`` (ours; the official code refuses several GPUs) every rank passes
+Under ``torch.distributed`` (ours) every rank passes
 its shard of the forget and retain sets: the forget and retain gradients are averaged across
 ranks (weighted by batch size) before the projection, so every rank takes the single process's
 step on the union of the ranks' batches; the multi-vector mode refuses with a clear error.
 
 Like the official code, GU refuses Adam with ``beta1 != 0``, weight decay or AMSGrad in the
-``"adam"`` geometry. Departures: one process, no gradient accumulation (the official code
+``"adam"`` geometry. Departures: no gradient accumulation (the official code
 scales by 1/grad_accum and projects once per optimizer step, which is what happens here with
 one micro-batch); the base forget loss is GA (cross-entropy ascent) or any callable.
 """
