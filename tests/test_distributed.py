@@ -62,6 +62,7 @@ def _fit_trainer(kind: str, world: int, dist_run: bool, max_steps: int | None = 
     if state is not None:
         tr.load_state_dict(state)
     res = tr.fit(sc, max_steps=max_steps)
+    assert getattr(tr, "eval_shard", (0, 1)) == ((distributed.rank(), world) if dist_run else (0, 1))
     out = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "R": torch.tensor(res["R"]),
            "steps": res["steps"]}
     if kind == "gpm":

@@ -203,6 +203,14 @@ def gram_root(a: torch.Tensor) -> torch.Tensor:
     return ((vecs * vals.clamp_min(0).sqrt()) @ vecs.T).to(a.dtype).to(a.device)
 
 
+def _sum_int(v: int) -> int:
+    import torch.distributed as dist
+
+    t = torch.tensor([int(v)], dtype=torch.int64, device=_device())
+    dist.all_reduce(t)
+    return int(t)
+
+
 # ---------------------------------------------------------------------------------- Trainer
 class ShardBatches:
     """``Trainer`` plugin: seeded sharding of each task and averaged gradients under DDP.
@@ -218,8 +226,10 @@ class ShardBatches:
     The last global batch must split evenly over the ranks (else the mean over ranks is not the
     mean over examples): ``drop_last=True`` drops it instead of raising.
 
-    Evaluation: every rank evaluates the whole test sets (identical models give identical rows;
-    :meth:`check` verifies the models agree). ``state_dict`` records the world size and batch
+    Evaluation is gathered: from the first task on, each rank scores every ``W``-th test example
+    and the correct counts are summed over ranks, so every rank reports the single process's
+    accuracies (the initial row, before any task, is computed whole on every rank); :meth:`check`
+    verifies that the models agree. ``state_dict`` records the world size and batch
     size; resuming under another world size raises, since the global batch (and so the run)
     would change mid-stream.
     """
@@ -229,6 +239,15 @@ class ShardBatches:
         self.check_every = _checks.positive_int("check_every", check_every, allow_zero=True)
         self.world = world_size()
         self.rank = rank()
+
+    def before_task(self, ctx: Any, task: Any) -> None:
+        self.resume_task(ctx, task)
+
+    def resume_task(self, ctx: Any, task: Any) -> None:
+        # Sharded evaluation: the Trainer scores every world-th test example and sums the counts.
+        if self.world > 1:
+            ctx.trainer.eval_shard = (self.rank, self.world)
+            ctx.trainer.eval_shard_sum = _sum_int
 
     def batch_indices(self, ctx: Any, task: Any, epoch: int, n: int) -> list[torch.Tensor]:
         from .continual.trainer import _epoch_generator  # the Trainer's own seeded order
