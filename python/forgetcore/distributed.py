@@ -321,9 +321,10 @@ class DistributedReservoir:
     i.e. whenever that count divides by ``W``; with uneven slices the rows are the same but
     their loss weights differ slightly). Memory is replicated (``W`` copies): fine for the
     buffer sizes of the literature (hundreds to thousands of examples). :meth:`check` verifies
-    all copies agree (checksum all-gather). ``add`` and ``sample`` are collectives: every rank
-    must call them at the same steps (ER skips ``add`` for an empty stream batch, so a plugin
-    that marks no row of one rank's batch for storage would leave the others waiting).
+    all copies agree (checksum all-gather). Every rank must call ``add`` (a collective) and
+    ``sample`` (which advances the shared random stream) at the same steps: ER skips ``add`` for
+    an empty stream batch, so a plugin that marks no row of one rank's batch for storage would
+    leave the other ranks waiting.
     """
 
     def __init__(self, buffer: Any) -> None:
