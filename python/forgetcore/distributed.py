@@ -433,7 +433,7 @@ def fsdp_fisher_diagonal(model: torch.nn.Module, data: Any, loss_fn: Callable[..
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if is_sharded(t) else t
+    return t.to_local() if is_sharded(t) else t  # type: ignore[attr-defined]
 
 
 def fsdp_ssd_dampen_(model: torch.nn.Module, imp_full: Mapping[str, torch.Tensor],
