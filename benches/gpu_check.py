@@ -276,11 +276,19 @@ def main() -> int:
           f"torch eager {kv['torch_ms']:.3f} ms, {kv['ratio']:.1f}x; reference.py {kv['ref_ms']:.3f} ms; "
           f"same kept scores: {kv['agree']} (identical index sets in {kv['rows_equal']}/{kv['rows']} rows)", flush=True)
 
-    ok = failed == 0 and all(r["pct"] >= 70 for r in rows) and kv["agree"]
+    sys.path.insert(0, str(ROOT / "benches"))
+    from bench_distributed import ddp_smoke  # issue 17: one-GPU DDP (NCCL) smoke run
+
+    ddp = ddp_smoke("cuda")
+    print(f"\nDDP smoke ({ddp['backend']}, 1 rank): DDP steps vs plain max diff {ddp['step_diff']:.2e}, "
+          f"all-reduced Fisher vs single max diff {ddp['fisher_diff']:.2e}, {ddp['seconds']:.1f} s", flush=True)
+
+    ok = failed == 0 and all(r["pct"] >= 70 for r in rows) and kv["agree"] and ddp["ok"]
     print(f"\nGPU CHECK {'PASS' if ok else 'FAIL'}: tests {passed} passed {failed} failed {skipped} skipped | "
           f"copy {bw / 1e12:.2f} TB/s | SSD 124M {rows[0]['gbs']:.0f} GB/s ({rows[0]['pct']:.0f}%) {rows[0]['vs_best']:.1f}x best torch | "
           f"SSD 1.24B {rows[1]['gbs']:.0f} GB/s ({rows[1]['pct']:.0f}%) {rows[1]['vs_best']:.1f}x | "
-          f"kv step {kv['fc_ms']:.3f} ms vs torch {kv['torch_ms']:.3f} ms ({kv['ratio']:.1f}x) | {time.time() - t0:.0f} s")
+          f"kv step {kv['fc_ms']:.3f} ms vs torch {kv['torch_ms']:.3f} ms ({kv['ratio']:.1f}x) | "
+          f"DDP smoke {'ok' if ddp['ok'] else 'FAIL'} | {time.time() - t0:.0f} s")
     return 0 if ok else 1
 
 

@@ -378,6 +378,10 @@ def fisher_diagonal(
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("model: has no parameter with requires_grad=True")
+    if any(type(p).__name__ == "DTensor" for _, p in named):  # FSDP: would be silently wrong here
+        raise ValueError("model: its parameters are sharded (FSDP fully_shard / DTensor), which this function "
+                         "does not reduce; use forgetcore.distributed.fsdp_fisher_diagonal (batch mode; the "
+                         "per-sample modes bypass FSDP's unshard hooks and are not offered under FSDP)")
     loss_fn = cross_entropy if loss_fn is None else loss_fn
     device = named[0][1].device
     world = _dist_world(distributed)

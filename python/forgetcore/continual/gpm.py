@@ -28,6 +28,11 @@ still empty (its first basis came out empty) gets the later-task rule, as in the
 (there the first-task branch runs only for ``task_id == 0``): directions are added while the
 captured energy is below the threshold, i.e. the fewest that reach it.
 
+Under ``torch.distributed`` (every rank with the whole task and the same model, e.g. through
+``forgetcore.distributed.ShardBatches``) each rank computes the representations of its share of
+the sampled examples and the Gram ``A A^T`` is all-reduced (``distributed.gram_root``), so every
+rank grows the single process's basis; a checksum all-gather then checks that the bases agree.
+
 Thresholds: one number, or one per layer in model order (PMNIST: ``[0.95, 0.99, 0.99]``), plus
 ``threshold_inc * task_id`` (CIFAR-100: 0.97 + 0.003 t). Departures: bases grow with an exact
 re-orthonormalisation of the new directions (the code appends raw singular vectors), and conv
@@ -42,7 +47,7 @@ from typing import Any
 
 import torch
 
-from .. import _checks
+from .. import _checks, distributed
 from ..subspace import COUNTS, GradientProjector, Subspace
 
 log = logging.getLogger(__name__)
@@ -117,13 +122,17 @@ class GPM:
         x = task.train.tensors[0]
         g = torch.Generator().manual_seed(self.seed * 7919 + int(getattr(task, "id", self.tasks_done)))
         idx = torch.randperm(len(x), generator=g)[: self.n_samples]
-        reps = proj.representations(x[idx].to(ctx.device))
+        # Under torch.distributed each rank takes every W-th sampled example and the Gram is
+        # all-reduced (gram_root): the basis equals the single process's on all n_samples.
+        idx = idx[distributed.rank()::distributed.world_size()]
+        reps = {n: distributed.gram_root(a) for n, a in proj.representations(x[idx].to(ctx.device)).items()}
         ths = self._layer_thresholds(list(proj.layers), self.tasks_done)
         # The first-task count only for the first task: a basis still empty later gets the
         # later-task rule (add while below the threshold), which is the "reach" count.
         count = self.count if self.tasks_done == 0 else "reach"
         added = self.subspace.extend({n: a.cpu() for n, a in reps.items()}, ths, criterion="energy",
                                      count=count)
+        distributed.check_agree("basis", self.subspace.state_dict())
         self.tasks_done += 1
         log.info("GPM after task %d: added %s, ranks %s", self.tasks_done - 1, added, self.subspace.ranks())
 

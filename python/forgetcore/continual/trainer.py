@@ -299,6 +299,11 @@ class Trainer:
                 if len(y) == 0:
                     accs[j] = float("nan")
                     continue
+                # eval_shard = (rank, world), set by forgetcore.distributed.ShardBatches: each rank
+                # scores every world-th example and the counts are summed (gathered) over ranks.
+                r, w = getattr(self, "eval_shard", None) or (0, 1)
+                x, n = x[r::w], len(y)
+                y = y[r::w]
                 correct = 0
                 for s in range(0, len(y), self.eval_batch_size):
                     xb = x[s:s + self.eval_batch_size].to(self.device)
@@ -306,7 +311,9 @@ class Trainer:
                     tb = torch.full_like(yb, j)
                     out = self._forward(xb, tb, scenario.n_classes)
                     correct += int((out.argmax(1) == yb).sum())
-                accs[j] = correct / len(y)
+                if w > 1:
+                    correct = self.eval_shard_sum(correct)  # type: ignore[attr-defined]
+                accs[j] = correct / n
         finally:
             self.model.train(was_training)
         return accs

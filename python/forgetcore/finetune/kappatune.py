@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .. import _checks
+from .. import _checks, distributed
 from ..spectral import Include, condition_numbers, eligible_weights
 
 __all__ = ["KappaTune"]
@@ -104,7 +104,10 @@ class KappaTune:
             k = max(1, round(f * len(eligible)))
         self.k, self.select, self.lora = k, select, lora
         self.trainable_extra = extra
-        self.kappa = self._kappa(model, eligible, kappa, include, max_dim, method, progress)
+        # Under torch.distributed rank 0's kappa is used everywhere: SVDs on different devices may
+        # differ in the last bits, and every rank must freeze the same tensors.
+        self.kappa = distributed.broadcast_object(self._kappa(model, eligible, kappa, include, max_dim, method,
+                                                              progress))
         self._ranking = self._rank(eligible)
         self.selected = self._ranking[:k]
         self.target_modules: list[str] = []

@@ -30,8 +30,13 @@ codes it):
   ``g_f_perp = g_f - sum_i <g_f, u_i> u_i``, final ``alpha * mean(g_r) + gamma * g_f_perp``;
   Euclidean only, as in the official code.
 
+Under ``torch.distributed`` (ours) every rank passes
+its shard of the forget and retain sets: the forget and retain gradients are averaged across
+ranks (weighted by batch size) before the projection, so every rank takes the single process's
+step on the union of the ranks' batches; the multi-vector mode refuses with a clear error.
+
 Like the official code, GU refuses Adam with ``beta1 != 0``, weight decay or AMSGrad in the
-``"adam"`` geometry. Departures: one process, no gradient accumulation (the official code
+``"adam"`` geometry. Departures: no gradient accumulation (the official code
 scales by 1/grad_accum and projects once per optimizer step, which is what happens here with
 one micro-batch); the base forget loss is GA (cross-entropy ascent) or any callable.
 """
@@ -49,7 +54,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .. import _checks, subspace
+from .. import _checks, distributed, subspace
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +172,11 @@ class GU:
         xf, yf = forget
         xr, yr = retain
         g_f = torch.cat([g.reshape(-1) for g in torch.autograd.grad(self.forget_loss(model, xf, yf), params)])
-        g_f = g_f.to(torch.float32)
+        g_f = distributed.mean_across_ranks(g_f.to(torch.float32), len(yf))  # the union's mean gradient
         if self.mode == "multi":
+            if distributed.is_distributed():
+                raise ValueError("mode: 'multi' keeps one retain gradient per example of one batch and is not "
+                                 "defined across ranks; use mode='gu' under torch.distributed")
             k = min(len(yr), self.max_retain_vectors)
             rows = []
             for i in range(k):
@@ -184,7 +192,7 @@ class GU:
             diag = {"c": before, "rank": float(basis.shape[0])}
         else:
             g_r = torch.cat([g.reshape(-1) for g in torch.autograd.grad(F.cross_entropy(model(xr), yr), params)])
-            g_r = g_r.to(torch.float32)
+            g_r = distributed.mean_across_ranks(g_r.to(torch.float32), len(yr))
             d = self._metric(params, opt)
             z_f = g_f if d is None else g_f / d
             z_r = g_r if d is None else g_r / d
@@ -217,6 +225,9 @@ class GU:
             correct += int((model(x).argmax(1) == y).sum())
             total += len(y)
         model.train(was)
+        if distributed.is_distributed():  # every rank must take the same stop decision
+            correct, total = distributed.mean_across_ranks(torch.tensor([float(correct), float(total)]),
+                                                           distributed.world_size()).tolist()
         return correct / max(total, 1)
 
     def fit(self, model: nn.Module, data: Any) -> dict[str, Any]:
@@ -227,6 +238,12 @@ class GU:
             if not isinstance(getattr(data, attr, None), Dataset):
                 raise TypeError("data: expected an UnlearnData with .forget and .retain datasets, "
                                 f"got {type(data).__name__}")
+        if self.mode == "multi" and distributed.is_distributed():
+            raise ValueError("mode: 'multi' keeps one retain gradient per example of one batch and is not "
+                             "defined across ranks; use mode='gu' under torch.distributed")
+        # Under torch.distributed every rank passes its own shard; gradients are averaged, so
+        # every rank must take the same number of steps.
+        distributed.check_agree("data", -(-len(data.forget) // self.batch_size))
         t0 = time.perf_counter()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = self.make_optimizer(params)
