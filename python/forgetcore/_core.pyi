@@ -10,16 +10,12 @@ __all__ = ["__version__", "num_threads"]
 __all__ += ["ReservoirCore", "CbrsCore", "ReplayRng"]
 __all__ += ["accumulate_", "ssd_dampen_", "find_invalid_importance", "stream_triad_"]
 __all__ += [
-    "cuda_accumulate_",
+    "CudaCompileError",
+    "CudaUnavailableError",
     "cuda_compile",
     "cuda_compile_check",
     "cuda_device_info",
-    "cuda_find_invalid",
-    "cuda_kv_accumulate_",
-    "cuda_kv_evict_one",
-    "cuda_kv_select_keep",
     "cuda_nvrtc_version",
-    "cuda_ssd_dampen_",
 ]
 __all__ += ["kv_accumulate_", "kv_evict_one", "kv_select_keep"]
 __all__ += ["project_out_", "project_out_flat_", "orthonormalize", "extend_bases"]
@@ -43,7 +39,7 @@ class ReservoirCore:
                    storage: list[npt.NDArray[Any]], label: int | None = None) -> None: ...
     def add_fields(self, fields: dict[str, Any]) -> tuple[_I64, _I64] | None: ...
     def sample(self, n: int) -> _I64: ...
-    def get_state(self) -> tuple[int, list[int]]: ...
+    def get_state(self) -> dict[str, Any]: ...
     def set_state(self, seen: int, rng: list[int]) -> None: ...
 
 @final
@@ -61,7 +57,7 @@ class CbrsCore:
     def sample(self, n: int) -> _I64: ...
     def classes(self) -> tuple[_I64, _I64, _I64, npt.NDArray[np.bool_]]: ...
     def slot_labels(self) -> _I64: ...
-    def get_state(self) -> tuple[int, list[int], _I64, _I64, npt.NDArray[np.bool_], _I64, _I64]: ...
+    def get_state(self) -> dict[str, Any]: ...
     def set_state(self, seen: int, rng: list[int], labels: list[int], n_seen: list[int], full: list[bool],
                   offsets: list[int], slots: list[int]) -> None: ...
 
@@ -74,20 +70,28 @@ class ReplayRng:
     def get_state(self) -> list[int]: ...
     def set_state(self, rng: list[int]) -> None: ...
 
-# CUDA path (rust/python/cuda.rs): raw device pointers and torch's stream handle as ints; only
-# forgetcore._cuda calls the launchers, after checking the tensors.
+# CUDA path (rust/python/cuda.rs). Typed errors, raised by the extension itself.
+class CudaUnavailableError(RuntimeError): ...
+
+class CudaCompileError(RuntimeError):
+    log: str
+
 def cuda_nvrtc_version() -> tuple[int, int]: ...
 def cuda_compile(source: str, arch: int, cubin: bool = False) -> bytes: ...
 def cuda_compile_check(arch: int, cubin: bool = False) -> list[tuple[str, int]]: ...
 def cuda_device_info(device: int) -> tuple[int, int]: ...
-def cuda_accumulate_(
-    device: int, stream: int, meta: int, n: int, chunk: int, blocks: int, scale: float, abs: bool
+# Private launchers (raw device pointers and torch's stream handle as ints, outside __all__):
+# only forgetcore._cuda calls them, after checking the tensors.
+def _cuda_accumulate_(
+    device: int, stream: int, meta: int, acc: list[int], grads: list[int], chunk: int, blocks: int, scale: float,
+    mode: str,
 ) -> None: ...
-def cuda_ssd_dampen_(
-    device: int, stream: int, meta: int, n: int, chunk: int, blocks: int, alpha: float, lam: float, counts: int
+def _cuda_ssd_dampen_(
+    device: int, stream: int, meta: int, numels: list[list[int]], chunk: int, blocks: int, alpha: float, lam: float,
+    counts: int,
 ) -> None: ...
-def cuda_find_invalid(device: int, stream: int, meta: int, n: int, chunk: int, blocks: int, first: int) -> None: ...
-def cuda_kv_accumulate_(
+def _cuda_find_invalid(device: int, stream: int, meta: int, n: int, chunk: int, blocks: int, first: int) -> None: ...
+def _cuda_kv_accumulate_(
     device: int,
     stream: int,
     scores: int,
@@ -99,7 +103,7 @@ def cuda_kv_accumulate_(
     shape: list[int],
     alpha: float,
 ) -> None: ...
-def cuda_kv_select_keep(
+def _cuda_kv_select_keep(
     device: int,
     stream: int,
     scores: int,
@@ -112,7 +116,7 @@ def cuda_kv_select_keep(
     n_recent: int,
     out: int,
 ) -> None: ...
-def cuda_kv_evict_one(
+def _cuda_kv_evict_one(
     device: int, stream: int, scores: int, positions: int, valid: int, rows: int, slots: int, n_sink: int, n_recent: int, out: int
 ) -> None: ...
 

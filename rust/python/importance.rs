@@ -4,7 +4,7 @@
 use numpy::{PyArray1, PyReadonlyArrayDyn, PyReadwriteArrayDyn};
 use pyo3::prelude::*;
 
-use super::{as_slice, as_slice_mut};
+use super::{as_slice, as_slice_mut, detached};
 use crate::importance::{self, Mode};
 use crate::Error;
 
@@ -29,18 +29,10 @@ fn accumulate_(
     scale: f32,
     mode: &str,
 ) -> PyResult<()> {
-    let mode = match mode {
-        "sq" => Mode::Sq,
-        "abs" => Mode::Abs,
-        other => {
-            return Err(
-                Error::value("mode", format!("expected 'sq' or 'abs', got {other:?}")).into(),
-            )
-        }
-    };
+    let mode: Mode = mode.parse()?;
     let mut a = slices_mut(&mut acc, "acc")?;
     let g = slices(&grads, "grads")?;
-    py.detach(|| importance::accumulate(&mut a, &g, scale, mode))?;
+    detached(py, || importance::accumulate(&mut a, &g, scale, mode))?;
     Ok(())
 }
 
@@ -58,7 +50,7 @@ fn ssd_dampen_<'py>(
     let mut p = slices_mut(&mut params, "params")?;
     let d = slices(&imp_full, "imp_full")?;
     let f = slices(&imp_forget, "imp_forget")?;
-    let counts = py.detach(|| importance::ssd_dampen(&mut p, &d, &f, alpha, lam))?;
+    let counts = detached(py, || importance::ssd_dampen(&mut p, &d, &f, alpha, lam))?;
     Ok(PyArray1::from_vec(py, counts))
 }
 
@@ -69,7 +61,7 @@ fn find_invalid_importance(
     imps: Vec<PyReadonlyArrayDyn<'_, f32>>,
 ) -> PyResult<Option<(usize, usize, f32)>> {
     let s = slices(&imps, "imps")?;
-    Ok(py.detach(|| importance::validate(&s)))
+    Ok(detached(py, || importance::validate(&s)))
 }
 
 /// Stream triad a = b + s * c on the kernels' threads and chunking: the bandwidth yardstick
@@ -96,7 +88,7 @@ fn stream_triad_(
         )
         .into());
     }
-    py.detach(|| importance::triad(a, b, c, s));
+    detached(py, || importance::triad(a, b, c, s));
     Ok(())
 }
 

@@ -45,10 +45,16 @@ pub(crate) fn as_slice_mut<'a, T: Element>(
         .map_err(|_| Error::value(arg, "expected a C-contiguous writable array").into())
 }
 
-/// Number of threads rayon uses for the parallel kernels (set `RAYON_NUM_THREADS` to change it).
+/// Run a kernel with the GIL released, on the kernels' fork-safe thread pool
+/// (`crate::parallel`): every binding calls its kernels through this.
+pub(crate) fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
+    py.detach(|| crate::parallel::install(f))
+}
+
+/// Number of threads the parallel kernels use (set `RAYON_NUM_THREADS` to change it).
 #[pyfunction]
 fn num_threads() -> usize {
-    rayon::current_num_threads()
+    crate::parallel::num_threads()
 }
 
 #[pymodule]

@@ -4,7 +4,7 @@ use numpy::ndarray::Array2;
 use numpy::{PyArray2, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::{as_slice, as_slice_mut};
+use super::{as_slice, as_slice_mut, detached};
 use crate::subspace::{self as k, Basis, Count, Criterion, GradMut};
 use crate::Error;
 
@@ -50,7 +50,7 @@ fn project_out_py(
             rank,
         });
     }
-    py.detach(|| k::project_out_(&mut views, &bs, check))?;
+    detached(py, || k::project_out_(&mut views, &bs, check))?;
     Ok(())
 }
 
@@ -80,7 +80,7 @@ fn project_out_flat_py(
     }
     let gs = as_slice_mut(&mut g, "g")?;
     let vs = as_slice(&vectors, "vectors")?;
-    py.detach(|| k::project_out_flat_(gs, vs, rank, check))?;
+    detached(py, || k::project_out_flat_(gs, vs, rank, check))?;
     Ok(())
 }
 
@@ -94,7 +94,7 @@ fn orthonormalize_py<'py>(
 ) -> PyResult<(Bound<'py, PyArray2<f32>>, Vec<usize>)> {
     let (rows, n) = dims2(vectors.shape(), "vectors")?;
     let vs = as_slice(&vectors, "vectors")?;
-    let (out, kept) = py.detach(|| k::orthonormalize(vs, rows, n, tol))?;
+    let (out, kept) = detached(py, || k::orthonormalize(vs, rows, n, tol))?;
     let arr = Array2::from_shape_vec((kept.len(), n), out)
         .map_err(|e| Error::value("vectors", e.to_string()))?;
     Ok((PyArray2::from_owned_array(py, arr), kept))
@@ -182,7 +182,7 @@ fn extend_bases_py<'py>(
         }
         rs.push((as_slice(a, &format!("reps[{i}]"))?, n));
     }
-    let exts = py.detach(|| k::extend_bases(&bs, &rs, &thresholds, &crits))?;
+    let exts = detached(py, || k::extend_bases(&bs, &rs, &thresholds, &crits))?;
     exts.into_iter()
         .zip(&bs)
         .map(|(e, b)| {
