@@ -74,7 +74,7 @@ pub fn validate(imps: &[&[f32]]) -> Option<(usize, usize, f32)> {
             if !any_invalid(s) {
                 return None;
             }
-            let i = s.iter().position(|&x| !(x >= 0.0 && x < f32::INFINITY))?;
+            let i = s.iter().position(|&x| !(0.0..f32::INFINITY).contains(&x))?;
             Some((t, off + i, s[i]))
         })
         .min_by_key(|&(t, i, _)| (t, i))
@@ -191,7 +191,9 @@ pub fn ssd_dampen(
     let lens: Vec<usize> = params.iter().map(|p| p.len()).collect();
     let lens_of = |xs: &[&[f32]]| xs.iter().map(|x| x.len()).collect::<Vec<_>>();
     contract::ssd_dampen(&lens, &lens_of(imp_full), &lens_of(imp_forget), alpha, lam)?;
-    let mut work: Vec<(usize, &mut [f32], &[f32], &[f32])> = Vec::new();
+    // (tensor index, parameter chunk, imp_full chunk, imp_forget chunk)
+    type Work<'a> = (usize, &'a mut [f32], &'a [f32], &'a [f32]);
+    let mut work: Vec<Work> = Vec::new();
     for (t, ((p, d), f)) in params.iter_mut().zip(imp_full).zip(imp_forget).enumerate() {
         for ((pc, dc), fc) in p
             .chunks_mut(CHUNK)
