@@ -137,3 +137,51 @@ def test_power_law_weight_is_public_and_checked():
         power_law_weight("3")
     with pytest.raises(ValueError, match="^d: "):
         power_law_weight(1.0, d=-1.0)
+
+
+def test_find_invalid_importance_returns_a_named_result():
+    import numpy as np
+
+    ok = np.ones(10, dtype=np.float32)
+    bad = np.ones(10, dtype=np.float32)
+    bad[7] = -2.0
+    assert _core.find_invalid_importance([ok]) is None
+    found = _core.find_invalid_importance([ok, bad])
+    assert (found.tensor, found.index, found.value) == (1, 7, -2.0)
+    with pytest.raises(ValueError, match=r"^imp_full\[1\]: expected finite non-negative importances, got -2.0"):
+        importance.ssd_dampen_([torch.ones(10), torch.ones(10)], [torch.from_numpy(ok), torch.from_numpy(bad)],
+                               [torch.ones(10), torch.ones(10)], alpha=1.0)
+
+
+def test_cuda_launchers_share_the_importance_contract():
+    # The contract runs before anything touches a device, so this holds on any machine: the
+    # CUDA launchers refuse exactly what the CPU kernels refuse, with the same messages.
+    with pytest.raises(ValueError, match=r"^grads: tensor 0: expected 3 elements, got 4$"):
+        _core._cuda_accumulate_(0, 0, 0, [3], [4], _cuda.CHUNK, 1, 1.0, "sq")
+    with pytest.raises(ValueError, match=r"^mode: expected 'sq' or 'abs', got \"SQ\"$"):
+        _core._cuda_accumulate_(0, 0, 0, [3], [3], _cuda.CHUNK, 1, 1.0, "SQ")
+    with pytest.raises(ValueError, match=r"^scale: expected a finite number, got NaN$"):
+        _core._cuda_accumulate_(0, 0, 0, [3], [3], _cuda.CHUNK, 1, float("nan"), "sq")
+    with pytest.raises(ValueError, match=r"^imp_forget: tensor 0: expected 2 elements, got 3$"):
+        _core._cuda_ssd_dampen_(0, 0, 0, [[2], [2], [3]], _cuda.CHUNK, 1, 1.0, 1.0, 0)
+    with pytest.raises(ValueError, match=r"^lam: expected a finite number >= 0, got -1$"):
+        _core._cuda_ssd_dampen_(0, 0, 0, [[2], [2], [2]], _cuda.CHUNK, 1, 1.0, -1.0, 0)
+    # The CPU kernels say the same.
+    import numpy as np
+
+    a, g = np.zeros(3, dtype=np.float32), np.zeros(4, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"^grads: tensor 0: expected 3 elements, got 4$"):
+        _core.accumulate_([a], [g], 1.0, "sq")
+    with pytest.raises(ValueError, match=r"^mode: expected 'sq' or 'abs', got \"SQ\"$"):
+        _core.accumulate_([a], [a.copy()], 1.0, "SQ")
+    # The same array written and read is a clear error from the binding, not numpy's panic.
+    with pytest.raises(ValueError, match=r"^grads: expected arrays that share no memory"):
+        _core.accumulate_([a], [a], 1.0, "sq")
+    with pytest.raises(ValueError, match=r"^acc: expected writable arrays that share no memory"):
+        _core.accumulate_([a, a], [a.copy(), a.copy()], 1.0, "sq")
+    with pytest.raises(ValueError, match=r"^imp_forget: expected arrays that share no memory"):
+        _core.ssd_dampen_([a], [a.copy()], [a], 1.0, 1.0)
+    g2 = np.zeros((2, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"^bases: expected arrays that share no memory"):
+        _core.project_out_([g2], [g2], False)
+    assert not a.any() and not g2.any()

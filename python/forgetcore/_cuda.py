@@ -277,7 +277,8 @@ def find_invalid_importance(imps: Sequence[torch.Tensor]) -> tuple[int, int, flo
     """(tensor index, flat index, value) of the first NaN, infinite or negative value, or None.
 
     One launch over every tensor, then one host sync to read the answer (needed to raise).
-    Same result as the Rust ``find_invalid_importance``.
+    The same position and value as the Rust ``find_invalid_importance`` (whose named result has
+    ``tensor``, ``index`` and ``value``).
     """
     imps = _tensor_list("imps", imps)
     if not imps:

@@ -107,12 +107,13 @@ def _unsupported(arg: str, tensors: list[torch.Tensor]) -> str | None:
 def _validate(arg: str, imps: list[torch.Tensor], names: list[str] | None, use_rust: bool,
               use_cuda: bool = False) -> None:
     """Raise ValueError at the first NaN, infinite or negative importance (one read pass)."""
+    bad: tuple[int, int, float] | None = None
     if use_cuda:
         bad = _cuda.find_invalid_importance([t.contiguous() for t in imps])
     elif use_rust:
-        bad = _core.find_invalid_importance([_checks.numpy_view(t.contiguous()) for t in imps])
+        found = _core.find_invalid_importance([_checks.numpy_view(t.contiguous()) for t in imps])
+        bad = None if found is None else (found.tensor, found.index, found.value)
     else:
-        bad = None
         for ti, t in enumerate(imps):
             flat = t.reshape(-1)
             mask = ~((flat >= 0) & (flat < float("inf")))

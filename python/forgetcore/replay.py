@@ -368,9 +368,9 @@ class ReservoirBuffer(_Buffer):
 
     def add(self, return_rows: bool = False, **fields: torch.Tensor):
         # CPU storage and a batch exactly like the stored fields: one Rust call does it all.
-        done = self._core.add_fields(fields)
+        done = self._core.add_fields(fields, return_rows)
         if done is not None:
-            return (torch.from_numpy(done[0]), torch.from_numpy(done[1])) if return_rows else torch.from_numpy(done[0])
+            return (torch.from_numpy(done[0]), torch.from_numpy(done[1])) if return_rows else torch.from_numpy(done)
         return self._add(fields, return_rows)
 
     def _decide(self, n, labels, batch, storage):
@@ -433,9 +433,9 @@ class ClassBalancedReservoir(_Buffer):
         return self._label_key
 
     def add(self, return_rows: bool = False, **fields: torch.Tensor):
-        done = self._core.add_fields(fields)  # see ReservoirBuffer.add
+        done = self._core.add_fields(fields, return_rows)  # see ReservoirBuffer.add
         if done is not None:
-            return (torch.from_numpy(done[0]), torch.from_numpy(done[1])) if return_rows else torch.from_numpy(done[0])
+            return (torch.from_numpy(done[0]), torch.from_numpy(done[1])) if return_rows else torch.from_numpy(done)
         return self._add(fields, return_rows, labels_of=self._labels)
 
     def _fast_label(self) -> int | None:

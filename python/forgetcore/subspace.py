@@ -313,7 +313,8 @@ class Subspace:
 
 
 def _layers(model: nn.Module, names: Iterable[str] | None) -> dict[str, nn.Linear | nn.Conv2d]:
-    found: dict[str, nn.Linear | nn.Conv2d] = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    found: dict[str, nn.Linear | nn.Conv2d] = {n: m for n, m in model.named_modules()
+                                               if isinstance(m, (nn.Linear, nn.Conv2d))}
     if names is not None:
         names = list(names)
         missing = [n for n in names if n not in found]

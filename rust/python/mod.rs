@@ -5,7 +5,7 @@
 //! `crate::Error` to a Python exception. Nothing here panics across the FFI boundary: every
 //! fallible step returns `PyResult`.
 
-use numpy::{Element, PyReadonlyArrayDyn, PyReadwriteArrayDyn};
+use numpy::{Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -25,6 +25,46 @@ impl From<Error> for PyErr {
             Error::Type { .. } => PyTypeError::new_err(e.to_string()),
         }
     }
+}
+
+/// Borrow arrays for writing, then for reading, through numpy's borrow checker: an array that
+/// another argument also borrows (the same memory passed twice) is a `ValueError` naming the
+/// argument, never the panic of numpy's own extraction.
+pub(crate) fn borrow_rw<'py, T: Element>(
+    arrs: &[Bound<'py, PyArrayDyn<T>>],
+    arg: &str,
+) -> PyResult<Vec<PyReadwriteArrayDyn<'py, T>>> {
+    arrs.iter()
+        .map(|a| {
+            a.try_readwrite().map_err(|e| {
+                Error::value(
+                    arg,
+                    format!("expected writable arrays that share no memory with each other or with the other arguments ({e})"),
+                )
+                .into()
+            })
+        })
+        .collect()
+}
+
+/// See `borrow_rw`; call it after the writable arguments are borrowed.
+pub(crate) fn borrow_ro<'py, T: Element>(
+    arrs: &[Bound<'py, PyArrayDyn<T>>],
+    arg: &str,
+) -> PyResult<Vec<PyReadonlyArrayDyn<'py, T>>> {
+    arrs.iter()
+        .map(|a| {
+            a.try_readonly().map_err(|e| {
+                Error::value(
+                    arg,
+                    format!(
+                        "expected arrays that share no memory with an array written in place ({e})"
+                    ),
+                )
+                .into()
+            })
+        })
+        .collect()
 }
 
 /// Borrow a read-only numpy array as a contiguous slice, or say which argument is not.

@@ -198,6 +198,20 @@ impl Fields {
 
 type Slots<'py> = (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>);
 
+/// What `add_fields` returns: the slots array alone, or `(slots, rows)` when asked (building
+/// one array instead of two is a measurable part of a small batch's fixed cost).
+fn to_result<'py>(
+    py: Python<'py>,
+    pairs: &[(i64, i64)],
+    return_rows: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    if return_rows {
+        return to_arrays(py, pairs).into_pyobject(py).map(|t| t.into_any());
+    }
+    let slots: Vec<i64> = pairs.iter().map(|p| p.0).collect();
+    Ok(PyArray1::from_vec(py, slots).into_any())
+}
+
 fn to_arrays<'py>(py: Python<'py>, pairs: &[(i64, i64)]) -> Slots<'py> {
     let slots: Vec<i64> = pairs.iter().map(|p| p.0).collect();
     let rows: Vec<i64> = pairs.iter().map(|p| p.1).collect();
@@ -223,7 +237,7 @@ pub struct ReservoirCore {
 }
 
 impl ReservoirCore {
-    fn run<'py>(&mut self, py: Python<'py>, plan: CopyPlan) -> PyResult<Slots<'py>> {
+    fn run(&mut self, py: Python<'_>, plan: CopyPlan) -> PyResult<Vec<(i64, i64)>> {
         // The copy cannot fail after the plan's checks; keep the state whole even if it did.
         let before = self.inner.clone();
         let pairs = self.inner.add(plan.rows())?;
@@ -231,7 +245,7 @@ impl ReservoirCore {
             self.inner = before;
             return Err(e);
         }
-        Ok(to_arrays(py, &pairs))
+        Ok(pairs)
     }
 }
 
@@ -271,7 +285,7 @@ impl ReservoirCore {
         storage: Vec<Bound<'py, PyUntypedArray>>,
     ) -> PyResult<Slots<'py>> {
         let plan = plan_or_raise(n, self.inner.capacity() as usize, &batch, &storage)?;
-        self.run(py, plan)
+        Ok(to_arrays(py, &self.run(py, plan)?))
     }
 
     /// Register the stored fields (CPU storage) for `add_fields`; empty lists switch it off.
@@ -290,11 +304,13 @@ impl ReservoirCore {
 
     /// `add` straight from the keyword dict of `ReservoirBuffer.add`: None (nothing done)
     /// unless the batch matches the registered fields exactly and is contiguous on the CPU.
+    #[pyo3(signature = (fields, return_rows = false))]
     fn add_fields<'py>(
         &mut self,
         py: Python<'py>,
         fields: Bound<'py, PyDict>,
-    ) -> PyResult<Option<Slots<'py>>> {
+        return_rows: bool,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
         let Some((n, batch)) = self.fields.matches(&fields) else {
             return Ok(None);
         };
@@ -302,7 +318,8 @@ impl ReservoirCore {
         let Some(plan) = plan(n, self.inner.capacity() as usize, &batch, &storage)? else {
             return Ok(None);
         };
-        self.run(py, plan).map(Some)
+        let pairs = self.run(py, plan)?;
+        to_result(py, &pairs, return_rows).map(Some)
     }
 
     /// `n` distinct stored slots, uniformly without replacement, in random order.
@@ -335,12 +352,7 @@ pub struct CbrsCore {
 }
 
 impl CbrsCore {
-    fn run<'py>(
-        &mut self,
-        py: Python<'py>,
-        labels: &[i64],
-        plan: CopyPlan,
-    ) -> PyResult<Slots<'py>> {
+    fn run(&mut self, py: Python<'_>, labels: &[i64], plan: CopyPlan) -> PyResult<Vec<(i64, i64)>> {
         if labels.len() != plan.rows() {
             return Err(Error::value(
                 "labels",
@@ -351,7 +363,7 @@ impl CbrsCore {
         let mut pairs = self.inner.decide(&mut self.rng, labels);
         reservoir::last_writer_wins(&mut pairs);
         copy(py, plan, &pairs)?;
-        Ok(to_arrays(py, &pairs))
+        Ok(pairs)
     }
 }
 
@@ -404,7 +416,7 @@ impl CbrsCore {
             .as_slice()
             .map_err(|_| Error::value("labels", "expected a contiguous array"))?;
         let plan = plan_or_raise(labels.len(), self.inner.capacity(), &batch, &storage)?;
-        self.run(py, labels, plan)
+        Ok(to_arrays(py, &self.run(py, labels, plan)?))
     }
 
     /// As `ReservoirCore.set_fields`; `label` is the index of the int64 label field, without
@@ -423,11 +435,13 @@ impl CbrsCore {
     }
 
     /// As `ReservoirCore.add_fields`, the labels read from the registered int64 label field.
+    #[pyo3(signature = (fields, return_rows = false))]
     fn add_fields<'py>(
         &mut self,
         py: Python<'py>,
         fields: Bound<'py, PyDict>,
-    ) -> PyResult<Option<Slots<'py>>> {
+        return_rows: bool,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
         let Some(label) = self.fields.label else {
             return Ok(None);
         };
@@ -448,7 +462,8 @@ impl CbrsCore {
         // SAFETY: `src` is the checked byte range of the label tensor (n int64 values); the copy
         // goes byte-wise into our own vector, so the tensor's alignment does not matter.
         unsafe { std::ptr::copy_nonoverlapping(src.ptr, labels.as_mut_ptr() as *mut u8, n * 8) };
-        self.run(py, &labels, plan).map(Some)
+        let pairs = self.run(py, &labels, plan)?;
+        to_result(py, &pairs, return_rows).map(Some)
     }
 
     fn sample<'py>(&mut self, py: Python<'py>, n: u64) -> PyResult<Bound<'py, PyArray1<i64>>> {

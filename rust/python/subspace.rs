@@ -1,10 +1,10 @@
 //! Bindings of `crate::subspace`: borrow numpy arrays, release the GIL, map errors.
 
 use numpy::ndarray::Array2;
-use numpy::{PyArray2, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods};
+use numpy::{PyArray2, PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::{as_slice, as_slice_mut, detached};
+use super::{as_slice, as_slice_mut, borrow_ro, borrow_rw, detached};
 use crate::subspace::{self as k, Basis, Count, Criterion, GradMut};
 use crate::Error;
 
@@ -18,12 +18,14 @@ fn dims2(shape: &[usize], arg: &str) -> PyResult<(usize, usize)> {
 /// `G <- G - (G U) U^T` for every (out, in) gradient and its (in, rank) basis, in place.
 #[pyfunction]
 #[pyo3(name = "project_out_", signature = (grads, bases, check = true))]
-fn project_out_py(
-    py: Python<'_>,
-    mut grads: Vec<PyReadwriteArrayDyn<'_, f32>>,
-    bases: Vec<PyReadonlyArrayDyn<'_, f32>>,
+fn project_out_py<'py>(
+    py: Python<'py>,
+    grads: Vec<Bound<'py, PyArrayDyn<f32>>>,
+    bases: Vec<Bound<'py, PyArrayDyn<f32>>>,
     check: bool,
 ) -> PyResult<()> {
+    let mut grads = borrow_rw(&grads, "grads")?;
+    let bases = borrow_ro(&bases, "bases")?;
     let gshapes = grads
         .iter()
         .enumerate()
@@ -57,12 +59,14 @@ fn project_out_py(
 /// `g <- g - V^T (V g)` for a flat vector g (n,) and orthonormal rows V (rank, n), in place.
 #[pyfunction]
 #[pyo3(name = "project_out_flat_", signature = (g, vectors, check = true))]
-fn project_out_flat_py(
-    py: Python<'_>,
-    mut g: PyReadwriteArrayDyn<'_, f32>,
-    vectors: PyReadonlyArrayDyn<'_, f32>,
+fn project_out_flat_py<'py>(
+    py: Python<'py>,
+    g: Bound<'py, PyArrayDyn<f32>>,
+    vectors: Bound<'py, PyArrayDyn<f32>>,
     check: bool,
 ) -> PyResult<()> {
+    let mut g = borrow_rw(std::slice::from_ref(&g), "g")?.remove(0);
+    let vectors = borrow_ro(std::slice::from_ref(&vectors), "vectors")?.remove(0);
     if g.shape().len() != 1 {
         return Err(Error::value(
             "g",
