@@ -3,11 +3,15 @@
 //! rayon's global pool cannot be rebuilt: after a process that used it forks, the child has the
 //! pool's bookkeeping but none of its threads, and the first parallel call waits forever for
 //! workers that do not exist (Python users fork all the time: multiprocessing, `DataLoader`
-//! workers). So the bindings run every kernel inside `install`, on a pool owned here, and a
-//! `pthread_atfork` child handler bumps a generation counter: the first kernel in a forked child
-//! builds a fresh pool (the parent's is leaked, never touched again: its locks may be held by
-//! threads that did not survive the fork). Inside `install`, rayon's `par_iter`, `join` and
-//! faer's `Par::rayon` all use that pool, so the kernel modules need no change.
+//! workers). So the bindings run every kernel through `run`, and a `pthread_atfork` child
+//! handler (registered before the first kernel runs) bumps a generation counter. A process that
+//! has not forked since runs the kernel directly, on rayon's global pool (no cost: a kernel
+//! too small to split never wakes a pool). A forked child runs it inside `install` on a pool
+//! owned here, built on first use in each generation (an older one is leaked, never touched
+//! again: its locks may be held by threads that did not survive the fork). Inside `install`,
+//! rayon's `par_iter`, `join` and faer's `Par::rayon` all use that pool, so the kernel modules
+//! need no change. The price, in forked children only: each kernel call hands its work to the
+//! pool's threads (a few microseconds), even one too small to split.
 //!
 //! The pool is found without a lock (one atomic load on the hot path), so a fork that happens
 //! while another thread builds it cannot leave the child waiting on a mutex.
@@ -95,14 +99,34 @@ fn publish(current: *mut Pool, generation: u64) -> &'static ThreadPool {
     }
 }
 
-/// Run `f` on the kernels' pool: every rayon call inside it uses that pool.
+/// Whether this process is a child forked after the handler was registered.
+fn forked() -> bool {
+    register_at_fork();
+    GENERATION.load(Ordering::SeqCst) != 0
+}
+
+/// Run a kernel: directly (rayon's global pool) unless this process is a forked child, then on
+/// this generation's owned pool. Every binding calls its kernels through this.
+pub fn run<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if forked() {
+        install(f)
+    } else {
+        f()
+    }
+}
+
+/// Run `f` on this generation's owned pool: every rayon call inside it uses that pool.
 pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     pool().install(f)
 }
 
 /// The number of threads the kernels use.
 pub fn num_threads() -> usize {
-    pool().current_num_threads()
+    if forked() {
+        pool().current_num_threads()
+    } else {
+        rayon::current_num_threads()
+    }
 }
 
 #[cfg(test)]
@@ -116,7 +140,8 @@ mod tests {
         assert!(name.unwrap().starts_with("forgetcore-"));
         let s: u64 = install(|| (0..1000u64).into_par_iter().sum());
         assert_eq!(s, 499_500);
-        assert_eq!(install(rayon::current_num_threads), num_threads());
+        assert_eq!(run(|| 7), 7);
+        assert!(num_threads() >= 1);
     }
 
     #[test]
@@ -128,5 +153,8 @@ mod tests {
         assert_ne!(a, b);
         let s: u64 = install(|| (0..100u64).into_par_iter().sum());
         assert_eq!(s, 4950);
+        // In a "forked" process every kernel runs on the owned pool.
+        let name = run(|| std::thread::current().name().map(str::to_owned));
+        assert!(name.unwrap().starts_with("forgetcore-"));
     }
 }

@@ -88,7 +88,7 @@ pub(crate) fn as_slice_mut<'a, T: Element>(
 /// Run a kernel with the GIL released, on the kernels' fork-safe thread pool
 /// (`crate::parallel`): every binding calls its kernels through this.
 pub(crate) fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
-    py.detach(|| crate::parallel::install(f))
+    py.detach(|| crate::parallel::run(f))
 }
 
 /// Number of threads the parallel kernels use (set `RAYON_NUM_THREADS` to change it).
