@@ -3,7 +3,7 @@
 
 Workloads (buffer of 5,000, batches of 32):
   image    200,000 examples of 3x32x32 float32 with int64 labels, reservoir (Algorithm R)
-  index    200,000 int64 ids, reservoir
+  index    200,000 int64 ids with int64 labels (two fields), reservoir
   cbrs     200,000 examples of 3x32x32 float32, 100 classes with a long-tailed stream, CBRS
 
 Every implementation is timed on the same pre-sliced batches, best of at least ``--repeats``
@@ -106,7 +106,9 @@ def stream_batches(kind: str, total: int, device: torch.device, seed: int = 0):
     pool_examples = min(total, 16_384)
     if kind == "index":
         ids = torch.arange(total, dtype=torch.int64)
-        return [{"idx": ids[i:i + BATCH].to(device)} for i in range(0, total, BATCH)]
+        labels = torch.randint(0, 100, (total,), generator=g)
+        return [{"idx": ids[i:i + BATCH].to(device), "y": labels[i:i + BATCH].to(device)}
+                for i in range(0, total, BATCH)]
     x = torch.randn(pool_examples, 3, 32, 32, generator=g)
     if kind == "cbrs":
         # Long-tailed over 100 classes: p(c) proportional to 1 / (c + 1).
@@ -167,7 +169,7 @@ def main() -> None:
         per_row = sum(v[0].numel() * v.element_size() for v in batches[0].values())
         times = {
             "baseline": run(lambda r: MammothStyleBuffer(CAPACITY, device=device),
-                            (lambda buf, b: buf.add_data(b["idx"])) if kind == "index"
+                            (lambda buf, b: buf.add_data(b["idx"], b["y"])) if kind == "index"
                             else (lambda buf, b: buf.add_data(b["x"], b["y"])), batches, device, args.repeats),
             "reference": run(lambda r: ReferenceReservoir(CAPACITY, seed=r),
                              lambda buf, b: buf.add(**b), batches, device, args.repeats),

@@ -85,7 +85,8 @@ def test_bogus_nvrtc_path_is_a_clear_error(monkeypatch):
 
 def test_rust_loader_without_libraries_raises_not_panics(tmp_path):
     # A fresh process that loads the extension alone (no torch, so nothing has loaded libnvrtc)
-    # with an empty loader path: both libraries missing must be RuntimeErrors, not panics.
+    # with an empty loader path: both libraries missing must raise the typed CudaUnavailableError
+    # (a RuntimeError) from Rust itself, not panic.
     script = textwrap.dedent(f"""
         import ctypes, importlib.util, sys
         spec = importlib.util.spec_from_file_location("forgetcore._core", {_core.__file__!r})
@@ -101,16 +102,16 @@ def test_rust_loader_without_libraries_raises_not_panics(tmp_path):
                 print(name, "present"); continue
             try:
                 call()
-            except RuntimeError as e:
-                print(name, type(e).__name__, str(e).split(":")[0])
+            except core.CudaUnavailableError as e:
+                print(name, type(e).__name__, isinstance(e, RuntimeError), str(e).split(":")[0])
     """)
     env = {k: v for k, v in os.environ.items() if k not in ("LD_LIBRARY_PATH", "FORGETCORE_NVRTC")}
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "panic" not in (r.stdout + r.stderr).lower()
     lines = r.stdout.split("\n")
-    assert lines[0] in ("libnvrtc.so.13 present", "libnvrtc.so.13 RuntimeError libnvrtc")
-    assert lines[1] in ("libcuda.so.1 present", "libcuda.so.1 RuntimeError CUDA driver")
+    assert lines[0] in ("libnvrtc.so.13 present", "libnvrtc.so.13 CudaUnavailableError True libnvrtc")
+    assert lines[1] in ("libcuda.so.1 present", "libcuda.so.1 CudaUnavailableError True CUDA driver")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")

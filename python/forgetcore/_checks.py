@@ -72,6 +72,25 @@ def positive_int(name: str, v: Any, *, allow_zero: bool = False) -> int:
     return int(v)
 
 
+def seed(v: Any, name: str = "seed") -> int:
+    """A seed of the Rust generators: an int in [0, 2**64)."""
+    v = positive_int(name, v, allow_zero=True)
+    if v >= 2**64:
+        raise ValueError(f"{name}: expected an int below 2**64, got {v}")
+    return v
+
+
+def rng_tensor(words: Sequence[int]) -> torch.Tensor:
+    """A xoshiro256++ state (four 64-bit words as signed ints) as saved in state dicts."""
+    return torch.tensor(list(words), dtype=torch.int64)
+
+
+def rng_words(name: str, t: Any) -> list[int]:
+    """The four words of a saved generator state (see :func:`rng_tensor`)."""
+    tensor(name, t, dtype=torch.int64, shape=(4,))
+    return [int(v) for v in t.tolist()]
+
+
 def real(name: str, v: Any, *, low: float | None = None, high: float | None = None,
          low_open: bool = False, high_open: bool = False) -> float:
     """Check a finite real number within [low, high] (ends open where asked)."""

@@ -1,5 +1,27 @@
-# Hand-written stub of the Rust extension module (rust/python/). tests/test_stub.py runs
-# mypy.stubtest against the built module, so a binding and its stub cannot drift apart.
+"""Hand-written stub of the Rust extension module (rust/python/, built with the `python`
+feature). tests/test_package.py runs mypy.stubtest against the built module, so a binding and
+its stub cannot drift apart.
+
+`_core` is one flat module. Its names map onto the families as follows (the Python modules are
+the public API; nothing outside the primitives layer imports `_core`):
+
+- replay: `ReservoirCore`, `CbrsCore`, `ReplayRng` (used by `forgetcore.replay`,
+  `forgetcore.power_law`);
+- importance: `accumulate_`, `ssd_dampen_`, `find_invalid_importance` (-> `InvalidImportance`),
+  `stream_triad_` (the benchmarks' bandwidth yardstick), used by `forgetcore.importance`;
+- kvscore: `kv_accumulate_`, `kv_select_keep`, `kv_evict_one` = `forgetcore.kvscore.accumulate_`,
+  `select_keep`, `evict_one` (prefixed: importance also has an `accumulate_`);
+- subspace: `project_out_`, `project_out_flat_`, `orthonormalize`, `extend_bases`, used by
+  `forgetcore.subspace` under the same names;
+- spectral: `spectral_singular_values`, `spectral_condition_numbers`, `spectral_norm_estimates`
+  = `forgetcore.spectral.singular_values`, `kappa`, `spectral_norm` (prefixed, and `kappa` is
+  the Python name of the condition numbers of matrices: `spectral.condition_numbers` means a
+  model's layers -> dict);
+- CUDA: `CudaUnavailableError`, `CudaCompileError`, `cuda_nvrtc_version`, `cuda_compile`,
+  `cuda_compile_check`, `cuda_device_info`; the raw-pointer launchers `_cuda_*` are private,
+  called only by `forgetcore._cuda` after its checks;
+- `num_threads`: the size of the kernels' fork-safe thread pool.
+"""
 
 from typing import Any, final
 
@@ -8,18 +30,14 @@ import numpy.typing as npt
 
 __all__ = ["__version__", "num_threads"]
 __all__ += ["ReservoirCore", "CbrsCore", "ReplayRng"]
-__all__ += ["accumulate_", "ssd_dampen_", "find_invalid_importance", "stream_triad_"]
+__all__ += ["accumulate_", "ssd_dampen_", "find_invalid_importance", "InvalidImportance", "stream_triad_"]
 __all__ += [
-    "cuda_accumulate_",
+    "CudaCompileError",
+    "CudaUnavailableError",
     "cuda_compile",
     "cuda_compile_check",
     "cuda_device_info",
-    "cuda_find_invalid",
-    "cuda_kv_accumulate_",
-    "cuda_kv_evict_one",
-    "cuda_kv_select_keep",
     "cuda_nvrtc_version",
-    "cuda_ssd_dampen_",
 ]
 __all__ += ["kv_accumulate_", "kv_evict_one", "kv_select_keep"]
 __all__ += ["project_out_", "project_out_flat_", "orthonormalize", "extend_bases"]
@@ -41,9 +59,9 @@ class ReservoirCore:
     def add(self, n: int, batch: list[Any], storage: list[npt.NDArray[Any]]) -> tuple[_I64, _I64]: ...
     def set_fields(self, names: list[str], tails: list[list[int]], dtypes: list[Any],
                    storage: list[npt.NDArray[Any]], label: int | None = None) -> None: ...
-    def add_fields(self, fields: dict[str, Any]) -> tuple[_I64, _I64] | None: ...
+    def add_fields(self, fields: dict[str, Any], return_rows: bool = False) -> Any: ...
     def sample(self, n: int) -> _I64: ...
-    def get_state(self) -> tuple[int, list[int]]: ...
+    def get_state(self) -> dict[str, Any]: ...
     def set_state(self, seen: int, rng: list[int]) -> None: ...
 
 @final
@@ -57,11 +75,11 @@ class CbrsCore:
     def add(self, labels: _I64, batch: list[Any], storage: list[npt.NDArray[Any]]) -> tuple[_I64, _I64]: ...
     def set_fields(self, names: list[str], tails: list[list[int]], dtypes: list[Any],
                    storage: list[npt.NDArray[Any]], label: int | None = None) -> None: ...
-    def add_fields(self, fields: dict[str, Any]) -> tuple[_I64, _I64] | None: ...
+    def add_fields(self, fields: dict[str, Any], return_rows: bool = False) -> Any: ...
     def sample(self, n: int) -> _I64: ...
     def classes(self) -> tuple[_I64, _I64, _I64, npt.NDArray[np.bool_]]: ...
     def slot_labels(self) -> _I64: ...
-    def get_state(self) -> tuple[int, list[int], _I64, _I64, npt.NDArray[np.bool_], _I64, _I64]: ...
+    def get_state(self) -> dict[str, Any]: ...
     def set_state(self, seen: int, rng: list[int], labels: list[int], n_seen: list[int], full: list[bool],
                   offsets: list[int], slots: list[int]) -> None: ...
 
@@ -74,20 +92,28 @@ class ReplayRng:
     def get_state(self) -> list[int]: ...
     def set_state(self, rng: list[int]) -> None: ...
 
-# CUDA path (rust/python/cuda.rs): raw device pointers and torch's stream handle as ints; only
-# forgetcore._cuda calls the launchers, after checking the tensors.
+# CUDA path (rust/python/cuda.rs). Typed errors, raised by the extension itself.
+class CudaUnavailableError(RuntimeError): ...
+
+class CudaCompileError(RuntimeError):
+    log: str
+
 def cuda_nvrtc_version() -> tuple[int, int]: ...
 def cuda_compile(source: str, arch: int, cubin: bool = False) -> bytes: ...
 def cuda_compile_check(arch: int, cubin: bool = False) -> list[tuple[str, int]]: ...
 def cuda_device_info(device: int) -> tuple[int, int]: ...
-def cuda_accumulate_(
-    device: int, stream: int, meta: int, n: int, chunk: int, blocks: int, scale: float, abs: bool
+# Private launchers (raw device pointers and torch's stream handle as ints, outside __all__):
+# only forgetcore._cuda calls them, after checking the tensors.
+def _cuda_accumulate_(
+    device: int, stream: int, meta: int, acc: list[int], grads: list[int], chunk: int, blocks: int, scale: float,
+    mode: str,
 ) -> None: ...
-def cuda_ssd_dampen_(
-    device: int, stream: int, meta: int, n: int, chunk: int, blocks: int, alpha: float, lam: float, counts: int
+def _cuda_ssd_dampen_(
+    device: int, stream: int, meta: int, numels: list[list[int]], chunk: int, blocks: int, alpha: float, lam: float,
+    counts: int,
 ) -> None: ...
-def cuda_find_invalid(device: int, stream: int, meta: int, n: int, chunk: int, blocks: int, first: int) -> None: ...
-def cuda_kv_accumulate_(
+def _cuda_find_invalid(device: int, stream: int, meta: int, n: int, chunk: int, blocks: int, first: int) -> None: ...
+def _cuda_kv_accumulate_(
     device: int,
     stream: int,
     scores: int,
@@ -99,7 +125,7 @@ def cuda_kv_accumulate_(
     shape: list[int],
     alpha: float,
 ) -> None: ...
-def cuda_kv_select_keep(
+def _cuda_kv_select_keep(
     device: int,
     stream: int,
     scores: int,
@@ -112,7 +138,7 @@ def cuda_kv_select_keep(
     n_recent: int,
     out: int,
 ) -> None: ...
-def cuda_kv_evict_one(
+def _cuda_kv_evict_one(
     device: int, stream: int, scores: int, positions: int, valid: int, rows: int, slots: int, n_sink: int, n_recent: int, out: int
 ) -> None: ...
 
@@ -120,7 +146,16 @@ def cuda_kv_evict_one(
 
 def accumulate_(acc: list[npt.NDArray[np.float32]], grads: list[npt.NDArray[np.float32]], scale: float, mode: str) -> None: ...
 def ssd_dampen_(params: list[npt.NDArray[np.float32]], imp_full: list[npt.NDArray[np.float32]], imp_forget: list[npt.NDArray[np.float32]], alpha: float, lam: float) -> npt.NDArray[np.int64]: ...
-def find_invalid_importance(imps: list[npt.NDArray[np.float32]]) -> tuple[int, int, float] | None: ...
+@final
+class InvalidImportance:
+    @property
+    def tensor(self) -> int: ...
+    @property
+    def index(self) -> int: ...
+    @property
+    def value(self) -> float: ...
+
+def find_invalid_importance(imps: list[npt.NDArray[np.float32]]) -> InvalidImportance | None: ...
 def stream_triad_(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32], c: npt.NDArray[np.float32], s: float) -> None: ...
 
 # kvscore

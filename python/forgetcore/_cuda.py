@@ -9,7 +9,9 @@ back as CUDA tensors.
 Libraries: libnvrtc comes with torch's CUDA wheels (``site-packages/nvidia/*/lib``); it is
 loaded from there before the first compile (``FORGETCORE_NVRTC=/path/to/libnvrtc.so.N``
 overrides the search). The driver (``libcuda.so.1``) comes with the NVIDIA driver. Either one
-missing raises :class:`CudaUnavailableError` (a ``RuntimeError``) naming what is missing.
+missing raises :class:`CudaUnavailableError` (a ``RuntimeError``) naming what is missing; NVRTC
+rejecting a source raises :class:`CudaCompileError` (a ``RuntimeError``) whose ``log`` holds the
+compiler log. Both are created by the Rust extension, which raises them itself.
 
 Semantics are those of the Rust kernels and ``reference.py`` (importance: issue 3; kvscore:
 issue 5); see ``cuda/importance.cu`` and ``cuda/kvscore.cu`` for what is bit-identical.
@@ -31,6 +33,7 @@ from . import _checks, _core
 
 __all__ = [
     "CHUNK",
+    "CudaCompileError",
     "CudaUnavailableError",
     "accumulate_",
     "compile_check",
@@ -52,8 +55,8 @@ CHUNK = 16384
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-class CudaUnavailableError(RuntimeError):
-    """libnvrtc or the CUDA driver cannot be loaded, or there is no CUDA device."""
+CudaUnavailableError = _core.CudaUnavailableError
+CudaCompileError = _core.CudaCompileError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +105,8 @@ def load_nvrtc() -> str:
     explicit = os.environ.get("FORGETCORE_NVRTC")
     if explicit:
         if not Path(explicit).is_file():
-            raise CudaUnavailableError(f"FORGETCORE_NVRTC: expected the path of libnvrtc, got {explicit!r}, which does not exist")
+            raise CudaUnavailableError(f"FORGETCORE_NVRTC: expected the path of libnvrtc, got {explicit!r}, "
+                                       "which does not exist")
         paths = [Path(explicit)]
     else:
         paths = nvrtc_candidates()
@@ -124,15 +128,9 @@ def load_nvrtc() -> str:
 
 
 def _call(fn, *args):
-    """Call a Rust CUDA binding with libnvrtc loaded; library errors become CudaUnavailableError."""
+    """Call a Rust CUDA binding with libnvrtc loaded (the binding raises the typed errors)."""
     load_nvrtc()
-    try:
-        return fn(*args)
-    except RuntimeError as e:
-        msg = str(e)
-        if msg.startswith(("libnvrtc", "CUDA driver")):
-            raise CudaUnavailableError(msg) from None
-        raise
+    return fn(*args)
 
 
 def compile_check(arch: int, *, cubin: bool = False) -> list[tuple[str, int]]:
@@ -203,7 +201,8 @@ def _table(columns: list[list[int]], numels: list[int], device: torch.device,
 # ---------------------------------------------------------------------------------------------
 
 
-def accumulate_(acc: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], scale: float = 1.0, mode: str = "sq") -> None:
+def accumulate_(acc: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], scale: float = 1.0,
+                mode: str = "sq") -> None:
     """acc[t] += (g[t] * g[t]) * scale (``mode="sq"``) or |g[t]| * scale (``"abs"``), one launch.
 
     ``acc``: contiguous float32 CUDA tensors (updated in place); ``grads``: float32, float16 or
@@ -231,8 +230,8 @@ def accumulate_(acc: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], scal
         device,
         after=[[_DTYPE_CODE[g.dtype] for g in grads]],
     )
-    _call(_core.cuda_accumulate_, device.index, _stream(device), meta.data_ptr(), len(acc), CHUNK, blocks,
-          scale, mode == "abs")
+    _call(_core._cuda_accumulate_, device.index, _stream(device), meta.data_ptr(), [a.numel() for a in acc],
+          [g.numel() for g in grads], CHUNK, blocks, scale, mode)
     # meta (and the grads' contiguous copies) may be freed now: the caching allocator only
     # reuses their memory for work queued after this launch on the same stream.
 
@@ -268,7 +267,8 @@ def ssd_dampen_(params: Sequence[torch.Tensor], imp_full: Sequence[torch.Tensor]
         [p.numel() for p in params],
         device,
     )
-    _call(_core.cuda_ssd_dampen_, device.index, _stream(device), meta.data_ptr(), n, CHUNK, blocks,
+    numels = [[t.numel() for t in ts] for ts in (params, imp_full, imp_forget)]
+    _call(_core._cuda_ssd_dampen_, device.index, _stream(device), meta.data_ptr(), numels, CHUNK, blocks,
           alpha, lam, counts.data_ptr())
     return counts
 
@@ -277,7 +277,8 @@ def find_invalid_importance(imps: Sequence[torch.Tensor]) -> tuple[int, int, flo
     """(tensor index, flat index, value) of the first NaN, infinite or negative value, or None.
 
     One launch over every tensor, then one host sync to read the answer (needed to raise).
-    Same result as the Rust ``find_invalid_importance``.
+    The same position and value as the Rust ``find_invalid_importance`` (whose named result has
+    ``tensor``, ``index`` and ``value``).
     """
     imps = _tensor_list("imps", imps)
     if not imps:
@@ -288,7 +289,7 @@ def find_invalid_importance(imps: Sequence[torch.Tensor]) -> tuple[int, int, flo
     n = len(imps)
     first = torch.full((n,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
     meta, blocks = _table([[t.data_ptr() for t in imps]], [t.numel() for t in imps], device)
-    _call(_core.cuda_find_invalid, device.index, _stream(device), meta.data_ptr(), n, CHUNK, blocks, first.data_ptr())
+    _call(_core._cuda_find_invalid, device.index, _stream(device), meta.data_ptr(), n, CHUNK, blocks, first.data_ptr())
     host = first.tolist()  # the one sync
     for ti, i in enumerate(host):
         if i != torch.iinfo(torch.int64).max:
@@ -342,7 +343,7 @@ def kv_accumulate_(scores: torch.Tensor, attn: torch.Tensor, alpha: float, group
         raise ValueError(f"attn: expected shape ({b}, {kvh * group}, q, {t}), got {_checks.describe(attn)}")
     q = attn.shape[2]
     inv = torch.empty(b * kvh * group * q, dtype=torch.float32, device=device) if renorm else None
-    _call(_core.cuda_kv_accumulate_, device.index, _stream(device), scores.data_ptr(), attn.data_ptr(),
+    _call(_core._cuda_kv_accumulate_, device.index, _stream(device), scores.data_ptr(), attn.data_ptr(),
           str(attn.dtype).removeprefix("torch."), list(attn.stride()), valid_ptr,
           0 if inv is None else inv.data_ptr(), [b, kvh, group, q, t], alpha)
     return scores
@@ -367,7 +368,7 @@ def kv_select_keep(scores: torch.Tensor, budget: int, n_sink: int = 0, n_recent:
     if n_sink + n_recent > budget:
         raise ValueError(f"budget: expected at least n_sink + n_recent = {n_sink + n_recent}, got {budget}")
     out = torch.empty(*scores.shape[:2], budget, dtype=torch.int64, device=device)
-    _call(_core.cuda_kv_select_keep, device.index, _stream(device), scores.data_ptr(), pos_ptr, valid_ptr,
+    _call(_core._cuda_kv_select_keep, device.index, _stream(device), scores.data_ptr(), pos_ptr, valid_ptr,
           rows, t, budget, n_sink, n_recent, out.data_ptr())
     return out
 
@@ -382,6 +383,6 @@ def kv_evict_one(scores: torch.Tensor, n_sink: int = 0, n_recent: int = 0, posit
     n_sink = _checks.positive_int("n_sink", n_sink, allow_zero=True)
     n_recent = _checks.positive_int("n_recent", n_recent, allow_zero=True)
     out = torch.empty(*scores.shape[:2], dtype=torch.int64, device=device)
-    _call(_core.cuda_kv_evict_one, device.index, _stream(device), scores.data_ptr(), pos_ptr, valid_ptr,
+    _call(_core._cuda_kv_evict_one, device.index, _stream(device), scores.data_ptr(), pos_ptr, valid_ptr,
           rows, t, n_sink, n_recent, out.data_ptr())
     return out

@@ -93,19 +93,27 @@ def _check_params(arg: str, params: list[torch.Tensor]) -> None:
             raise ValueError(f"{arg}[{i}]: expected every tensor on {params[0].device}, got {_checks.describe(p)}")
 
 
-def _rust_ok(tensors: list[torch.Tensor]) -> bool:
-    return all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+def _unsupported(arg: str, tensors: list[torch.Tensor]) -> str | None:
+    """Why the kernels cannot write ``tensors`` in place (None when they can): they take
+    contiguous float32 tensors (anything else goes to the reference, and the dispatch says so)."""
+    for i, t in enumerate(tensors):
+        if t.dtype != torch.float32:
+            return f"{arg}[{i}] is {_checks.describe(t)}, not float32"
+        if not t.is_contiguous():
+            return f"{arg}[{i}] is not contiguous (strides {t.stride()})"
+    return None
 
 
 def _validate(arg: str, imps: list[torch.Tensor], names: list[str] | None, use_rust: bool,
               use_cuda: bool = False) -> None:
     """Raise ValueError at the first NaN, infinite or negative importance (one read pass)."""
+    bad: tuple[int, int, float] | None = None
     if use_cuda:
         bad = _cuda.find_invalid_importance([t.contiguous() for t in imps])
     elif use_rust:
-        bad = _core.find_invalid_importance([_checks.numpy_view(t.contiguous()) for t in imps])
+        found = _core.find_invalid_importance([_checks.numpy_view(t.contiguous()) for t in imps])
+        bad = None if found is None else (found.tensor, found.index, found.value)
     else:
-        bad = None
         for ti, t in enumerate(imps):
             flat = t.reshape(-1)
             mask = ~((flat >= 0) & (flat < float("inf")))
@@ -191,19 +199,22 @@ def accumulate_(acc: ImpLike | ParamsLike, grads: ImpLike, scale: float = 1.0, m
     if not pairs:
         return
     a_l, g_l = [a for a, _ in pairs], [g for _, g in pairs]
-    backend = _backend.choose(a_l[0].device, cuda_kernel=True)
-    if backend == _backend.CUDA and all(a.is_contiguous() for a in a_l):
+    backend = _backend.dispatch("importance.accumulate_", a_l[0].device, cuda_kernel=True,
+                                unsupported=_unsupported("acc", a_l))
+    if backend == _backend.CUDA:
         # float16/bfloat16 gradients are widened in the kernel (no float32 copy); others copied
         g_l = [g if g.dtype in (torch.float32, torch.float16, torch.bfloat16) else g.to(torch.float32) for g in g_l]
         _check_disjoint("acc", a_l, g_l)
         _cuda.accumulate_(a_l, g_l, scale, mode)
         _bump_version(a_l)
-    elif backend == _backend.RUST and _rust_ok(a_l):
+    elif backend == _backend.RUST:
         g_l = [g.to(torch.float32) for g in g_l]
         _check_disjoint("acc", a_l, g_l)
         _core.accumulate_([_checks.numpy_view(a) for a in a_l],
                           [_checks.numpy_view(g.contiguous()) for g in g_l], scale, mode)
+        _bump_version(a_l)
     else:
+        # torch's own in-place ops bump the version counters here.
         with torch.no_grad():
             reference.accumulate_(a_l, g_l, scale, mode)
 
@@ -236,9 +247,9 @@ def ssd_dampen_(params: ParamsLike, imp_full: ImpLike, imp_forget: ImpLike, alph
     if not plist:
         return torch.zeros(0, dtype=torch.int64)
     device = plist[0].device
-    backend = _backend.choose(device, cuda_kernel=True)
-    use_rust = backend == _backend.RUST and _rust_ok(plist)
-    use_cuda = backend == _backend.CUDA and _rust_ok(plist)
+    backend = _backend.dispatch("importance.ssd_dampen_", device, cuda_kernel=True,
+                                unsupported=_unsupported("params", plist))
+    use_rust, use_cuda = backend == _backend.RUST, backend == _backend.CUDA
     if use_rust or use_cuda:
         _check_disjoint("params", plist, full + forget)
     if not validated:
@@ -251,12 +262,12 @@ def ssd_dampen_(params: ParamsLike, imp_full: ImpLike, imp_forget: ImpLike, alph
             _bump_version(plist)
             return counts
         if use_rust:
-            counts = _core.ssd_dampen_([_checks.numpy_view(p) for p in plist],
-                                       [_checks.numpy_view(d.contiguous()) for d in full],
-                                       [_checks.numpy_view(f.contiguous()) for f in forget],
-                                       alpha, lam)
+            counts_np = _core.ssd_dampen_([_checks.numpy_view(p) for p in plist],
+                                          [_checks.numpy_view(d.contiguous()) for d in full],
+                                          [_checks.numpy_view(f.contiguous()) for f in forget],
+                                          alpha, lam)
             _bump_version(plist)
-            return torch.from_numpy(counts)
+            return torch.from_numpy(counts_np)
         return reference.ssd_dampen_(plist, full, forget, alpha, lam).to(device)
 
 

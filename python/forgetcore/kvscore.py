@@ -79,7 +79,10 @@ def accumulate_(scores: torch.Tensor, attn: torch.Tensor, alpha: float, group: i
                          f"got {_checks.describe(attn)}")
     if valid is not None:
         _checks.tensor("valid", valid, dtype=torch.bool, shape=(b, h, t), device=scores.device)
-    if _backend.choose(scores.device) == _backend.RUST and scores.is_contiguous():
+    backend = _backend.dispatch("kvscore.accumulate_", scores.device, cuda_kernel=True,
+                                unsupported=None if scores.is_contiguous()
+                                else f"scores is not contiguous (strides {scores.stride()})")
+    if backend == _backend.RUST:
         a = attn.contiguous()
         name = str(a.dtype).removeprefix("torch.")
         arr = a.numpy() if a.dtype == torch.float32 else a.view(torch.int16).numpy()
@@ -89,7 +92,7 @@ def accumulate_(scores: torch.Tensor, attn: torch.Tensor, alpha: float, group: i
     _checks.finite("attn", attn)
     if scores.numel() and bool(torch.isnan(scores).any()):
         raise ValueError("scores: expected no NaN (+inf marks evicted slots), got NaN")
-    if _backend.choose(scores.device, cuda_kernel=True) == _backend.CUDA and scores.is_contiguous():
+    if backend == _backend.CUDA:
         return _cuda.kv_accumulate_(scores, attn, alpha, group, renorm=bool(renorm),
                                     valid=None if valid is None else valid.contiguous())
     return reference.kv_accumulate_(scores, attn, alpha, group, renorm=renorm, valid=valid)
@@ -112,10 +115,11 @@ def select_keep(scores: torch.Tensor, budget: int, n_sink: int = 0, n_recent: in
     b, h, t = scores.shape
     if budget >= t:
         return torch.arange(t, device=scores.device).expand(b, h, t).clone()
-    if _backend.choose(scores.device, cuda_kernel=True) == _backend.CUDA:
+    backend = _backend.dispatch("kvscore.select_keep", scores.device, cuda_kernel=True)
+    if backend == _backend.CUDA:
         return _cuda.kv_select_keep(scores.contiguous(), budget, n_sink, n_recent,
                                     *(None if x is None else x.contiguous() for x in given))
-    if _backend.choose(scores.device) == _backend.RUST:
+    if backend == _backend.RUST:
         out = _core.kv_select_keep(_checks.numpy_view(scores.contiguous()), _checks.numpy_view(positions.contiguous()),
                                    _checks.numpy_view(valid.contiguous()), budget, n_sink, n_recent)
         return torch.from_numpy(np.asarray(out))
@@ -130,10 +134,11 @@ def evict_one(scores: torch.Tensor, n_sink: int = 0, n_recent: int = 0,
     n_sink, n_recent = _counts(n_sink, n_recent)
     given = positions, valid
     positions, valid = _slots(scores, positions, valid)
-    if _backend.choose(scores.device, cuda_kernel=True) == _backend.CUDA:
+    backend = _backend.dispatch("kvscore.evict_one", scores.device, cuda_kernel=True)
+    if backend == _backend.CUDA:
         return _cuda.kv_evict_one(scores.contiguous(), n_sink, n_recent,
                                   *(None if x is None else x.contiguous() for x in given))
-    if _backend.choose(scores.device) == _backend.RUST:
+    if backend == _backend.RUST:
         out = _core.kv_evict_one(_checks.numpy_view(scores.contiguous()), _checks.numpy_view(positions.contiguous()),
                                  _checks.numpy_view(valid.contiguous()), n_sink, n_recent)
         return torch.from_numpy(np.asarray(out))

@@ -5,8 +5,23 @@ and the fallback that runs on devices without a kernel (see ``_backend.py``). It
 for clarity and for speed within torch (vectorised, no per-element Python), never the slow
 way the public code does it: those baselines live in ``benches/``.
 
-Sections follow the five families of DESIGN.md; each function has the same signature and
-semantics as the public primitive of the same name.
+Sections follow the five families of DESIGN.md. What each function promises: the semantics
+of the public primitive of the same name (``forgetcore.<family>.<name>``), on arguments that
+the public layer has already checked (one place for each check: the reference repeats none,
+keeping only what a step needs to be defined, such as ``sample_indices``'s ``n <= size``).
+Names and signatures follow the public ones, with these documented differences:
+
+- the kvscore functions carry a ``kv_`` prefix (``kv_accumulate_`` is
+  ``kvscore.accumulate_``), because one module holds every family;
+- options that only choose a kernel path are absent (``method=`` of the spectral functions,
+  ``check=`` of the projections, ``validated=`` of ``ssd_dampen_``): the reference has one path;
+- lists are plain lists of tensors (the public layer resolves modules and name -> tensor dicts);
+- ``spectral_norm`` returns ``(values, iterations, converged)``, of which the public function
+  returns the values and logs the rest; ``subspace_count`` and ``kappa_from_singular_values``
+  are shared pieces with no public twin;
+- the replay section works on the same xoshiro256++ draws as the Rust buffers (``Xoshiro256pp``,
+  ``reservoir_draws``, ``CbrsReference``): the buffers' public API is stateful
+  (``ReservoirBuffer``), the reference gives its steps.
 """
 
 from __future__ import annotations
@@ -446,8 +461,9 @@ def kappa_from_singular_values(s: torch.Tensor, shape: tuple[int, int], resoluti
 def kappa(matrices: list[torch.Tensor]) -> torch.Tensor:
     """Condition number of every matrix, float64 on the CPU (inf when singular, see above)."""
     svs = singular_values(matrices)
-    return torch.tensor([kappa_from_singular_values(s, tuple(_as_matrix(w).shape))
-                         for s, w in zip(svs, matrices)], dtype=torch.float64)
+    shapes = [_as_matrix(w).shape for w in matrices]
+    return torch.tensor([kappa_from_singular_values(s, (m, n)) for s, (m, n) in zip(svs, shapes)],
+                        dtype=torch.float64)
 
 
 def spectral_norm(matrices: list[torch.Tensor], tol: float = 1e-6, max_iter: int = 100,

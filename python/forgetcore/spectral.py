@@ -21,7 +21,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ METHODS = ("auto", "gram", "svd")
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 # A name filter: exact names, a regular expression (re.search), or a predicate.
-Include = Union[None, str, Iterable[str], Callable[[str], bool]]
+Include = None | str | Iterable[str] | Callable[[str], bool]
 
 
 def _matrix(name: str, w: Any) -> torch.Tensor:
@@ -53,8 +53,20 @@ def _to_kernel(w: torch.Tensor) -> np.ndarray:
     return _checks.numpy_view(w.to(torch.float32).contiguous())
 
 
-def _use_rust(mats: Sequence[torch.Tensor]) -> bool:
-    return all(_backend.choose(w.device) == _backend.RUST and w.dtype != torch.float64 for w in mats)
+def _use_rust(op: str, mats: Sequence[torch.Tensor]) -> bool:
+    """The dispatch of every spectral primitive: Rust for CPU matrices it computes in float32 or
+    wider-from-half; float64 matrices keep their precision in the reference (logged)."""
+    if not mats:
+        return True
+    devices = {w.device for w in mats}
+    unsupported = None
+    if len(devices) > 1:
+        unsupported = f"matrices on several devices ({', '.join(sorted(map(str, devices)))})"
+    else:
+        wide = [i for i, w in enumerate(mats) if w.dtype == torch.float64]
+        if wide:
+            unsupported = f"matrices[{wide[0]}] is float64 (the kernel computes in float32)"
+    return _backend.dispatch(f"spectral.{op}", mats[0].device, unsupported=unsupported) == _backend.RUST
 
 
 def singular_values(matrices: Sequence[torch.Tensor], *, method: str = "auto") -> list[torch.Tensor]:
@@ -66,7 +78,7 @@ def singular_values(matrices: Sequence[torch.Tensor], *, method: str = "auto") -
     kernel honours it, the other paths always take the float64 SVD.
     """
     mats = _check_all(matrices, method)
-    if _use_rust(mats):
+    if _use_rust("singular_values", mats):
         out = _core.spectral_singular_values([_to_kernel(w) for w in mats], method)
         return [torch.from_numpy(s) for s in out]
     return reference.singular_values(mats)
@@ -78,7 +90,7 @@ def kappa(matrices: Sequence[torch.Tensor], *, method: str = "auto") -> torch.Te
     for i, w in enumerate(mats):
         if w.numel() == 0:
             raise ValueError(f"matrices[{i}]: expected a non-empty matrix, got {_checks.describe(w)}")
-    if _use_rust(mats):
+    if _use_rust("kappa", mats):
         return torch.from_numpy(_core.spectral_condition_numbers([_to_kernel(w) for w in mats], method))
     return reference.kappa(mats)
 
@@ -100,9 +112,9 @@ def spectral_norm(matrices: Sequence[torch.Tensor], *, tol: float = 1e-6, max_it
     for i, w in enumerate(mats):
         if w.numel() == 0:
             raise ValueError(f"matrices[{i}]: expected a non-empty matrix, got {_checks.describe(w)}")
-    if _use_rust(mats):
-        vals, iters, conv = _core.spectral_norm_estimates([_to_kernel(w) for w in mats], tol, max_iter, seed)
-        vals, conv = torch.from_numpy(vals), torch.from_numpy(conv)
+    if _use_rust("spectral_norm", mats):
+        v, _, c = _core.spectral_norm_estimates([_to_kernel(w) for w in mats], tol, max_iter, seed)
+        vals, conv = torch.from_numpy(v), torch.from_numpy(c)
     else:
         vals, _, conv = reference.spectral_norm(mats, tol, max_iter, seed)
     if not bool(conv.all()):

@@ -87,7 +87,7 @@ def project_out_(grads: Sequence[torch.Tensor], bases: Sequence[torch.Tensor], *
                              f"columns), got {_checks.describe(u)}")
         if u.shape[1] > u.shape[0]:
             raise ValueError(f"bases[{i}]: rank {u.shape[1]} exceeds the dimension {u.shape[0]}")
-    if _backend.choose(device) == _backend.RUST:
+    if _backend.dispatch("subspace.project_out_", device) == _backend.RUST:
         work = [g if g.is_contiguous() else g.contiguous() for g in grads]
         _core.project_out_([_checks.numpy_view(g) for g in work],
                            [_checks.numpy_view(u.contiguous()) for u in bases], check)
@@ -112,7 +112,8 @@ def project_out_flat_(g: torch.Tensor, vectors: torch.Tensor, *, check: bool = T
         raise ValueError(f"vectors: expected shape (*, {g.shape[0]}), got {_checks.describe(vectors)}")
     if g.numel() and vectors.shape[0] > g.shape[0]:
         raise ValueError(f"vectors: rank {vectors.shape[0]} exceeds the dimension {g.shape[0]}")
-    if _backend.choose(g.device) == _backend.RUST and g.is_contiguous():
+    unsupported = None if g.is_contiguous() else f"g is not contiguous (stride {g.stride()})"
+    if _backend.dispatch("subspace.project_out_flat_", g.device, unsupported=unsupported) == _backend.RUST:
         _core.project_out_flat_(_checks.numpy_view(g), _checks.numpy_view(vectors.contiguous()), check)
         return
     _checks.finite("g", g)
@@ -132,7 +133,7 @@ def orthonormalize(vectors: torch.Tensor, tol: float | None = None) -> tuple[tor
     _f32("vectors", vectors, 2)
     tol = max(1e-8, 8 * torch.finfo(torch.float32).eps) if tol is None else _checks.real("tol", tol, low=0.0)
     _checks.finite("vectors", vectors)
-    if _backend.choose(vectors.device) == _backend.RUST:
+    if _backend.dispatch("subspace.orthonormalize", vectors.device) == _backend.RUST:
         out, kept = _core.orthonormalize(_checks.numpy_view(vectors.contiguous()), tol)
         return torch.from_numpy(out), list(kept)
     return reference.orthonormalize(vectors, tol)
@@ -184,7 +185,7 @@ def extend_bases(
             raise ValueError(f"reps[{i}]: expected {u.shape[0]} rows (the basis dimension), got {_checks.describe(a)}")
         check_orthonormal(f"bases[{i}]", u)
         _checks.finite(f"reps[{i}]", a)
-    if _backend.choose(device) == _backend.RUST:
+    if _backend.dispatch("subspace.extend_bases", device) == _backend.RUST:
         out = _core.extend_bases([_checks.numpy_view(u.contiguous()) for u in bases],
                                  [_checks.numpy_view(a.contiguous()) for a in reps], th, criterion, count, rs)
         return [torch.from_numpy(o) for o in out]
@@ -279,7 +280,8 @@ class Subspace:
         for name in names:
             a = _f32(f"reps[{name!r}]", reps[name], 2)
             if name in self._bases and self._bases[name].shape[0] != a.shape[0]:
-                raise ValueError(f"reps[{name!r}]: expected {self._bases[name].shape[0]} rows, got {_checks.describe(a)}")
+                raise ValueError(f"reps[{name!r}]: expected {self._bases[name].shape[0]} rows, "
+                                 f"got {_checks.describe(a)}")
         old = [self._bases.get(n, torch.zeros((reps[n].shape[0], 0), device=self.device)) for n in names]
         th = [float(threshold[n]) if isinstance(threshold, Mapping) else threshold for n in names]
         rs = None if ratios is None else [ratios.get(n) for n in names]
@@ -310,8 +312,9 @@ class Subspace:
         self._bases = {k: u.detach().to(self.device).contiguous().clone() for k, u in bases.items()}
 
 
-def _layers(model: nn.Module, names: Iterable[str] | None) -> dict[str, nn.Module]:
-    found = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+def _layers(model: nn.Module, names: Iterable[str] | None) -> dict[str, nn.Linear | nn.Conv2d]:
+    found: dict[str, nn.Linear | nn.Conv2d] = {n: m for n, m in model.named_modules()
+                                               if isinstance(m, (nn.Linear, nn.Conv2d))}
     if names is not None:
         names = list(names)
         missing = [n for n in names if n not in found]
@@ -383,7 +386,7 @@ class GradientProjector:
         project_out_(views, [self.subspace[n].to(views[0].device) for n in names], check=False)
         for n, v in zip(names, views):
             w = self.layers[n].weight.grad
-            if v.data_ptr() != w.data_ptr():
+            if w is not None and v.data_ptr() != w.data_ptr():
                 w.copy_(v.view_as(w))
 
     def project_tensors_(self, tensors: Mapping[str, torch.Tensor]) -> None:

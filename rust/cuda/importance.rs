@@ -1,10 +1,13 @@
 //! Launchers of `cuda/importance.cu`: one launch for a whole list of tensors.
 //!
 //! The caller (`forgetcore._cuda`) builds the multi-tensor table `meta` as a CUDA int64 tensor
-//! (layout in the .cu file) and passes its device pointer with the total number of blocks.
+//! (layout in the .cu file) and passes its device pointer with the total number of blocks, and
+//! the element counts of every list on the host, which go through the same argument contract
+//! as the CPU kernels (`importance::contract`) before anything is launched.
 
 use super::{arg, launch, Result};
 use crate::error::ensure;
+use crate::importance::{contract, Mode};
 
 /// Threads per block; must equal `THREADS` in the .cu file.
 pub const THREADS: u32 = 256;
@@ -22,28 +25,29 @@ fn check_table(n: i64, chunk: i64, blocks: i64) -> Result<()> {
     Ok(())
 }
 
-/// `acc += (g * g) * scale` (`abs == false`) or `|g| * scale` for every tensor of the table.
+/// `acc += (g * g) * scale` (`Mode::Sq`) or `|g| * scale` for every tensor of the table.
 ///
 /// # Safety
 /// `meta` must point to the table `[acc[n], grad[n], numel[n], dtype[n], block_start[n + 1]]`
-/// on `device`, with `block_start[n] == blocks` and every pointer valid for its `numel`.
+/// on `device`, with `numel == acc` (the counts given here), `block_start[n] == blocks` and
+/// every pointer valid for its `numel`.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn accumulate(
     device: i32,
     stream: u64,
     meta: u64,
-    n: i64,
+    acc: &[usize],
+    grads: &[usize],
     chunk: i64,
     blocks: i64,
     scale: f32,
-    abs: bool,
+    mode: Mode,
 ) -> Result<()> {
+    contract::accumulate(acc, grads, scale)?;
+    let n = acc.len() as i64;
     check_table(n, chunk, blocks)?;
-    crate::error::ensure(scale.is_finite(), "scale", || {
-        format!("expected a finite number, got {scale}")
-    })?;
     let (mut meta, mut n, mut chunk, mut scale, mut mode) =
-        (meta, n as i32, chunk, scale, abs as i32);
+        (meta, n as i32, chunk, scale, (mode == Mode::Abs) as i32);
     let mut params = [
         arg(&mut meta),
         arg(&mut n),
@@ -66,26 +70,25 @@ pub unsafe fn accumulate(
 ///
 /// # Safety
 /// `meta` must point to `[theta[n], imp_full[n], imp_forget[n], numel[n], block_start[n + 1]]`
-/// on `device`, with `block_start[n] == blocks`; `counts` to `n` zeroed int64 on `device`.
+/// on `device`, with `numel == params` (the counts given here), `block_start[n] == blocks`;
+/// `counts` to `n` zeroed int64 on `device`.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn ssd_dampen(
     device: i32,
     stream: u64,
     meta: u64,
-    n: i64,
+    params: &[usize],
+    imp_full: &[usize],
+    imp_forget: &[usize],
     chunk: i64,
     blocks: i64,
     alpha: f32,
     lam: f32,
     counts: u64,
 ) -> Result<()> {
+    contract::ssd_dampen(params, imp_full, imp_forget, alpha, lam)?;
+    let n = params.len() as i64;
     check_table(n, chunk, blocks)?;
-    ensure(alpha.is_finite() && alpha >= 0.0, "alpha", || {
-        format!("expected a finite number >= 0, got {alpha}")
-    })?;
-    ensure(lam.is_finite() && lam >= 0.0, "lam", || {
-        format!("expected a finite number >= 0, got {lam}")
-    })?;
     let (mut meta, mut n, mut chunk, mut alpha, mut lam, mut counts) =
         (meta, n as i32, chunk, alpha, lam, counts);
     let mut params = [

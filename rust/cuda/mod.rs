@@ -359,7 +359,9 @@ struct Device {
 unsafe impl Send for Device {}
 
 static DEVICES: Mutex<Option<HashMap<i32, Device>>> = Mutex::new(None);
-static CUBINS: Mutex<Option<HashMap<(&'static str, u32), Vec<u8>>>> = Mutex::new(None);
+/// Compiled cubins by (source name, arch).
+type CubinCache = HashMap<(&'static str, u32), Vec<u8>>;
+static CUBINS: Mutex<Option<CubinCache>> = Mutex::new(None);
 
 /// Pushes a context on creation and pops it when dropped.
 struct Current;
@@ -491,9 +493,8 @@ pub unsafe fn launch(
     guarded("CUDA driver", || {
         let mut devices = DEVICES.lock().unwrap_or_else(|e| e.into_inner());
         let devices = devices.get_or_insert_with(HashMap::new);
-        if !devices.contains_key(&ordinal) {
-            let d = open_device(ordinal)?;
-            devices.insert(ordinal, d);
+        if let std::collections::hash_map::Entry::Vacant(e) = devices.entry(ordinal) {
+            e.insert(open_device(ordinal)?);
         }
         let dev = devices.get_mut(&ordinal).expect("inserted above");
         let _current = Current::push(dev.ctx)?;
@@ -556,9 +557,8 @@ pub fn device_info(ordinal: i32) -> Result<(u32, i32)> {
     guarded("CUDA driver", || {
         let mut devices = DEVICES.lock().unwrap_or_else(|e| e.into_inner());
         let devices = devices.get_or_insert_with(HashMap::new);
-        if !devices.contains_key(&ordinal) {
-            let d = open_device(ordinal)?;
-            devices.insert(ordinal, d);
+        if let std::collections::hash_map::Entry::Vacant(e) = devices.entry(ordinal) {
+            e.insert(open_device(ordinal)?);
         }
         let mut version = 0;
         // SAFETY: out-pointer to a live integer.

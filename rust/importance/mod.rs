@@ -6,6 +6,8 @@
 //!   `imp_forget > alpha * imp_full`, `theta *= min(lam * imp_full / imp_forget, 1)`.
 //! * [`validate`]: one read pass that finds the first NaN, infinite or negative importance.
 //!
+//! [`contract`] holds the argument checks of each entry point, shared with the CUDA launchers.
+//!
 //! All three split every tensor into chunks of [`CHUNK`] elements and hand the chunks of the
 //! whole list to rayon at once, so one big tensor and many small ones balance alike over the
 //! threads. Arithmetic is plain IEEE float32 in the same order as `reference.py` (no fused
@@ -13,8 +15,9 @@
 
 use rayon::prelude::*;
 
-use crate::error::ensure;
 use crate::Result;
+
+pub mod contract;
 
 /// Elements per work item: large enough to amortise scheduling, small enough to balance.
 pub const CHUNK: usize = 1 << 15;
@@ -26,31 +29,16 @@ pub enum Mode {
     Abs,
 }
 
-fn check_lengths(arg: &str, want: &[usize], got: &[usize]) -> Result<()> {
-    ensure(want.len() == got.len(), arg, || {
-        format!("expected {} tensors, got {}", want.len(), got.len())
-    })?;
-    for (i, (w, g)) in want.iter().zip(got).enumerate() {
-        ensure(w == g, arg, || {
-            format!("tensor {i}: expected {w} elements, got {g}")
-        })?;
-    }
-    Ok(())
-}
-
 /// `acc[t][i] += (g[t][i] * g[t][i]) * scale` (`Mode::Sq`) or `|g[t][i]| * scale` (`Mode::Abs`).
 ///
 /// The order `(g * g) * scale` matches the reference `acc += (g * g) * scale`.
 pub fn accumulate(acc: &mut [&mut [f32]], grads: &[&[f32]], scale: f32, mode: Mode) -> Result<()> {
     let lens: Vec<usize> = acc.iter().map(|a| a.len()).collect();
-    check_lengths(
-        "grads",
+    contract::accumulate(
         &lens,
         &grads.iter().map(|g| g.len()).collect::<Vec<_>>(),
+        scale,
     )?;
-    ensure(scale.is_finite(), "scale", || {
-        format!("expected a finite number, got {scale}")
-    })?;
     let mut work: Vec<(&mut [f32], &[f32])> = Vec::new();
     for (a, g) in acc.iter_mut().zip(grads) {
         for (ac, gc) in a.chunks_mut(CHUNK).zip(g.chunks(CHUNK)) {
@@ -86,7 +74,7 @@ pub fn validate(imps: &[&[f32]]) -> Option<(usize, usize, f32)> {
             if !any_invalid(s) {
                 return None;
             }
-            let i = s.iter().position(|&x| !(x >= 0.0 && x < f32::INFINITY))?;
+            let i = s.iter().position(|&x| !(0.0..f32::INFINITY).contains(&x))?;
             Some((t, off + i, s[i]))
         })
         .min_by_key(|&(t, i, _)| (t, i))
@@ -201,23 +189,11 @@ pub fn ssd_dampen(
     lam: f32,
 ) -> Result<Vec<i64>> {
     let lens: Vec<usize> = params.iter().map(|p| p.len()).collect();
-    check_lengths(
-        "imp_full",
-        &lens,
-        &imp_full.iter().map(|x| x.len()).collect::<Vec<_>>(),
-    )?;
-    check_lengths(
-        "imp_forget",
-        &lens,
-        &imp_forget.iter().map(|x| x.len()).collect::<Vec<_>>(),
-    )?;
-    ensure(alpha.is_finite() && alpha >= 0.0, "alpha", || {
-        format!("expected a finite number >= 0, got {alpha}")
-    })?;
-    ensure(lam.is_finite() && lam >= 0.0, "lam", || {
-        format!("expected a finite number >= 0, got {lam}")
-    })?;
-    let mut work: Vec<(usize, &mut [f32], &[f32], &[f32])> = Vec::new();
+    let lens_of = |xs: &[&[f32]]| xs.iter().map(|x| x.len()).collect::<Vec<_>>();
+    contract::ssd_dampen(&lens, &lens_of(imp_full), &lens_of(imp_forget), alpha, lam)?;
+    // (tensor index, parameter chunk, imp_full chunk, imp_forget chunk)
+    type Work<'a> = (usize, &'a mut [f32], &'a [f32], &'a [f32]);
+    let mut work: Vec<Work> = Vec::new();
     for (t, ((p, d), f)) in params.iter_mut().zip(imp_full).zip(imp_forget).enumerate() {
         for ((pc, dc), fc) in p
             .chunks_mut(CHUNK)

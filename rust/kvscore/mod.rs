@@ -141,6 +141,7 @@ pub fn accumulate(
     }
     // Check the attention for NaN/inf before touching the scores (a failed call changes nothing).
     // x - x is 0 for finite x and NaN otherwise: a branch-free, vectorisable check
+    #[allow(clippy::eq_op)]
     let chunk_bad = |c: &[f32]| c.iter().map(|&x| x - x).sum::<f32>() != 0.0;
     let bad = match attn {
         Attn::F32(a) if a.len() < PAR_MIN => a.chunks(4096).any(chunk_bad),
@@ -174,6 +175,7 @@ pub fn accumulate(
                     .filter(|x| x.is_finite())
                     .for_each(|x| *x = 0.0);
             }
+            #[allow(clippy::needless_range_loop)] // g also indexes attn's rows
             for g in 0..group {
                 let base = ((row * group + g) * q + i) * t;
                 let w = inv[g];

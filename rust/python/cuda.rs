@@ -1,8 +1,13 @@
 //! Bindings of the CUDA path (`rust/cuda/`).
 //!
-//! The launchers take raw device pointers and torch's stream handle as integers: only
-//! `forgetcore._cuda` calls them, after checking every tensor (device, dtype, layout, shape).
-//! A missing library or driver and any failing CUDA call raise `RuntimeError`; bad arguments
+//! The launchers take raw device pointers and torch's stream handle as integers, so they are
+//! private (underscore names, outside `__all__`): only `forgetcore._cuda` calls them, after
+//! checking every tensor (device, dtype, layout, shape).
+//!
+//! Errors are typed here, once: a missing libnvrtc, driver or device raises
+//! `CudaUnavailableError`; NVRTC rejecting a source raises `CudaCompileError`, whose `log`
+//! attribute holds the compiler log (both subclasses of `RuntimeError`, re-exported by
+//! `forgetcore._cuda`); any other failing CUDA call raises `RuntimeError`; bad arguments
 //! `ValueError`/`TypeError`, as everywhere else.
 
 use pyo3::exceptions::PyRuntimeError;
@@ -10,11 +15,33 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use crate::cuda::{self, kvscore, CudaError, Output};
+use crate::importance::Mode;
+
+pyo3::create_exception!(
+    forgetcore._core,
+    CudaUnavailableError,
+    PyRuntimeError,
+    "libnvrtc or the CUDA driver cannot be loaded, or there is no CUDA device."
+);
+pyo3::create_exception!(
+    forgetcore._core,
+    CudaCompileError,
+    PyRuntimeError,
+    "NVRTC could not compile a kernel source; `log` holds the compiler log."
+);
 
 impl From<CudaError> for PyErr {
     fn from(e: CudaError) -> PyErr {
         match e {
             CudaError::Arg(e) => e.into(),
+            CudaError::Unavailable(m) => CudaUnavailableError::new_err(m),
+            CudaError::Compile { ref log, .. } => {
+                let err = CudaCompileError::new_err(e.to_string());
+                Python::attach(|py| match err.value(py).setattr("log", log.as_str()) {
+                    Ok(()) => err,
+                    Err(set) => set,
+                })
+            }
             other => PyRuntimeError::new_err(other.to_string()),
         }
     }
@@ -56,48 +83,65 @@ fn cuda_device_info(py: Python<'_>, device: i32) -> PyResult<(u32, i32)> {
 }
 
 /// Fused accumulate over the multi-tensor table ``meta`` (see cuda/importance.cu).
-#[pyfunction]
+#[pyfunction(name = "_cuda_accumulate_")]
 #[allow(clippy::too_many_arguments)]
 fn cuda_accumulate_(
     py: Python<'_>,
     device: i32,
     stream: u64,
     meta: u64,
-    n: i64,
+    acc: Vec<usize>,
+    grads: Vec<usize>,
     chunk: i64,
     blocks: i64,
     scale: f32,
-    abs: bool,
+    mode: &str,
 ) -> PyResult<()> {
+    let mode: Mode = mode.parse()?;
     // SAFETY: forgetcore._cuda builds `meta` from live CUDA tensors of `device`.
     Ok(py.detach(|| unsafe {
-        cuda::importance::accumulate(device, stream, meta, n, chunk, blocks, scale, abs)
+        cuda::importance::accumulate(
+            device, stream, meta, &acc, &grads, chunk, blocks, scale, mode,
+        )
     })?)
 }
 
 /// Fused SSD dampening over the multi-tensor table ``meta``; counts land in ``counts``.
-#[pyfunction]
+#[pyfunction(name = "_cuda_ssd_dampen_")]
 #[allow(clippy::too_many_arguments)]
 fn cuda_ssd_dampen_(
     py: Python<'_>,
     device: i32,
     stream: u64,
     meta: u64,
-    n: i64,
+    numels: [Vec<usize>; 3],
     chunk: i64,
     blocks: i64,
     alpha: f32,
     lam: f32,
     counts: u64,
 ) -> PyResult<()> {
+    let [params, imp_full, imp_forget] = numels;
     // SAFETY: forgetcore._cuda builds `meta` and `counts` from live CUDA tensors of `device`.
     Ok(py.detach(|| unsafe {
-        cuda::importance::ssd_dampen(device, stream, meta, n, chunk, blocks, alpha, lam, counts)
+        cuda::importance::ssd_dampen(
+            device,
+            stream,
+            meta,
+            &params,
+            &imp_full,
+            &imp_forget,
+            chunk,
+            blocks,
+            alpha,
+            lam,
+            counts,
+        )
     })?)
 }
 
 /// First invalid (NaN, infinite, negative) flat index per tensor of ``meta`` into ``first``.
-#[pyfunction]
+#[pyfunction(name = "_cuda_find_invalid")]
 #[allow(clippy::too_many_arguments)]
 fn cuda_find_invalid(
     py: Python<'_>,
@@ -116,7 +160,7 @@ fn cuda_find_invalid(
 }
 
 /// Score accumulation; ``inv`` (0 for none) is the renormalisation buffer.
-#[pyfunction]
+#[pyfunction(name = "_cuda_kv_accumulate_")]
 #[allow(clippy::too_many_arguments)]
 fn cuda_kv_accumulate_(
     py: Python<'_>,
@@ -151,7 +195,7 @@ fn cuda_kv_accumulate_(
 }
 
 /// Keep selection into ``out`` (rows, budget) int64.
-#[pyfunction]
+#[pyfunction(name = "_cuda_kv_select_keep")]
 #[allow(clippy::too_many_arguments)]
 fn cuda_kv_select_keep(
     py: Python<'_>,
@@ -176,7 +220,7 @@ fn cuda_kv_select_keep(
 }
 
 /// One slot to evict per row (or -1) into ``out`` (rows,) int64.
-#[pyfunction]
+#[pyfunction(name = "_cuda_kv_evict_one")]
 #[allow(clippy::too_many_arguments)]
 fn cuda_kv_evict_one(
     py: Python<'_>,
@@ -199,16 +243,28 @@ fn cuda_kv_evict_one(
     })?)
 }
 
+/// Attach a function under its (underscore) name without listing it in `__all__`.
+fn private<'py>(m: &Bound<'py, PyModule>, f: Bound<'py, pyo3::types::PyCFunction>) -> PyResult<()> {
+    let name: String = f.getattr("__name__")?.extract()?;
+    m.setattr(name, f)
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add(
+        "CudaUnavailableError",
+        py.get_type::<CudaUnavailableError>(),
+    )?;
+    m.add("CudaCompileError", py.get_type::<CudaCompileError>())?;
     m.add_function(wrap_pyfunction!(cuda_nvrtc_version, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_compile, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_compile_check, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_device_info, m)?)?;
-    m.add_function(wrap_pyfunction!(cuda_accumulate_, m)?)?;
-    m.add_function(wrap_pyfunction!(cuda_ssd_dampen_, m)?)?;
-    m.add_function(wrap_pyfunction!(cuda_find_invalid, m)?)?;
-    m.add_function(wrap_pyfunction!(cuda_kv_accumulate_, m)?)?;
-    m.add_function(wrap_pyfunction!(cuda_kv_select_keep, m)?)?;
-    m.add_function(wrap_pyfunction!(cuda_kv_evict_one, m)?)?;
+    private(m, wrap_pyfunction!(cuda_accumulate_, m)?)?;
+    private(m, wrap_pyfunction!(cuda_ssd_dampen_, m)?)?;
+    private(m, wrap_pyfunction!(cuda_find_invalid, m)?)?;
+    private(m, wrap_pyfunction!(cuda_kv_accumulate_, m)?)?;
+    private(m, wrap_pyfunction!(cuda_kv_select_keep, m)?)?;
+    private(m, wrap_pyfunction!(cuda_kv_evict_one, m)?)?;
     Ok(())
 }

@@ -1,10 +1,10 @@
 //! Bindings of the importance family: lists of numpy arrays in (zero-copy views of torch
 //! tensors), the GIL released around the kernels, `crate::Error` mapped to Python exceptions.
 
-use numpy::{PyArray1, PyReadonlyArrayDyn, PyReadwriteArrayDyn};
+use numpy::{PyArray1, PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn};
 use pyo3::prelude::*;
 
-use super::{as_slice, as_slice_mut};
+use super::{as_slice, as_slice_mut, borrow_ro, borrow_rw, detached};
 use crate::importance::{self, Mode};
 use crate::Error;
 
@@ -22,25 +22,19 @@ fn slices_mut<'a>(
 /// acc[t] += scale * g[t]**2 (mode "sq") or scale * |g[t]| (mode "abs") for every tensor t.
 #[pyfunction]
 #[pyo3(signature = (acc, grads, scale, mode))]
-fn accumulate_(
-    py: Python<'_>,
-    mut acc: Vec<PyReadwriteArrayDyn<'_, f32>>,
-    grads: Vec<PyReadonlyArrayDyn<'_, f32>>,
+fn accumulate_<'py>(
+    py: Python<'py>,
+    acc: Vec<Bound<'py, PyArrayDyn<f32>>>,
+    grads: Vec<Bound<'py, PyArrayDyn<f32>>>,
     scale: f32,
     mode: &str,
 ) -> PyResult<()> {
-    let mode = match mode {
-        "sq" => Mode::Sq,
-        "abs" => Mode::Abs,
-        other => {
-            return Err(
-                Error::value("mode", format!("expected 'sq' or 'abs', got {other:?}")).into(),
-            )
-        }
-    };
+    let mode: Mode = mode.parse()?;
+    let mut acc = borrow_rw(&acc, "acc")?;
+    let grads = borrow_ro(&grads, "grads")?;
     let mut a = slices_mut(&mut acc, "acc")?;
     let g = slices(&grads, "grads")?;
-    py.detach(|| importance::accumulate(&mut a, &g, scale, mode))?;
+    detached(py, || importance::accumulate(&mut a, &g, scale, mode))?;
     Ok(())
 }
 
@@ -49,27 +43,54 @@ fn accumulate_(
 #[pyo3(signature = (params, imp_full, imp_forget, alpha, lam))]
 fn ssd_dampen_<'py>(
     py: Python<'py>,
-    mut params: Vec<PyReadwriteArrayDyn<'py, f32>>,
-    imp_full: Vec<PyReadonlyArrayDyn<'py, f32>>,
-    imp_forget: Vec<PyReadonlyArrayDyn<'py, f32>>,
+    params: Vec<Bound<'py, PyArrayDyn<f32>>>,
+    imp_full: Vec<Bound<'py, PyArrayDyn<f32>>>,
+    imp_forget: Vec<Bound<'py, PyArrayDyn<f32>>>,
     alpha: f32,
     lam: f32,
 ) -> PyResult<Bound<'py, PyArray1<i64>>> {
+    let mut params = borrow_rw(&params, "params")?;
+    let imp_full = borrow_ro(&imp_full, "imp_full")?;
+    let imp_forget = borrow_ro(&imp_forget, "imp_forget")?;
     let mut p = slices_mut(&mut params, "params")?;
     let d = slices(&imp_full, "imp_full")?;
     let f = slices(&imp_forget, "imp_forget")?;
-    let counts = py.detach(|| importance::ssd_dampen(&mut p, &d, &f, alpha, lam))?;
+    let counts = detached(py, || importance::ssd_dampen(&mut p, &d, &f, alpha, lam))?;
     Ok(PyArray1::from_vec(py, counts))
 }
 
-/// (tensor index, element index, value) of the first NaN, infinite or negative value, or None.
+/// Where the first NaN, infinite or negative importance is: `tensor` (its index in the list),
+/// `index` (flat, within that tensor) and the `value` found there.
+#[pyclass(module = "forgetcore._core", frozen, get_all)]
+pub struct InvalidImportance {
+    tensor: usize,
+    index: usize,
+    value: f32,
+}
+
+#[pymethods]
+impl InvalidImportance {
+    fn __repr__(&self) -> String {
+        format!(
+            "InvalidImportance(tensor={}, index={}, value={})",
+            self.tensor, self.index, self.value
+        )
+    }
+}
+
+/// The first NaN, infinite or negative value of the list, or None.
 #[pyfunction]
 fn find_invalid_importance(
     py: Python<'_>,
     imps: Vec<PyReadonlyArrayDyn<'_, f32>>,
-) -> PyResult<Option<(usize, usize, f32)>> {
+) -> PyResult<Option<InvalidImportance>> {
     let s = slices(&imps, "imps")?;
-    Ok(py.detach(|| importance::validate(&s)))
+    let found = detached(py, || importance::validate(&s));
+    Ok(found.map(|(tensor, index, value)| InvalidImportance {
+        tensor,
+        index,
+        value,
+    }))
 }
 
 /// Stream triad a = b + s * c on the kernels' threads and chunking: the bandwidth yardstick
@@ -96,7 +117,7 @@ fn stream_triad_(
         )
         .into());
     }
-    py.detach(|| importance::triad(a, b, c, s));
+    detached(py, || importance::triad(a, b, c, s));
     Ok(())
 }
 
@@ -104,6 +125,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(accumulate_, m)?)?;
     m.add_function(wrap_pyfunction!(ssd_dampen_, m)?)?;
     m.add_function(wrap_pyfunction!(find_invalid_importance, m)?)?;
+    m.add_class::<InvalidImportance>()?;
     m.add_function(wrap_pyfunction!(stream_triad_, m)?)?;
     Ok(())
 }

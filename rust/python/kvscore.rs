@@ -5,7 +5,7 @@ use numpy::{
 };
 use pyo3::prelude::*;
 
-use super::{as_slice, as_slice_mut};
+use super::{as_slice, as_slice_mut, detached};
 use crate::kvscore::{self, Attn, Dims};
 use crate::Error;
 
@@ -93,7 +93,9 @@ fn kv_accumulate_(
         None => None,
     };
     let s = as_slice_mut(&mut scores, "scores")?;
-    py.detach(|| kvscore::accumulate(s, view, vs, dims, group, q, alpha, renorm))?;
+    detached(py, || {
+        kvscore::accumulate(s, view, vs, dims, group, q, alpha, renorm)
+    })?;
     Ok(())
 }
 
@@ -117,7 +119,9 @@ fn kv_select_keep<'py>(
         as_slice(&valid, "valid")?,
     );
     let mut out = vec![0i64; dims.batch * dims.heads * budget.min(dims.slots)];
-    py.detach(|| kvscore::select_keep(s, p, v, dims, budget, n_sink, n_recent, &mut out))?;
+    detached(py, || {
+        kvscore::select_keep(s, p, v, dims, budget, n_sink, n_recent, &mut out)
+    })?;
     let arr = numpy::ndarray::ArrayD::from_shape_vec(vec![dims.batch, dims.heads, budget], out)
         .map_err(|e| Error::value("budget", e.to_string()))?;
     Ok(arr.into_pyarray(py))
@@ -142,7 +146,9 @@ fn kv_evict_one<'py>(
         as_slice(&valid, "valid")?,
     );
     let mut out = vec![0i64; dims.batch * dims.heads];
-    py.detach(|| kvscore::evict_one(s, p, v, dims, n_sink, n_recent, &mut out))?;
+    detached(py, || {
+        kvscore::evict_one(s, p, v, dims, n_sink, n_recent, &mut out)
+    })?;
     let arr = numpy::ndarray::ArrayD::from_shape_vec(vec![dims.batch, dims.heads], out)
         .map_err(|e| Error::value("scores", e.to_string()))?;
     Ok(arr.into_pyarray(py))

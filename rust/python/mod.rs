@@ -5,7 +5,7 @@
 //! `crate::Error` to a Python exception. Nothing here panics across the FFI boundary: every
 //! fallible step returns `PyResult`.
 
-use numpy::{Element, PyReadonlyArrayDyn, PyReadwriteArrayDyn};
+use numpy::{Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -27,6 +27,46 @@ impl From<Error> for PyErr {
     }
 }
 
+/// Borrow arrays for writing, then for reading, through numpy's borrow checker: an array that
+/// another argument also borrows (the same memory passed twice) is a `ValueError` naming the
+/// argument, never the panic of numpy's own extraction.
+pub(crate) fn borrow_rw<'py, T: Element>(
+    arrs: &[Bound<'py, PyArrayDyn<T>>],
+    arg: &str,
+) -> PyResult<Vec<PyReadwriteArrayDyn<'py, T>>> {
+    arrs.iter()
+        .map(|a| {
+            a.try_readwrite().map_err(|e| {
+                Error::value(
+                    arg,
+                    format!("expected writable arrays that share no memory with each other or with the other arguments ({e})"),
+                )
+                .into()
+            })
+        })
+        .collect()
+}
+
+/// See `borrow_rw`; call it after the writable arguments are borrowed.
+pub(crate) fn borrow_ro<'py, T: Element>(
+    arrs: &[Bound<'py, PyArrayDyn<T>>],
+    arg: &str,
+) -> PyResult<Vec<PyReadonlyArrayDyn<'py, T>>> {
+    arrs.iter()
+        .map(|a| {
+            a.try_readonly().map_err(|e| {
+                Error::value(
+                    arg,
+                    format!(
+                        "expected arrays that share no memory with an array written in place ({e})"
+                    ),
+                )
+                .into()
+            })
+        })
+        .collect()
+}
+
 /// Borrow a read-only numpy array as a contiguous slice, or say which argument is not.
 pub(crate) fn as_slice<'a, T: Element>(
     arr: &'a PyReadonlyArrayDyn<'_, T>,
@@ -45,10 +85,16 @@ pub(crate) fn as_slice_mut<'a, T: Element>(
         .map_err(|_| Error::value(arg, "expected a C-contiguous writable array").into())
 }
 
-/// Number of threads rayon uses for the parallel kernels (set `RAYON_NUM_THREADS` to change it).
+/// Run a kernel with the GIL released, on the kernels' fork-safe thread pool
+/// (`crate::parallel`): every binding calls its kernels through this.
+pub(crate) fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
+    py.detach(|| crate::parallel::run(f))
+}
+
+/// Number of threads the parallel kernels use (set `RAYON_NUM_THREADS` to change it).
 #[pyfunction]
 fn num_threads() -> usize {
-    rayon::current_num_threads()
+    crate::parallel::num_threads()
 }
 
 #[pymodule]

@@ -1,7 +1,10 @@
 //! Bindings of the replay kernels: the state objects behind `forgetcore.replay`.
 //!
-//! `ReservoirCore` and `CbrsCore` hold the decision state (counts, the xoshiro256++ stream) and,
-//! for CPU storage, copy the surviving rows in the same call. Storage comes as contiguous
+//! The decision state machines (`replay::Reservoir`, `replay::Cbrs`) and the checked copy plan
+//! (`replay::CopyPlan`) live in the kernel crate with their unit tests; this file only finds the
+//! bytes of arrays and tensors, matches a batch against the registered fields, releases the
+//! GIL and maps errors. `ReservoirCore` and `CbrsCore` wrap that decision state and, for CPU
+//! storage, copy the surviving rows in the same call. Storage comes as contiguous
 //! writable numpy arrays (byte views made once, when the buffer allocates); each batch field
 //! comes as the torch tensor itself, whose bytes are found through its own `is_cpu`,
 //! `is_contiguous()`, `data_ptr()` and `nbytes` (four attribute look-ups: a tenth of what
@@ -19,16 +22,11 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString, PyTuple};
 
-use crate::replay::{copy, reservoir, sample, Cbrs, CbrsState, Xoshiro256pp};
+use crate::replay::plan::DETACH_BYTES;
+use crate::replay::{reservoir, sample, Bytes, Cbrs, CbrsState, CopyPlan, Reservoir, Xoshiro256pp};
 use crate::Error;
 
-/// Raw bytes of one numpy array, after the checks that make reading or writing them sound.
-struct RawBytes {
-    ptr: *mut u8,
-    len: usize,
-}
-
-fn raw_bytes(a: &Bound<'_, PyUntypedArray>, arg: &str, writable: bool) -> PyResult<RawBytes> {
+fn raw_bytes(a: &Bound<'_, PyUntypedArray>, arg: &str, writable: bool) -> PyResult<Bytes> {
     if !a.is_c_contiguous() {
         return Err(Error::value(arg, "expected a C-contiguous array").into());
     }
@@ -38,7 +36,7 @@ fn raw_bytes(a: &Bound<'_, PyUntypedArray>, arg: &str, writable: bool) -> PyResu
     if writable && flags & NPY_ARRAY_WRITEABLE == 0 {
         return Err(Error::value(arg, "expected a writable array").into());
     }
-    Ok(RawBytes {
+    Ok(Bytes {
         ptr: data,
         len: a.len() * a.dtype().itemsize(),
     })
@@ -46,7 +44,7 @@ fn raw_bytes(a: &Bound<'_, PyUntypedArray>, arg: &str, writable: bool) -> PyResu
 
 /// The bytes of a CPU torch tensor, or None when it is not on the CPU or not contiguous (the
 /// Python layer then makes it contiguous, or raises naming the field).
-fn tensor_bytes(t: &Bound<'_, PyAny>) -> PyResult<Option<RawBytes>> {
+fn tensor_bytes(t: &Bound<'_, PyAny>) -> PyResult<Option<Bytes>> {
     let py = t.py();
     if !t.getattr(intern!(py, "is_cpu"))?.is_truthy()?
         || !t.call_method0(intern!(py, "is_contiguous"))?.is_truthy()?
@@ -58,36 +56,20 @@ fn tensor_bytes(t: &Bound<'_, PyAny>) -> PyResult<Option<RawBytes>> {
     if ptr == 0 && len > 0 {
         return Ok(None);
     }
-    Ok(Some(RawBytes {
+    Ok(Some(Bytes {
         ptr: ptr as *mut u8,
         len,
     }))
 }
 
-fn overlaps(a: &RawBytes, b: &RawBytes) -> bool {
-    let (a0, b0) = (a.ptr as usize, b.ptr as usize);
-    a.len > 0 && b.len > 0 && a0 < b0 + b.len && b0 < a0 + a.len
-}
-
-/// The checked copy plan of one `add`: per field, destination, source and row size.
-struct Plan {
-    fields: Vec<(RawBytes, RawBytes, usize)>,
-    /// Batches that overlap some storage are copied out first (a field re-added from the buffer).
-    owned: Vec<Option<Vec<u8>>>,
-}
-
-// SAFETY: the plan only carries pointers to arrays the caller keeps alive for the call, and
-// `plan` has checked that destinations are disjoint from each other and from every source.
-unsafe impl Send for Plan {}
-
-/// Check a batch against storage and build its copy plan; None when a batch tensor is not a
-/// contiguous CPU tensor (so that the fast path can hand the batch back to Python).
+/// Find the bytes of a batch and its storage and build the checked copy plan; None when a batch
+/// tensor is not a contiguous CPU tensor (so that the fast path can hand the batch back).
 fn plan(
     n: usize,
     capacity: usize,
     batch: &[Bound<'_, PyAny>],
     storage: &[Bound<'_, PyUntypedArray>],
-) -> PyResult<Option<Plan>> {
+) -> PyResult<Option<CopyPlan>> {
     if batch.len() != storage.len() {
         return Err(Error::value(
             "batch",
@@ -100,45 +82,16 @@ fn plan(
         .into());
     }
     let mut fields = Vec::with_capacity(batch.len());
-    for (i, (b, s)) in batch.iter().zip(storage).enumerate() {
+    for (b, s) in batch.iter().zip(storage) {
         let dst = raw_bytes(s, "storage", true)?;
         let Some(src) = tensor_bytes(b)? else {
             return Ok(None);
         };
-        if dst.len % capacity != 0 {
-            return Err(Error::value("storage", format!("field {i}: expected a whole number of rows for capacity {capacity}, got {} bytes", dst.len)).into());
-        }
-        let row_bytes = dst.len / capacity;
-        if src.len != n * row_bytes {
-            return Err(Error::value(
-                "batch",
-                format!(
-                    "field {i}: expected {n} rows of {row_bytes} bytes, got {} bytes",
-                    src.len
-                ),
-            )
-            .into());
-        }
-        fields.push((dst, src, row_bytes));
+        fields.push((dst, src));
     }
-    let mut owned = Vec::with_capacity(fields.len());
-    for (i, (dst, src, _)) in fields.iter().enumerate() {
-        if fields
-            .iter()
-            .enumerate()
-            .any(|(j, (other, _, _))| j != i && overlaps(dst, other))
-        {
-            return Err(
-                Error::value("storage", "expected storage arrays that do not overlap").into(),
-            );
-        }
-        let aliased = fields.iter().any(|(d, _, _)| overlaps(d, src));
-        // SAFETY: `src` was checked above to be a contiguous array of `src.len` bytes.
-        owned.push(
-            aliased.then(|| unsafe { std::slice::from_raw_parts(src.ptr, src.len) }.to_vec()),
-        );
-    }
-    Ok(Some(Plan { fields, owned }))
+    // SAFETY: the arrays and tensors stay alive for the call (the caller holds them), and the
+    // class docs ask that no other thread touches a buffer or its batch during `add`.
+    Ok(Some(unsafe { CopyPlan::new(n, capacity, &fields) }?))
 }
 
 fn plan_or_raise(
@@ -146,39 +99,17 @@ fn plan_or_raise(
     capacity: usize,
     batch: &[Bound<'_, PyAny>],
     storage: &[Bound<'_, PyUntypedArray>],
-) -> PyResult<Plan> {
+) -> PyResult<CopyPlan> {
     plan(n, capacity, batch, storage)?
         .ok_or_else(|| Error::value("batch", "expected contiguous CPU tensors").into())
 }
 
-impl Plan {
-    /// Copy the rows of `pairs`, with the GIL released when that moves enough bytes. The
-    /// decisions are made before (they are cheap), the copy cannot fail after `plan`'s checks.
-    fn run_maybe_detached(self, py: Python<'_>, pairs: &[(i64, i64)]) -> crate::Result<()> {
-        let bytes: usize = self
-            .fields
-            .iter()
-            .map(|(_, _, row)| row * pairs.len())
-            .sum();
-        if bytes >= DETACH_BYTES {
-            py.detach(move || self.run(pairs))
-        } else {
-            self.run(pairs)
-        }
-    }
-
-    fn run(self, pairs: &[(i64, i64)]) -> crate::Result<()> {
-        for ((dst, src, row_bytes), owned) in self.fields.iter().zip(&self.owned) {
-            // SAFETY: pointers and lengths come from live contiguous arrays (see `raw_bytes`);
-            // destinations overlap nothing else in the plan, and an aliased source was copied out.
-            let d = unsafe { std::slice::from_raw_parts_mut(dst.ptr, dst.len) };
-            let s: &[u8] = match owned {
-                Some(v) => v,
-                None => unsafe { std::slice::from_raw_parts(src.ptr, src.len) },
-            };
-            copy::scatter_rows(d, s, *row_bytes, pairs)?;
-        }
-        Ok(())
+/// Copy the decided rows, with the GIL released when that moves enough bytes.
+fn copy(py: Python<'_>, plan: CopyPlan, pairs: &[(i64, i64)]) -> PyResult<()> {
+    if plan.bytes(pairs.len()) >= DETACH_BYTES {
+        Ok(super::detached(py, move || plan.run(pairs))?)
+    } else {
+        Ok(plan.run(pairs)?)
     }
 }
 
@@ -265,11 +196,21 @@ impl Fields {
     }
 }
 
-/// Copies of at least this many bytes run with the GIL released; below it, releasing and
-/// re-acquiring the GIL costs more than the copy (a steady-state batch copies a row or two).
-const DETACH_BYTES: usize = 256 * 1024;
-
 type Slots<'py> = (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>);
+
+/// What `add_fields` returns: the slots array alone, or `(slots, rows)` when asked (building
+/// one array instead of two is a measurable part of a small batch's fixed cost).
+fn to_result<'py>(
+    py: Python<'py>,
+    pairs: &[(i64, i64)],
+    return_rows: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    if return_rows {
+        return to_arrays(py, pairs).into_pyobject(py).map(|t| t.into_any());
+    }
+    let slots: Vec<i64> = pairs.iter().map(|p| p.0).collect();
+    Ok(PyArray1::from_vec(py, slots).into_any())
+}
 
 fn to_arrays<'py>(py: Python<'py>, pairs: &[(i64, i64)]) -> Slots<'py> {
     let slots: Vec<i64> = pairs.iter().map(|p| p.0).collect();
@@ -288,54 +229,48 @@ fn rng_from_words(w: [i64; 4]) -> PyResult<Xoshiro256pp> {
     Ok(Xoshiro256pp::from_state(w.map(|x| x as u64))?)
 }
 
-/// Algorithm R decision state: capacity, items seen, the random stream.
+/// Algorithm R decision state (`replay::Reservoir`) and the registered CPU storage.
 #[pyclass(module = "forgetcore._core")]
 pub struct ReservoirCore {
-    capacity: u64,
-    seen: u64,
-    rng: Xoshiro256pp,
+    inner: Reservoir,
     fields: Fields,
 }
 
 impl ReservoirCore {
-    fn run<'py>(&mut self, py: Python<'py>, n: usize, plan: Plan) -> PyResult<Slots<'py>> {
-        let mut pairs = reservoir::decide(&mut self.rng, self.seen, self.capacity, n);
-        reservoir::last_writer_wins(&mut pairs);
-        plan.run_maybe_detached(py, &pairs)?;
-        self.seen += n as u64;
-        Ok(to_arrays(py, &pairs))
+    fn run(&mut self, py: Python<'_>, plan: CopyPlan) -> PyResult<Vec<(i64, i64)>> {
+        // The copy cannot fail after the plan's checks; keep the state whole even if it did.
+        let before = self.inner.clone();
+        let pairs = self.inner.add(plan.rows())?;
+        if let Err(e) = copy(py, plan, &pairs) {
+            self.inner = before;
+            return Err(e);
+        }
+        Ok(pairs)
     }
 }
 
 #[pymethods]
 impl ReservoirCore {
     #[new]
-    fn new(capacity: i64, seed: u64) -> PyResult<Self> {
-        if capacity <= 0 {
-            return Err(
-                Error::value("capacity", format!("expected an int >= 1, got {capacity}")).into(),
-            );
-        }
+    fn new(capacity: u64, seed: u64) -> PyResult<Self> {
         Ok(ReservoirCore {
-            capacity: capacity as u64,
-            seen: 0,
-            rng: Xoshiro256pp::seed_from_u64(seed),
+            inner: Reservoir::new(capacity, seed)?,
             fields: Fields::default(),
         })
     }
 
     #[getter]
     fn capacity(&self) -> u64 {
-        self.capacity
+        self.inner.capacity()
     }
 
     #[getter]
     fn seen(&self) -> u64 {
-        self.seen
+        self.inner.seen()
     }
 
     fn __len__(&self) -> usize {
-        self.seen.min(self.capacity) as usize
+        self.inner.len() as usize
     }
 
     /// Decide the slots of the next `n` stream items and copy their rows: tensor `batch[i]`
@@ -349,8 +284,8 @@ impl ReservoirCore {
         batch: Vec<Bound<'py, PyAny>>,
         storage: Vec<Bound<'py, PyUntypedArray>>,
     ) -> PyResult<Slots<'py>> {
-        let plan = plan_or_raise(n, self.capacity as usize, &batch, &storage)?;
-        self.run(py, n, plan)
+        let plan = plan_or_raise(n, self.inner.capacity() as usize, &batch, &storage)?;
+        Ok(to_arrays(py, &self.run(py, plan)?))
     }
 
     /// Register the stored fields (CPU storage) for `add_fields`; empty lists switch it off.
@@ -369,36 +304,41 @@ impl ReservoirCore {
 
     /// `add` straight from the keyword dict of `ReservoirBuffer.add`: None (nothing done)
     /// unless the batch matches the registered fields exactly and is contiguous on the CPU.
+    #[pyo3(signature = (fields, return_rows = false))]
     fn add_fields<'py>(
         &mut self,
         py: Python<'py>,
         fields: Bound<'py, PyDict>,
-    ) -> PyResult<Option<Slots<'py>>> {
+        return_rows: bool,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
         let Some((n, batch)) = self.fields.matches(&fields) else {
             return Ok(None);
         };
         let storage = self.fields.storage(py);
-        let Some(plan) = plan(n, self.capacity as usize, &batch, &storage)? else {
+        let Some(plan) = plan(n, self.inner.capacity() as usize, &batch, &storage)? else {
             return Ok(None);
         };
-        self.run(py, n, plan).map(Some)
+        let pairs = self.run(py, plan)?;
+        to_result(py, &pairs, return_rows).map(Some)
     }
 
     /// `n` distinct stored slots, uniformly without replacement, in random order.
     fn sample<'py>(&mut self, py: Python<'py>, n: u64) -> PyResult<Bound<'py, PyArray1<i64>>> {
-        let size = self.seen.min(self.capacity);
-        let idx = sample::without_replacement(&mut self.rng, size, n)?;
-        Ok(PyArray1::from_slice(py, &idx))
+        let idx = self.inner.sample(n)?;
+        Ok(PyArray1::from_vec(py, idx))
     }
 
-    /// `(seen, rng)`: everything that changes after construction.
-    fn get_state(&self) -> (u64, [i64; 4]) {
-        (self.seen, rng_words(&self.rng))
+    /// `{"seen", "rng"}`: everything that changes after construction.
+    fn get_state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (seen, rng) = self.inner.state();
+        let d = PyDict::new(py);
+        d.set_item("seen", seen)?;
+        d.set_item("rng", rng.map(|w| w as i64))?;
+        Ok(d)
     }
 
     fn set_state(&mut self, seen: u64, rng: [i64; 4]) -> PyResult<()> {
-        self.rng = rng_from_words(rng)?;
-        self.seen = seen;
+        self.inner = Reservoir::from_state(self.inner.capacity(), seen, rng.map(|w| w as u64))?;
         Ok(())
     }
 }
@@ -412,23 +352,20 @@ pub struct CbrsCore {
 }
 
 impl CbrsCore {
-    fn run<'py>(&mut self, py: Python<'py>, labels: &[i64], plan: Plan) -> PyResult<Slots<'py>> {
+    fn run(&mut self, py: Python<'_>, labels: &[i64], plan: CopyPlan) -> PyResult<Vec<(i64, i64)>> {
+        if labels.len() != plan.rows() {
+            return Err(Error::value(
+                "labels",
+                format!("expected {} labels, got {}", plan.rows(), labels.len()),
+            )
+            .into());
+        }
         let mut pairs = self.inner.decide(&mut self.rng, labels);
         reservoir::last_writer_wins(&mut pairs);
-        plan.run_maybe_detached(py, &pairs)?;
-        Ok(to_arrays(py, &pairs))
+        copy(py, plan, &pairs)?;
+        Ok(pairs)
     }
 }
-
-type CbrsStateArrays<'py> = (
-    u64,
-    [i64; 4],
-    Bound<'py, PyArray1<i64>>,
-    Bound<'py, PyArray1<i64>>,
-    Bound<'py, PyArray1<bool>>,
-    Bound<'py, PyArray1<i64>>,
-    Bound<'py, PyArray1<i64>>,
-);
 
 type CbrsClasses<'py> = (
     Bound<'py, PyArray1<i64>>,
@@ -479,7 +416,7 @@ impl CbrsCore {
             .as_slice()
             .map_err(|_| Error::value("labels", "expected a contiguous array"))?;
         let plan = plan_or_raise(labels.len(), self.inner.capacity(), &batch, &storage)?;
-        self.run(py, labels, plan)
+        Ok(to_arrays(py, &self.run(py, labels, plan)?))
     }
 
     /// As `ReservoirCore.set_fields`; `label` is the index of the int64 label field, without
@@ -498,11 +435,13 @@ impl CbrsCore {
     }
 
     /// As `ReservoirCore.add_fields`, the labels read from the registered int64 label field.
+    #[pyo3(signature = (fields, return_rows = false))]
     fn add_fields<'py>(
         &mut self,
         py: Python<'py>,
         fields: Bound<'py, PyDict>,
-    ) -> PyResult<Option<Slots<'py>>> {
+        return_rows: bool,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
         let Some(label) = self.fields.label else {
             return Ok(None);
         };
@@ -513,7 +452,9 @@ impl CbrsCore {
         let Some(plan) = plan(n, self.inner.capacity(), &batch, &storage)? else {
             return Ok(None);
         };
-        let src = &plan.fields[label].1;
+        let Some(src) = plan.source(label) else {
+            return Ok(None);
+        };
         if src.len != n * 8 {
             return Ok(None);
         }
@@ -521,7 +462,8 @@ impl CbrsCore {
         // SAFETY: `src` is the checked byte range of the label tensor (n int64 values); the copy
         // goes byte-wise into our own vector, so the tensor's alignment does not matter.
         unsafe { std::ptr::copy_nonoverlapping(src.ptr, labels.as_mut_ptr() as *mut u8, n * 8) };
-        self.run(py, &labels, plan).map(Some)
+        let pairs = self.run(py, &labels, plan)?;
+        to_result(py, &pairs, return_rows).map(Some)
     }
 
     fn sample<'py>(&mut self, py: Python<'py>, n: u64) -> PyResult<Bound<'py, PyArray1<i64>>> {
@@ -545,18 +487,21 @@ impl CbrsCore {
         PyArray1::from_vec(py, self.inner.slot_labels())
     }
 
-    /// `(seen, rng, labels, n_seen, full, offsets, slots)`; see `CbrsState`.
-    fn get_state<'py>(&self, py: Python<'py>) -> CbrsStateArrays<'py> {
+    /// `{"seen", "rng", "labels", "n_seen", "full", "offsets", "slots"}`; see `CbrsState`.
+    fn get_state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let st = self.inner.state();
-        (
-            st.seen,
-            rng_words(&self.rng),
-            PyArray1::from_vec(py, st.labels),
-            PyArray1::from_vec(py, st.n_seen.iter().map(|&x| x as i64).collect()),
-            PyArray1::from_vec(py, st.full),
-            PyArray1::from_vec(py, st.offsets.iter().map(|&x| x as i64).collect()),
-            PyArray1::from_vec(py, st.slots.iter().map(|&x| x as i64).collect()),
-        )
+        let d = PyDict::new(py);
+        d.set_item("seen", st.seen)?;
+        d.set_item("rng", rng_words(&self.rng))?;
+        d.set_item("labels", PyArray1::from_vec(py, st.labels))?;
+        let n_seen: Vec<i64> = st.n_seen.iter().map(|&x| x as i64).collect();
+        d.set_item("n_seen", PyArray1::from_vec(py, n_seen))?;
+        d.set_item("full", PyArray1::from_vec(py, st.full))?;
+        let offsets: Vec<i64> = st.offsets.iter().map(|&x| x as i64).collect();
+        d.set_item("offsets", PyArray1::from_vec(py, offsets))?;
+        let slots: Vec<i64> = st.slots.iter().map(|&x| x as i64).collect();
+        d.set_item("slots", PyArray1::from_vec(py, slots))?;
+        Ok(d)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -662,27 +607,4 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<CbrsCore>()?;
     m.add_class::<ReplayRng>()?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn overlap_detection() {
-        let mut buf = [0u8; 16];
-        let p = buf.as_mut_ptr();
-        let a = RawBytes { ptr: p, len: 8 };
-        let b = RawBytes {
-            ptr: unsafe { p.add(8) },
-            len: 8,
-        };
-        let c = RawBytes {
-            ptr: unsafe { p.add(4) },
-            len: 8,
-        };
-        assert!(!overlaps(&a, &b));
-        assert!(overlaps(&a, &c) && overlaps(&c, &b));
-        assert!(!overlaps(&a, &RawBytes { ptr: p, len: 0 }));
-    }
 }

@@ -3,6 +3,7 @@
 use numpy::{PyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
+use super::detached;
 use crate::spectral::{self, MatView, Method};
 use crate::Error;
 
@@ -31,7 +32,7 @@ fn spectral_singular_values<'py>(
 ) -> PyResult<Vec<Bound<'py, PyArray1<f64>>>> {
     let method = Method::parse(method)?;
     let mats = views(&matrices)?;
-    let out = py.detach(|| spectral::singular_values(&mats, method))?;
+    let out = detached(py, || spectral::singular_values(&mats, method))?;
     Ok(out.into_iter().map(|s| PyArray1::from_vec(py, s)).collect())
 }
 
@@ -45,7 +46,7 @@ fn spectral_condition_numbers<'py>(
 ) -> PyResult<Bound<'py, PyArray1<f64>>> {
     let method = Method::parse(method)?;
     let mats = views(&matrices)?;
-    let out = py.detach(|| spectral::condition_numbers(&mats, method))?;
+    let out = detached(py, || spectral::condition_numbers(&mats, method))?;
     Ok(PyArray1::from_vec(py, out))
 }
 
@@ -65,7 +66,7 @@ fn spectral_norm_estimates<'py>(
     Bound<'py, PyArray1<bool>>,
 )> {
     let mats = views(&matrices)?;
-    let out = py.detach(|| spectral::spectral_norms(&mats, tol, max_iter, seed))?;
+    let out = detached(py, || spectral::spectral_norms(&mats, tol, max_iter, seed))?;
     Ok((
         PyArray1::from_vec(py, out.iter().map(|e| e.value).collect()),
         PyArray1::from_vec(py, out.iter().map(|e| e.iterations as u64).collect()),

@@ -1,10 +1,10 @@
 //! Bindings of `crate::subspace`: borrow numpy arrays, release the GIL, map errors.
 
 use numpy::ndarray::Array2;
-use numpy::{PyArray2, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods};
+use numpy::{PyArray2, PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
-use super::{as_slice, as_slice_mut};
+use super::{as_slice, as_slice_mut, borrow_ro, borrow_rw, detached};
 use crate::subspace::{self as k, Basis, Count, Criterion, GradMut};
 use crate::Error;
 
@@ -18,12 +18,14 @@ fn dims2(shape: &[usize], arg: &str) -> PyResult<(usize, usize)> {
 /// `G <- G - (G U) U^T` for every (out, in) gradient and its (in, rank) basis, in place.
 #[pyfunction]
 #[pyo3(name = "project_out_", signature = (grads, bases, check = true))]
-fn project_out_py(
-    py: Python<'_>,
-    mut grads: Vec<PyReadwriteArrayDyn<'_, f32>>,
-    bases: Vec<PyReadonlyArrayDyn<'_, f32>>,
+fn project_out_py<'py>(
+    py: Python<'py>,
+    grads: Vec<Bound<'py, PyArrayDyn<f32>>>,
+    bases: Vec<Bound<'py, PyArrayDyn<f32>>>,
     check: bool,
 ) -> PyResult<()> {
+    let mut grads = borrow_rw(&grads, "grads")?;
+    let bases = borrow_ro(&bases, "bases")?;
     let gshapes = grads
         .iter()
         .enumerate()
@@ -50,19 +52,21 @@ fn project_out_py(
             rank,
         });
     }
-    py.detach(|| k::project_out_(&mut views, &bs, check))?;
+    detached(py, || k::project_out_(&mut views, &bs, check))?;
     Ok(())
 }
 
 /// `g <- g - V^T (V g)` for a flat vector g (n,) and orthonormal rows V (rank, n), in place.
 #[pyfunction]
 #[pyo3(name = "project_out_flat_", signature = (g, vectors, check = true))]
-fn project_out_flat_py(
-    py: Python<'_>,
-    mut g: PyReadwriteArrayDyn<'_, f32>,
-    vectors: PyReadonlyArrayDyn<'_, f32>,
+fn project_out_flat_py<'py>(
+    py: Python<'py>,
+    g: Bound<'py, PyArrayDyn<f32>>,
+    vectors: Bound<'py, PyArrayDyn<f32>>,
     check: bool,
 ) -> PyResult<()> {
+    let mut g = borrow_rw(std::slice::from_ref(&g), "g")?.remove(0);
+    let vectors = borrow_ro(std::slice::from_ref(&vectors), "vectors")?.remove(0);
     if g.shape().len() != 1 {
         return Err(Error::value(
             "g",
@@ -80,7 +84,7 @@ fn project_out_flat_py(
     }
     let gs = as_slice_mut(&mut g, "g")?;
     let vs = as_slice(&vectors, "vectors")?;
-    py.detach(|| k::project_out_flat_(gs, vs, rank, check))?;
+    detached(py, || k::project_out_flat_(gs, vs, rank, check))?;
     Ok(())
 }
 
@@ -94,7 +98,7 @@ fn orthonormalize_py<'py>(
 ) -> PyResult<(Bound<'py, PyArray2<f32>>, Vec<usize>)> {
     let (rows, n) = dims2(vectors.shape(), "vectors")?;
     let vs = as_slice(&vectors, "vectors")?;
-    let (out, kept) = py.detach(|| k::orthonormalize(vs, rows, n, tol))?;
+    let (out, kept) = detached(py, || k::orthonormalize(vs, rows, n, tol))?;
     let arr = Array2::from_shape_vec((kept.len(), n), out)
         .map_err(|e| Error::value("vectors", e.to_string()))?;
     Ok((PyArray2::from_owned_array(py, arr), kept))
@@ -182,7 +186,7 @@ fn extend_bases_py<'py>(
         }
         rs.push((as_slice(a, &format!("reps[{i}]"))?, n));
     }
-    let exts = py.detach(|| k::extend_bases(&bs, &rs, &thresholds, &crits))?;
+    let exts = detached(py, || k::extend_bases(&bs, &rs, &thresholds, &crits))?;
     exts.into_iter()
         .zip(&bs)
         .map(|(e, b)| {

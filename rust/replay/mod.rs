@@ -5,6 +5,7 @@
 //! - `reservoir`: Vitter's Algorithm R slot decisions for a whole batch, later writes winning;
 //! - `cbrs`: class-balancing reservoir sampling (Chrysakis and Moens, ICML 2020);
 //! - `copy`: the row copies into storage, on bytes so every dtype shares them;
+//! - `plan`: the checked copy plan of one `add` (storage and batch bytes of every field);
 //! - `sample`: `n` distinct indices by a partial Fisher-Yates shuffle.
 //!
 //! Every decision is a function of the seed and of what was added (batch sizes; labels for
@@ -13,9 +14,12 @@
 
 pub mod cbrs;
 pub mod copy;
+pub mod plan;
 pub mod reservoir;
 pub mod rng;
 pub mod sample;
 
 pub use cbrs::{Cbrs, CbrsState};
+pub use plan::{Bytes, CopyPlan};
+pub use reservoir::Reservoir;
 pub use rng::Xoshiro256pp;

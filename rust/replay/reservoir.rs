@@ -8,6 +8,95 @@
 //! that has to happen.
 
 use super::rng::Xoshiro256pp;
+use super::sample;
+use crate::{Error, Result};
+
+/// The whole decision state of a reservoir buffer: capacity, items seen, the random stream.
+/// Storage lives with the caller; `add` says which rows go where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reservoir {
+    capacity: u64,
+    seen: u64,
+    rng: Xoshiro256pp,
+}
+
+impl Reservoir {
+    pub fn new(capacity: u64, seed: u64) -> Result<Self> {
+        if capacity == 0 || capacity > i64::MAX as u64 {
+            return Err(Error::value(
+                "capacity",
+                format!("expected an int in [1, 2**63), got {capacity}"),
+            ));
+        }
+        Ok(Reservoir {
+            capacity,
+            seen: 0,
+            rng: Xoshiro256pp::seed_from_u64(seed),
+        })
+    }
+
+    /// Restore a saved `(seen, rng)`, as `state` returned it.
+    pub fn from_state(capacity: u64, seen: u64, rng: [u64; 4]) -> Result<Self> {
+        let mut r = Reservoir::new(capacity, 0)?;
+        if seen >= i64::MAX as u64 {
+            return Err(Error::value(
+                "seen",
+                format!("expected a count below 2**63, got {seen}"),
+            ));
+        }
+        r.rng = Xoshiro256pp::from_state(rng)?;
+        r.seen = seen;
+        Ok(r)
+    }
+
+    pub fn state(&self) -> (u64, [u64; 4]) {
+        (self.seen, self.rng.state())
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    pub fn seen(&self) -> u64 {
+        self.seen
+    }
+
+    pub fn len(&self) -> u64 {
+        self.seen.min(self.capacity)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen == 0
+    }
+
+    /// Decide the next `n` stream items: unique `(slot, row)` pairs in row order (later rows of
+    /// the batch win a slot). Refuses, changing nothing, a batch that would overflow the count.
+    pub fn add(&mut self, n: usize) -> Result<Vec<(i64, i64)>> {
+        let Some(seen) = self
+            .seen
+            .checked_add(n as u64)
+            .filter(|&s| s < i64::MAX as u64)
+        else {
+            return Err(Error::value(
+                "batch",
+                format!(
+                    "{n} more items would overflow the count of items seen ({})",
+                    self.seen
+                ),
+            ));
+        };
+        let mut pairs = decide(&mut self.rng, self.seen, self.capacity, n);
+        last_writer_wins(&mut pairs);
+        self.seen = seen;
+        Ok(pairs)
+    }
+
+    /// `n` distinct stored slots, uniformly without replacement, in random order.
+    pub fn sample(&mut self, n: u64) -> Result<Vec<i64>> {
+        let size = self.len();
+        sample::without_replacement(&mut self.rng, size, n)
+    }
+}
 
 /// Decide the slot of each of the next `n` stream items, `seen` items having come before.
 ///
@@ -114,6 +203,26 @@ mod tests {
         let mut p = vec![(4, 0), (2, 1), (4, 2), (1, 3), (2, 5)];
         last_writer_wins(&mut p);
         assert_eq!(p, vec![(4, 2), (1, 3), (2, 5)]);
+    }
+
+    #[test]
+    fn state_machine_counts_and_restores() {
+        assert!(Reservoir::new(0, 1).is_err());
+        let mut r = Reservoir::new(3, 7).unwrap();
+        assert_eq!(r.add(2).unwrap(), vec![(0, 0), (1, 1)]);
+        assert_eq!((r.seen(), r.len()), (2, 2));
+        r.add(10).unwrap();
+        assert_eq!((r.seen(), r.len()), (12, 3));
+        let (seen, rng) = r.state();
+        let mut back = Reservoir::from_state(3, seen, rng).unwrap();
+        assert_eq!(back.add(5).unwrap(), r.add(5).unwrap());
+        assert_eq!(back.sample(3).unwrap(), r.sample(3).unwrap());
+        // A count that would wrap is refused and changes nothing.
+        assert!(Reservoir::from_state(3, u64::MAX - 2, rng).is_err());
+        let mut big = Reservoir::from_state(3, i64::MAX as u64 - 2, rng).unwrap();
+        let before = big.clone();
+        assert!(big.add(5).is_err());
+        assert_eq!(big, before);
     }
 
     proptest! {
