@@ -14,15 +14,11 @@ PY = $(ENV)/bin/python
 # In the environment of every recipe that builds Rust: one Python for pyo3's build script
 # everywhere, so cargo and maturin share build artifacts.
 PYO3 = PYO3_PYTHON=$(PY)
-# The cargo test binaries link libpython while pyo3 is compiled into the kernel crate; once
-# pyo3 sits behind the `python` cargo feature that only maturin turns on, `cargo test` needs
-# neither this nor PYO3_PYTHON and both can go.
-LIBPY = LD_LIBRARY_PATH=$$($(PY) -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))'):$$LD_LIBRARY_PATH
 export HF_HUB_OFFLINE := 1
 PYTEST_ARGS ?=
 # The primitives layer, type-checked by mypy in `make test`.
-MYPY_FILES = $(addprefix python/forgetcore/,_backend.py _checks.py replay.py importance.py subspace.py \
-	kvscore.py spectral.py reference.py)
+MYPY_FILES = $(addprefix python/forgetcore/,_backend.py _checks.py replay.py power_law.py replay_samplers.py \
+	importance.py fisher.py subspace.py kvscore.py spectral.py reference.py)
 
 .PHONY: all build install demo test lint test-rust typecheck stubtest test-python test-slow bench wheel clean
 
@@ -47,10 +43,12 @@ lint:
 	cargo fmt --check
 	$(ENV)/bin/ruff check python tests benches
 
-# clippy with --all-features so the bindings (behind the `python` feature) are linted too.
+# The kernel crate without the `python` feature has no pyo3: `cargo test` runs without libpython.
+# clippy runs both ways, so the bindings (behind the feature) are linted too.
 test-rust:
+	cargo clippy --quiet --all-targets -- -D warnings
 	$(PYO3) cargo clippy --quiet --all-targets --all-features -- -D warnings
-	$(PYO3) $(LIBPY) cargo test --quiet
+	cargo test --quiet
 
 typecheck:
 	$(PY) -m mypy $(MYPY_FILES)
@@ -68,7 +66,7 @@ test-slow: build
 	PYTHONPATH=python $(PY) -m pytest -m slow_ci --durations=25 $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 bench: build
-	$(PYO3) $(LIBPY) cargo bench
+	cargo bench
 	for f in benches/bench_*.py; do PYTHONPATH=python $(PY) "$$f" || exit 1; done
 
 # The abi3 wheel (one wheel for every CPython >= 3.11), e.g. to carry to a GPU machine.

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from forgetcore.replay_samplers import herding
+from forgetcore.replay import herding
 
 EPSILON = 1e-8
 

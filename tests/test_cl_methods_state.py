@@ -23,7 +23,7 @@ from forgetcore.continual import (
     scenarios,
 )
 from forgetcore.replay import PowerLawScheduler
-from forgetcore.replay_samplers import herding, herding_per_class, view_batch_indices
+from forgetcore.replay import herding, herding_per_class, view_batch_indices
 
 
 @pytest.fixture(scope="module")

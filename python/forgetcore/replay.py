@@ -1,4 +1,5 @@
-"""Rehearsal buffers and schedules: reservoir, class-balanced reservoir, power-law rehearsal.
+"""Rehearsal buffers, schedules and selection: reservoir, class-balanced reservoir, power-law
+rehearsal, herding, the View-Batch sampler.
 
 - :class:`ReservoirBuffer`: a uniform sample of everything ever added (Vitter's Algorithm R).
 - :class:`ClassBalancedReservoir`: a sample that stays balanced over classes however skewed
@@ -6,6 +7,9 @@
 - :class:`PowerLawScheduler`: how much of each earlier task to rehearse after each new task
   (Gandhi et al., arXiv 2401.10393); it lives in :mod:`forgetcore.power_law` and is
   re-exported here.
+- :func:`herding` / :func:`herding_per_class` (iCaRL's exemplar selection, WA's memory) and
+  :func:`view_batch_indices` (View-Batch's recall-interval sampler): they live in
+  :mod:`forgetcore.replay_samplers` and are re-exported here.
 
 Both buffers store any set of named tensors (``x``, ``y``, ``logits``, task ids, ...), in
 storage preallocated at the first ``add``. One Rust call per batch decides every slot (the
@@ -34,8 +38,10 @@ from . import _backend, _checks
 from ._core import CbrsCore, ReservoirCore
 from .power_law import PowerLawScheduler
 from .reference import scatter_rows_
+from .replay_samplers import herding, herding_per_class, view_batch_indices
 
-__all__ = ["ReservoirBuffer", "ClassBalancedReservoir", "PowerLawScheduler"]
+__all__ = ["ReservoirBuffer", "ClassBalancedReservoir", "PowerLawScheduler", "herding", "herding_per_class",
+           "view_batch_indices"]
 
 _U64 = 2**64
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,

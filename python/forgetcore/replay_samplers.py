@@ -1,5 +1,5 @@
 """Replay selection and scheduling primitives: herding exemplar selection and the View-Batch
-recall-interval sampler (to be re-exported from :mod:`forgetcore.replay`).
+recall-interval sampler (re-exported from :mod:`forgetcore.replay`, where users import them).
 
 - :func:`herding` / :func:`herding_per_class`: iCaRL's herding (Rebuffi, Kolesnikov, Sperl and
   Lampert, "iCaRL: Incremental Classifier and Representation Learning", CVPR 2017, Alg. 4), the

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks
-from ..replay_samplers import view_batch_indices
+from ..replay import view_batch_indices
 from .scenarios import Task
 from .trainer import Batch, Context, Plugin
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks
-from ..replay_samplers import herding_per_class
+from ..replay import herding_per_class
 from ._head import FeatureTap, find_head
 from .scenarios import Task
 from .trainer import Batch, Context, Plugin

@@ -20,7 +20,7 @@ from .memsifter import (
                         tiered_reward,
                         train_ranker,
 )
-from .store import BM25, MemoryStore, Prefilter, power_law_weight
+from .store import BM25, MemoryStore, Prefilter
 
 __all__ = ["BM25", "ExtractiveReader", "MemoryStore", "Prefilter", "ProxyRanker", "Question", "dcg_reward", "evaluate",
-           "ndcg", "power_law_weight", "prepare", "synthetic_memories", "tiered_reward", "train_ranker"]
+           "ndcg", "prepare", "synthetic_memories", "tiered_reward", "train_ranker"]

@@ -49,7 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import _checks, lm
-from .store import MemoryStore, Prefilter, power_law_weight, tokens
+from .store import MemoryStore, Prefilter, tokens
 
 TIERS = (1, 2, 3, 5, 8)
 
@@ -215,7 +215,7 @@ def candidate_features(question: Question, candidates: Sequence[int], bm25: np.n
     session's words that are question words, and 1 / (1 + repeated question words)."""
     store = question.store
     qset = set(tokens(question.text))
-    prior = power_law_weight(question.now - np.asarray(store.times)[list(candidates)], 1.0, 0.5)
+    prior = store.prior(question.now, c=1.0, d=0.5)[list(candidates)]
     feats = np.zeros((len(candidates), N_FEATURES))
     top = max(float(bm25[candidates].max()), 1e-9) if len(candidates) else 1.0
     for j, i in enumerate(candidates):

@@ -15,17 +15,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from .. import _checks
-
-
-def power_law_weight(delta: Any, c: float = 1.0, d: float = 1.0) -> Any:
-    """``(delta + c) ** -d``, the power-law weight of :class:`forgetcore.replay.PowerLawScheduler`.
-
-    A local copy with the same signature as the public ``power_law_weight`` the house issue
-    adds to the replay primitives; switch to that one when it lands (one formula, one place).
-    """
-    return (np.asarray(delta, dtype=np.float64) + c) ** -d
+from ..power_law import power_law_weight
 
 
 def tokens(text: str) -> list[str]:
@@ -87,7 +80,7 @@ class MemoryStore:
         Schooler's estimate); sessions from the future count as age 0."""
         now = _checks.real("now", now)
         age = np.maximum(now - np.asarray(self.times, dtype=np.float64), 0.0)
-        return power_law_weight(age, c, d)
+        return power_law_weight(torch.from_numpy(age), c, d).numpy()
 
     def state_dict(self) -> dict[str, Any]:
         return {"ids": list(self.ids), "texts": list(self.texts), "times": list(self.times), "next": self._next}
@@ -156,4 +149,4 @@ class Prefilter:
         return order, s[order]
 
 
-__all__ = ["BM25", "MemoryStore", "Prefilter", "power_law_weight", "tokens"]
+__all__ = ["BM25", "MemoryStore", "Prefilter", "tokens"]
