@@ -8,7 +8,7 @@ import numpy.typing as npt
 
 __all__ = ["__version__", "num_threads"]
 __all__ += ["ReservoirCore", "CbrsCore", "ReplayRng"]
-__all__ += ["accumulate_", "ssd_dampen_", "find_invalid_importance", "stream_triad_"]
+__all__ += ["accumulate_", "ssd_dampen_", "find_invalid_importance", "find_nonfinite", "stream_triad_"]
 __all__ += [
     "cuda_accumulate_",
     "cuda_compile",
@@ -121,6 +121,7 @@ def cuda_kv_evict_one(
 def accumulate_(acc: list[npt.NDArray[np.float32]], grads: list[npt.NDArray[np.float32]], scale: float, mode: str) -> None: ...
 def ssd_dampen_(params: list[npt.NDArray[np.float32]], imp_full: list[npt.NDArray[np.float32]], imp_forget: list[npt.NDArray[np.float32]], alpha: float, lam: float) -> npt.NDArray[np.int64]: ...
 def find_invalid_importance(imps: list[npt.NDArray[np.float32]]) -> tuple[int, int, float] | None: ...
+def find_nonfinite(xs: list[npt.NDArray[np.float32]]) -> tuple[int, int, float] | None: ...
 def stream_triad_(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32], c: npt.NDArray[np.float32], s: float) -> None: ...
 
 # kvscore

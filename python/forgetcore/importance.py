@@ -117,6 +117,31 @@ def _validate(arg: str, imps: list[torch.Tensor], names: list[str] | None, use_r
         raise ValueError(f"{label}: expected finite non-negative importances, got {v} at flat index {i}")
 
 
+def _check_finite(arg: str, ts: list[torch.Tensor], index: list[int], names: list[str] | None,
+                  use_rust: bool) -> None:
+    """Raise ValueError at the first NaN or infinity of ``ts`` (one read pass, nothing written).
+
+    ``index[k]`` is the position of ``ts[k]`` in the caller's list (for the message).
+    """
+    bad = None
+    if use_rust and all(t.dtype == torch.float32 and t.is_contiguous() for t in ts):
+        bad = _core.find_nonfinite([_checks.numpy_view(t) for t in ts])
+    else:
+        # aminmax reads each tensor once without a temporary; NaN propagates into both ends.
+        ends = [torch.stack(torch.aminmax(t.reshape(-1).float())) for t in ts if t.numel()]
+        nonempty = [k for k, t in enumerate(ts) if t.numel()]
+        if ends and not bool(torch.isfinite(torch.stack(ends)).all()):
+            k = next(k for k, e in zip(nonempty, ends) if not bool(torch.isfinite(e).all()))
+            flat = ts[k].reshape(-1)
+            i = int((~torch.isfinite(flat)).nonzero()[0, 0])
+            bad = (k, i, float(flat[i]))
+    if bad is not None:
+        k, i, v = bad
+        ti = index[k]
+        label = f"{arg}[{names[ti]!r}]" if names is not None else f"{arg}[{ti}]"
+        raise ValueError(f"{label}: expected finite values, got {v} at flat index {i}")
+
+
 def _check_disjoint(arg: str, written: list[torch.Tensor], read: list[torch.Tensor]) -> None:
     """Refuse written tensors that share memory with each other or with what is read.
 
@@ -153,13 +178,16 @@ def _bump_version(params: list[torch.Tensor]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def accumulate_(acc: ImpLike | ParamsLike, grads: ImpLike, scale: float = 1.0, mode: str = "sq") -> None:
+def accumulate_(acc: ImpLike | ParamsLike, grads: ImpLike, scale: float = 1.0, mode: str = "sq", *,
+                validated: bool = False) -> None:
     """``acc[t] += scale * g[t]**2`` (``mode="sq"``) or ``scale * |g[t]|`` (``"abs"``) for every tensor.
 
     ``acc``: float32 tensors (a list or a name -> tensor dict); ``grads``: matching tensors
     (float16/bfloat16 are widened to float32; ``None`` entries add nothing). One fused,
     multi-threaded pass on CPU; bit-identical to ``reference.accumulate_``. Raises before
-    touching ``acc`` if anything is off.
+    touching ``acc`` if anything is off: gradients must be finite, which one read pass checks
+    before anything is written (the update writes every element and cannot be undone in
+    float32); ``validated=True`` skips that pass for gradients the caller vouches for.
     """
     if mode not in ("sq", "abs"):
         raise ValueError(f"mode: expected 'sq' or 'abs', got {mode!r}")
@@ -190,6 +218,9 @@ def accumulate_(acc: ImpLike | ParamsLike, grads: ImpLike, scale: float = 1.0, m
         return
     a_l, g_l = [a for a, _ in pairs], [g for _, g in pairs]
     backend = _backend.choose(a_l[0].device, cuda_kernel=True)
+    if not validated:
+        _check_finite("grads", g_l, [i for i, (_, g) in enumerate(zip(accs, glist)) if g is not None], names,
+                      backend == _backend.RUST)
     if backend == _backend.CUDA and all(a.is_contiguous() for a in a_l):
         # float16/bfloat16 gradients are widened in the kernel (no float32 copy); others copied
         g_l = [g if g.dtype in (torch.float32, torch.float16, torch.bfloat16) else g.to(torch.float32) for g in g_l]

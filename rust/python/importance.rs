@@ -72,6 +72,17 @@ fn find_invalid_importance(
     Ok(py.detach(|| importance::validate(&s)))
 }
 
+/// (tensor index, element index, value) of the first NaN or infinity, or None: the check of
+/// gradients before `accumulate_` writes anything.
+#[pyfunction]
+fn find_nonfinite(
+    py: Python<'_>,
+    xs: Vec<PyReadonlyArrayDyn<'_, f32>>,
+) -> PyResult<Option<(usize, usize, f32)>> {
+    let s = slices(&xs, "xs")?;
+    Ok(py.detach(|| importance::find_nonfinite(&s)))
+}
+
 /// Stream triad a = b + s * c on the kernels' threads and chunking: the bandwidth yardstick
 /// the benchmarks of memory-bound kernels report against.
 #[pyfunction]
@@ -104,6 +115,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(accumulate_, m)?)?;
     m.add_function(wrap_pyfunction!(ssd_dampen_, m)?)?;
     m.add_function(wrap_pyfunction!(find_invalid_importance, m)?)?;
+    m.add_function(wrap_pyfunction!(find_nonfinite, m)?)?;
     m.add_function(wrap_pyfunction!(stream_triad_, m)?)?;
     Ok(())
 }
