@@ -202,13 +202,23 @@ def fmt_value(v: float, unit: str) -> str:
     return f"{v:.0f} %" if unit == "%" else f"{v:.2f}x"
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, first_left: bool = True) -> str:
-    """Aligned plain-text table: the first column left-aligned, the others right-aligned."""
-    cells = [[str(h) for h in header]] + [[c if isinstance(c, str) else f"{c}" for c in r] for r in rows]
+def _numeric(cell: str) -> bool:
+    c = cell.strip().removesuffix("%").removesuffix("x").removeprefix("x").strip()
+    try:
+        float(c)
+        return True
+    except ValueError:
+        return c in ("", "-")
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Aligned plain-text table: numeric columns right-aligned, text columns left-aligned."""
+    cells = [[str(h) for h in header]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    right = [all(_numeric(r[i]) for r in cells[1:]) for i in range(len(header))]
     lines = []
     for j, r in enumerate(cells):
-        parts = [c.ljust(w) if (i == 0 and first_left) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        parts = [c.rjust(w) if right[i] else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
         lines.append("  ".join(parts).rstrip())
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))

@@ -71,7 +71,7 @@ def main() -> int:
                      t.note])
     for name, rc in failed:
         rows.append([name, "(benchmark failed)", "-", "-", f"exit {rc}", ""])
-    print(table(["bench", "target", "measured", "target", "status", "note"], rows))
+    print(table(["bench", "what", "measured", "target", "status", "note"], rows))
     met = sum(1 for t in targets if t.value == t.value and t.met)
     print(f"{met} of {len(targets)} targets met" + (f"; {len(failed)} benchmark(s) failed" if failed else ""))
     bad = failed or any(not (t.value == t.value and t.met) for t in targets)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
-from tqdm.auto import tqdm
+from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
 from . import _checks
 
@@ -338,7 +338,7 @@ def _fast_pass(model, fast, names_of, acc, x, y, loss_fn, chunk_size) -> None:
         xin, g = saved[m][0].float(), g.float()
         if isinstance(m, nn.Linear):
             _linear(m, names_of, acc, xin, g, chunk_size)
-        else:
+        elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
             _conv(m, names_of, acc, xin, g)
 
 
@@ -386,11 +386,11 @@ def _conv(m: nn.Conv1d | nn.Conv2d, names_of, acc, xin: torch.Tensor, g: torch.T
     positions. Samples go in chunks whose unfolded input stays under ``UNFOLD_BUDGET`` elements.
     """
     w, b = m.weight, m.bias
+    # _contractible admitted numeric padding only: every geometry entry is an int here.
+    ks, dil, pad, st = (tuple(int(v) for v in t) for t in (m.kernel_size, m.dilation, m.padding, m.stride))
     if isinstance(m, nn.Conv1d):  # a 1-D convolution is a 2-D one of height 1
         xin = xin.unsqueeze(2)
-        ks, dil, pad, st = (1, m.kernel_size[0]), (1, m.dilation[0]), (0, m.padding[0]), (1, m.stride[0])
-    else:
-        ks, dil, pad, st = m.kernel_size, m.dilation, m.padding, m.stride
+        ks, dil, pad, st = (1, *ks), (1, *dil), (0, *pad), (1, *st)
     n, o = g.shape[0], g.shape[1]
     g = g.reshape(n, o, -1)
     k = w[0].numel()
