@@ -220,6 +220,20 @@ mod tests {
     }
 
     #[test]
+    fn find_nonfinite_allows_negatives_and_finds_the_first() {
+        let a = vec![-3.0f32; 100_000];
+        let mut b = vec![f32::MAX; 70_000];
+        b[0] = -0.0;
+        assert_eq!(find_nonfinite(&[&a, &b]), None);
+        b[66_000] = f32::NEG_INFINITY;
+        b[40_000] = f32::NAN;
+        let (t, i, _) = find_nonfinite(&[&a, &b]).unwrap();
+        assert_eq!((t, i), (1, 40_000));
+        assert_eq!(find_nonfinite(&[&[f32::INFINITY]]).map(|r| r.1), Some(0));
+        assert_eq!(find_nonfinite(&[]), None);
+    }
+
+    #[test]
     fn empty_lists_and_tensors() {
         let mut ps: Vec<&mut [f32]> = vec![];
         assert_eq!(

@@ -85,8 +85,8 @@ pub fn any_bad_scalar(s: &[f32], kind: Bad) -> bool {
     let mut lanes = [false; 16];
     let mut it = s.chunks_exact(16);
     for block in &mut it {
-        for k in 0..16 {
-            lanes[k] |= is_bad(block[k], kind);
+        for (lane, &x) in lanes.iter_mut().zip(block) {
+            *lane |= is_bad(x, kind);
         }
     }
     lanes.iter().any(|&l| l) || it.remainder().iter().any(|&x| is_bad(x, kind))
