@@ -95,6 +95,9 @@ fn first_bad(xs: &[&[f32]], kind: Bad) -> Option<(usize, usize, f32)> {
         .min_by_key(|&(t, i, _)| (t, i))
 }
 
+/// One chunk of SSD's work: (tensor index, theta, imp_full, imp_forget).
+type DampenWork<'a> = (usize, &'a mut [f32], &'a [f32], &'a [f32]);
+
 /// SSD dampening over a list of tensors; returns the number of selected elements per tensor.
 ///
 /// `alpha` and `lam` are the float32 values the reference multiplies by (torch casts a Python
@@ -124,7 +127,7 @@ pub fn ssd_dampen(
     ensure(lam.is_finite() && lam >= 0.0, "lam", || {
         format!("expected a finite number >= 0, got {lam}")
     })?;
-    let mut work: Vec<(usize, &mut [f32], &[f32], &[f32])> = Vec::new();
+    let mut work: Vec<DampenWork> = Vec::new();
     for (t, ((p, d), f)) in params.iter_mut().zip(imp_full).zip(imp_forget).enumerate() {
         for ((pc, dc), fc) in p
             .chunks_mut(CHUNK)

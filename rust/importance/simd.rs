@@ -1,7 +1,8 @@
 //! The per-chunk loops of the importance kernels, written once per instruction set.
 //!
-//! Each loop exists as explicit AVX-512 and AVX2 code, chosen at run time, and as portable
-//! code for other CPUs (and as the oracle of the tests). All of them give bit-identical
+//! Each loop exists as explicit AVX2 code, chosen at run time, and as portable code for other
+//! CPUs (and as the oracle of the tests). (AVX-512 intrinsics need Rust 1.89; the crate's
+//! MSRV is 1.85, and these loops are bound by memory, not by vector width.) All of them give bit-identical
 //! results: the same IEEE float32 operations in the same order (no fused multiply-add).
 //!
 //! Why explicit, branch-free code for SSD: the earlier loop tested 16 lanes and took a scalar
@@ -18,15 +19,9 @@
 pub fn dampen(theta: &mut [f32], d: &[f32], f: &[f32], alpha: f32, lam: f32) -> i64 {
     debug_assert!(d.len() == theta.len() && f.len() == theta.len());
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above); lengths are equal.
-            return unsafe { x86::dampen_avx512(theta, d, f, alpha, lam) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above); lengths are equal.
-            return unsafe { x86::dampen_avx2(theta, d, f, alpha, lam) };
-        }
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above); lengths are equal.
+        return unsafe { x86::dampen_avx2(theta, d, f, alpha, lam) };
     }
     dampen_scalar(theta, d, f, alpha, lam)
 }
@@ -59,7 +54,7 @@ pub enum Bad {
 #[inline(always)]
 fn is_bad(x: f32, kind: Bad) -> bool {
     match kind {
-        Bad::NotNonNegativeFinite => !(x >= 0.0 && x < f32::INFINITY),
+        Bad::NotNonNegativeFinite => !(0.0..f32::INFINITY).contains(&x), // -0.0 is in, NaN out
         Bad::NotFinite => !x.is_finite(),
     }
 }
@@ -67,15 +62,9 @@ fn is_bad(x: f32, kind: Bad) -> bool {
 /// True if `s` holds a value of the `kind` looked for. One read pass, no branch per element.
 pub fn any_bad(s: &[f32], kind: Bad) -> bool {
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above).
-            return unsafe { x86::any_bad_avx512(s, kind) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            return unsafe { x86::any_bad_avx2(s, kind) };
-        }
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { x86::any_bad_avx2(s, kind) };
     }
     any_bad_scalar(s, kind)
 }
@@ -101,14 +90,14 @@ pub fn first_bad(s: &[f32], kind: Bad) -> Option<usize> {
 /// `a[i] += (g[i] * g[i]) * scale` (`sq`) or `|g[i]| * scale`, the order of the reference.
 pub fn accumulate(a: &mut [f32], g: &[f32], scale: f32, sq: bool) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports AVX-512F (checked just above).
-        return unsafe { x86::accumulate_avx512(a, g, scale, sq) };
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { x86::accumulate_avx2(a, g, scale, sq) };
     }
     accumulate_scalar(a, g, scale, sq)
 }
 
-/// Portable [`accumulate`]: a plain zip the compiler vectorises (SSE2 here, AVX-512 when
+/// Portable [`accumulate`]: a plain zip the compiler vectorises (SSE2 here, AVX2 when
 /// compiled inside a function with that target feature).
 #[inline(always)]
 pub fn accumulate_scalar(a: &mut [f32], g: &[f32], scale: f32, sq: bool) {
@@ -127,46 +116,6 @@ pub fn accumulate_scalar(a: &mut [f32], g: &[f32], scale: f32, sq: bool) {
 mod x86 {
     use super::{accumulate_scalar, any_bad_scalar, dampen_scalar, Bad};
     use std::arch::x86_64::*;
-
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn dampen_avx512(
-        theta: &mut [f32],
-        d: &[f32],
-        f: &[f32],
-        alpha: f32,
-        lam: f32,
-    ) -> i64 {
-        let n = theta.len();
-        let full = n - n % 16;
-        let (va, vl, one) = (
-            _mm512_set1_ps(alpha),
-            _mm512_set1_ps(lam),
-            _mm512_set1_ps(1.0),
-        );
-        let (tp, dp, fp) = (theta.as_mut_ptr(), d.as_ptr(), f.as_ptr());
-        let mut count = 0u64;
-        let mut i = 0;
-        while i < full {
-            // SAFETY: i + 16 <= n for all three slices (equal lengths); only the selected
-            // lanes are written.
-            unsafe {
-                let (tv, dv, fv) = (
-                    _mm512_loadu_ps(tp.add(i)),
-                    _mm512_loadu_ps(dp.add(i)),
-                    _mm512_loadu_ps(fp.add(i)),
-                );
-                let sel = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(fv, _mm512_mul_ps(va, dv));
-                let beta = _mm512_div_ps(_mm512_mul_ps(vl, dv), fv);
-                // beta > 1 -> 1; NaN compares false and stays NaN, like the scalar `if`.
-                let beta =
-                    _mm512_mask_mov_ps(beta, _mm512_cmp_ps_mask::<_CMP_GT_OQ>(beta, one), one);
-                _mm512_mask_storeu_ps(tp.add(i), sel, _mm512_mul_ps(tv, beta));
-                count += u64::from(sel.count_ones());
-            }
-            i += 16;
-        }
-        count as i64 + dampen_scalar(&mut theta[full..], &d[full..], &f[full..], alpha, lam)
-    }
 
     #[target_feature(enable = "avx2")]
     pub unsafe fn dampen_avx2(
@@ -204,41 +153,6 @@ mod x86 {
             i += 8;
         }
         count as i64 + dampen_scalar(&mut theta[full..], &d[full..], &f[full..], alpha, lam)
-    }
-
-    /// Lanes of `x` that are bad, as a 16-bit mask.
-    #[inline(always)]
-    unsafe fn bad512(x: __m512, kind: Bad) -> __mmask16 {
-        let inf = _mm512_set1_ps(f32::INFINITY);
-        match kind {
-            Bad::NotNonNegativeFinite => {
-                let ge0 = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_setzero_ps());
-                let ltinf = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, inf);
-                !(ge0 & ltinf)
-            }
-            Bad::NotFinite => !_mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_abs_ps(x), inf),
-        }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn any_bad_avx512(s: &[f32], kind: Bad) -> bool {
-        // Four independent accumulators keep the loads flowing; one test at the end.
-        let n = s.len();
-        let full = n - n % 64;
-        let p = s.as_ptr();
-        let (mut m0, mut m1, mut m2, mut m3) = (0u16, 0u16, 0u16, 0u16);
-        let mut i = 0;
-        while i < full {
-            // SAFETY: i + 64 <= n.
-            unsafe {
-                m0 |= bad512(_mm512_loadu_ps(p.add(i)), kind);
-                m1 |= bad512(_mm512_loadu_ps(p.add(i + 16)), kind);
-                m2 |= bad512(_mm512_loadu_ps(p.add(i + 32)), kind);
-                m3 |= bad512(_mm512_loadu_ps(p.add(i + 48)), kind);
-            }
-            i += 64;
-        }
-        (m0 | m1 | m2 | m3) != 0 || any_bad_scalar(&s[full..], kind)
     }
 
     #[inline(always)]
@@ -283,9 +197,9 @@ mod x86 {
         _mm256_movemask_ps(m) != 0 || any_bad_scalar(&s[full..], kind)
     }
 
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn accumulate_avx512(a: &mut [f32], g: &[f32], scale: f32, sq: bool) {
-        // The portable loop compiled with 16-lane registers (Rust never contracts to FMA).
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn accumulate_avx2(a: &mut [f32], g: &[f32], scale: f32, sq: bool) {
+        // The portable loop compiled with 8-lane registers (Rust never contracts to FMA).
         accumulate_scalar(a, g, scale, sq)
     }
 }

@@ -111,7 +111,7 @@ fn check(mats: &[MatView<'_>], allow_empty: bool) -> Result<()> {
                 )
             },
         )?;
-        ensure(allow_empty || a.data.len() > 0, &arg, || {
+        ensure(allow_empty || !a.data.is_empty(), &arg, || {
             format!(
                 "expected a non-empty matrix, got shape ({}, {})",
                 a.rows, a.cols
