@@ -1,19 +1,20 @@
 //! The per-chunk loops of the importance kernels, written once per instruction set.
 //!
 //! Each loop exists as explicit AVX2 code, chosen at run time, and as portable code for other
-//! CPUs (and as the oracle of the tests). (AVX-512 intrinsics need Rust 1.89; the crate's
-//! MSRV is 1.85, and these loops are bound by memory, not by vector width.) All of them give bit-identical
-//! results: the same IEEE float32 operations in the same order (no fused multiply-add).
+//! CPUs (and as the oracle of the tests). AVX-512 intrinsics need Rust 1.89 and the crate's
+//! MSRV is 1.85; these loops are bound by memory, not by vector width. All paths give
+//! bit-identical results: the same IEEE float32 operations in the same order (no FMA).
 //!
-//! Why explicit, branch-free code for SSD: the earlier loop tested 16 lanes and took a scalar
-//! path (a branch per element) for every block holding a selected element, about 15 % of the
-//! blocks when 1 % of the elements are selected. Each such block is a mispredicted branch, and
-//! a mispredicted branch throws away the loads issued beyond it: the core then keeps only a
-//! few cache misses in flight and the loop runs at memory latency, not bandwidth (12 % of the
-//! triad on the 124M GPT-2 shapes out of cache, 45 % on ResNet-18's, which fits in a large
-//! L3). Here every vector of `theta`, `d` and `f` is loaded in stream order, the factor is
-//! computed for all lanes (a division per element is far cheaper than a cache miss), and the
+//! Why explicit code for SSD: the earlier loop tested 16 lanes and then took a scalar path,
+//! with a branch per element, for every block holding a selected element (about 15 % of the
+//! blocks when 1 % of the elements are selected), and read `theta` only there, out of stream
+//! order. Here each 8-lane vector of `theta`, `d` and `f` is loaded in stream order, one
+//! branch per vector skips the division and the store when no lane is selected, and the
 //! store is masked: unselected elements are never written, so their cache lines stay clean.
+//! Measured side by side on this 2-core machine under load (about 4 on 2 CPUs, so indicative
+//! only): 1.2x faster than the earlier loop on both the ResNet-18 and the 124M GPT-2 shapes,
+//! and faster than a fully branch-free variant (division and masked store for every vector),
+//! 8.5 against 10.7 ms on ResNet-18 and 87 against 115 ms at 124M.
 
 /// `theta[i] *= min(lam * d[i] / f[i], 1)` where `f[i] > alpha * d[i]`; returns the count.
 pub fn dampen(theta: &mut [f32], d: &[f32], f: &[f32], alpha: f32, lam: f32) -> i64 {
@@ -145,10 +146,17 @@ mod x86 {
                     _mm256_loadu_ps(fp.add(i)),
                 );
                 let sel = _mm256_cmp_ps::<_CMP_GT_OQ>(fv, _mm256_mul_ps(va, dv));
-                let beta = _mm256_div_ps(_mm256_mul_ps(vl, dv), fv);
-                let beta = _mm256_blendv_ps(beta, one, _mm256_cmp_ps::<_CMP_GT_OQ>(beta, one));
-                _mm256_maskstore_ps(tp.add(i), _mm256_castps_si256(sel), _mm256_mul_ps(tv, beta));
-                count += u64::from(_mm256_movemask_ps(sel).count_ones());
+                let bits = _mm256_movemask_ps(sel);
+                if bits != 0 {
+                    let beta = _mm256_div_ps(_mm256_mul_ps(vl, dv), fv);
+                    let beta = _mm256_blendv_ps(beta, one, _mm256_cmp_ps::<_CMP_GT_OQ>(beta, one));
+                    _mm256_maskstore_ps(
+                        tp.add(i),
+                        _mm256_castps_si256(sel),
+                        _mm256_mul_ps(tv, beta),
+                    );
+                    count += u64::from(bits.count_ones());
+                }
             }
             i += 8;
         }
