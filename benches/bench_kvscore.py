@@ -20,36 +20,30 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "baselines"))
-from official_kv import official_decode_step
-
+from baselines.official_kv import official_decode_step
 from forgetcore import kvscore, reference
+from harness import Run, table, time_in_turns
 
 
-def timeit(fn, reps: int, warm: int = 2) -> float:
-    for _ in range(warm):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
+class Deferred:
+    """A side of a comparison, timed later by :func:`resolve` in turns with the others."""
+
+    def __init__(self, fn, reps: int):
+        self.fn, self.reps = fn, reps
 
 
-def triad_gbs(n: int = 20_000_000) -> float:
-    a, b, c = np.zeros(n, np.float32), np.random.rand(n).astype(np.float32), np.random.rand(n).astype(np.float32)
+def timeit(fn, reps: int) -> Deferred:
+    return Deferred(fn, reps)
 
-    def f():
-        np.multiply(c, np.float32(1.5), out=a)
-        np.add(a, b, out=a)
-    t = timeit(f, 5)
-    return 3 * 4 * n / t / 1e9 * (2 / 2)   # a = b + s*c touches 3 arrays (ours writes a twice)
+
+def resolve(res: dict[str, Deferred]) -> dict[str, float]:
+    """Median time of every side, taken in turns (benches/harness.py) after two warm-ups each."""
+    reps = max(d.reps for d in res.values())
+    times = time_in_turns({k: d.fn for k, d in res.items()}, reps, warmup=2)
+    return {k: t.median for k, t in times.items()}
 
 
 def decode_step(h=32, d=128, n_select=1024, n_recent=128, alpha=0.9, reps=30):
@@ -74,7 +68,8 @@ def decode_step(h=32, d=128, n_select=1024, n_recent=128, alpha=0.9, reps=30):
         sc.scatter_(-1, e, 0.0)
 
     return {"baseline (official/kvpress re-gather)": timeit(base, reps),
-            "reference (torch, in place)": timeit(lambda: inplace(reference.kv_accumulate_, reference.kv_evict_one), reps),
+            "reference (torch, in place)": timeit(
+                lambda: inplace(reference.kv_accumulate_, reference.kv_evict_one), reps),
             "forgetcore (Rust, in place)": timeit(lambda: inplace(kvscore.accumulate_, kvscore.evict_one), reps)}
 
 
@@ -93,8 +88,10 @@ def one_shot(h=32, d=128, t=4096, n_select=1024, n_recent=128, reps=10):
 
     b = n_select + n_recent
     return {"baseline (topk + cat + gather)": timeit(base, reps),
-            "reference (torch select_keep + gather)": timeit(lambda: gather(reference.kv_select_keep(scores, b, 0, n_recent)), reps),
-            "forgetcore (Rust select_keep + gather)": timeit(lambda: gather(kvscore.select_keep(scores, b, 0, n_recent)), reps)}
+            "reference (torch select_keep + gather)": timeit(
+                lambda: gather(reference.kv_select_keep(scores, b, 0, n_recent)), reps),
+            "forgetcore (Rust select_keep + gather)": timeit(
+                lambda: gather(kvscore.select_keep(scores, b, 0, n_recent)), reps)}
 
 
 def prefill_chunk(h=32, t=4096, q=512, alpha=0.9, reps=5):
@@ -141,39 +138,48 @@ def _e2e_child(budget_frac: float | None, prompt_tokens: int, new_tokens: int) -
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--e2e", action="store_true", help="also run the SmolLM2 end-to-end comparison")
-    ap.add_argument("--e2e-only", action="store_true", help="only the SmolLM2 end-to-end comparison")
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--prompt-tokens", type=int, default=2000)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                    help="torch threads (rayon follows RAYON_NUM_THREADS); 1 avoids oversubscription on busy machines")
-    args = ap.parse_args()
-    if args.child is not None:
+    def extra(ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--e2e", action="store_true", help="also run the SmolLM2 end-to-end comparison")
+        ap.add_argument("--e2e-only", action="store_true", help="only the SmolLM2 end-to-end comparison")
+        ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+        ap.add_argument("--prompt-tokens", type=int, default=2000)
+        ap.add_argument("--new-tokens", type=int, default=32)
+        ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads (rayon follows RAYON_NUM_THREADS); 1 avoids oversubscription")
+
+    if "--child" in sys.argv:  # one end-to-end configuration, in its own process: JSON out only
+        ap = argparse.ArgumentParser()
+        extra(ap)
+        ap.add_argument("--quick", action="store_true")
+        args = ap.parse_args()
         frac = None if args.child == "full" else float(args.child)
         print(json.dumps(_e2e_child(frac, args.prompt_tokens, args.new_tokens)))
         return
+    run = Run("kvscore", __doc__.split("\n\n")[0], add_args=extra)
+    args = run.args
     torch.set_num_threads(args.threads)
     if args.e2e_only:
         _e2e(args)
+        run.finish()
         return
-    bw = triad_gbs()
-    print(f"threads: torch {torch.get_num_threads()}, stream triad {bw:.1f} GB/s")
-    for title, res in [("decode step (1 x 32 heads, budget 1024 + 128 recent, head_dim 128)", decode_step()),
-                       ("one-shot select (1 x 32 heads, T = 4096 -> 1152, + K/V gather)", one_shot())]:
+    bw = run.triads[0]
+    div = 3 if run.quick else 1  # --quick: a third of the repetitions
+    for title, res in [("decode step (1 x 32 heads, budget 1024 + 128 recent, head_dim 128)",
+                        resolve(decode_step(reps=30 // div))),
+                       ("one-shot select (1 x 32 heads, T = 4096 -> 1152, + K/V gather)", resolve(one_shot()))]:
         base = next(iter(res.values()))
         print(f"\n{title}")
-        for k, v in res.items():
-            print(f"  {k:45s} {v * 1e6:10.1f} us   x{base / v:6.2f} vs baseline")
-    res, nbytes = prefill_chunk()
+        print(table(["side", "us", "vs baseline"], [[k, f"{v * 1e6:.1f}", f"x{base / v:.2f}"] for k, v in res.items()]))
+    deferred, nbytes = prefill_chunk(reps=5 if not run.quick else 3)
+    res = resolve(deferred)
     base = next(iter(res.values()))
     print("\nprefill chunk accumulate (1 x 32 heads, q = 512, T = 4096)")
-    for k, v in res.items():
-        print(f"  {k:45s} {v * 1e3:10.2f} ms   x{base / v:6.2f} vs baseline   {nbytes / v / 1e9:6.1f} GB/s "
-              f"({nbytes / v / 1e9 / bw * 100:.0f}% of triad)")
+    print(table(["side", "ms", "vs baseline", "GB/s", "% of triad"],
+                [[k, f"{v * 1e3:.2f}", f"x{base / v:.2f}", f"{nbytes / v / 1e9:.1f}",
+                  f"{nbytes / v / 1e9 / bw * 100:.0f} %"] for k, v in res.items()]))
     if args.e2e or args.e2e_only:
         _e2e(args)
+    run.finish()
 
 
 def _e2e(args) -> None:

@@ -13,20 +13,23 @@ Sets: GPT-2-small-shaped (12 x {768x2304, 768x768, 768x3072, 3072x768}, random i
 largest relative deviation of kappa from the reference. The kernels are compute-bound (O(m n^2)
 flops on O(m n) bytes), so no bandwidth column.
 
-    PYTHONPATH=python python benches/bench_spectral.py [--sets gpt2,big,smollm2] [--repeat N]
+    PYTHONPATH=python python benches/bench_spectral.py [--quick] [--sets gpt2,big,smollm2] [--repeat N]
         [--methods auto,gram,svd] [--no-reference] [--torch-threads 1]
+
+Target: kappa of 4 x 4096^2 at least as fast as the svdvals loop, within 1e-4 relative error.
+``--quick``: the GPT-2 set and 4 x 1024^2 (the target is then measured at that size).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numpy as np
 import torch
 
 from forgetcore import _core, reference, spectral
+from harness import Run, table, time_in_turns
 
 
 def gpt2_set(seed: int = 0) -> list[torch.Tensor]:
@@ -35,9 +38,9 @@ def gpt2_set(seed: int = 0) -> list[torch.Tensor]:
     return [torch.randn(m, n, generator=g) * 0.02 for _ in range(12) for m, n in shapes]
 
 
-def big_set(seed: int = 0) -> list[torch.Tensor]:
+def big_set(seed: int = 0, n: int = 4096) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(4096, 4096, generator=g) * 0.02 for _ in range(4)]
+    return [torch.randn(n, n, generator=g) * 0.02 for _ in range(4)]
 
 
 def smollm2_set() -> list[torch.Tensor]:
@@ -65,13 +68,15 @@ def baseline(mats: list[torch.Tensor]) -> np.ndarray:
     return np.array(out)
 
 
-def timed(fn, repeat: int) -> tuple[float, np.ndarray]:
-    best, res = float("inf"), None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        res = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, np.asarray(res, dtype=np.float64)
+def timed_in_turns(fns: dict, repeat: int) -> dict[str, tuple[float, np.ndarray]]:
+    """Best time of each side over ``repeat`` rounds taken in turns, with the side's result."""
+    out: dict[str, np.ndarray] = {}
+
+    def keep(k, fn):
+        return lambda: out.__setitem__(k, np.asarray(fn(), dtype=np.float64))
+
+    times = time_in_turns({k: keep(k, fn) for k, fn in fns.items()}, repeat, warmup=0)
+    return {k: (times[k].best, out[k]) for k in fns}
 
 
 def rel_err(x: np.ndarray, ref: np.ndarray) -> float:
@@ -82,33 +87,41 @@ def rel_err(x: np.ndarray, ref: np.ndarray) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sets", default="gpt2,big,smollm2")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--no-reference", action="store_true", help="skip the float64 reference (slow on big sets)")
-    ap.add_argument("--methods", default="auto,gram,svd", help="forgetcore methods to time")
-    ap.add_argument("--torch-threads", type=int, default=1, help="torch threads for baseline and reference")
-    args = ap.parse_args()
+    def extra(ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--sets", default=None, help="comma-separated sets (default gpt2,big,smollm2; "
+                        "--quick: gpt2,big with 1024x1024 big matrices)")
+        ap.add_argument("--repeat", type=int, default=3)
+        ap.add_argument("--no-reference", action="store_true", help="skip the float64 reference (slow on big sets)")
+        ap.add_argument("--methods", default="auto,gram,svd", help="forgetcore methods to time")
+        ap.add_argument("--torch-threads", type=int, default=1, help="torch threads for baseline and reference")
+
+    run = Run("spectral", __doc__.split("\n\n")[0], triad=False, add_args=extra)
+    args = run.args
     torch.set_num_threads(args.torch_threads)
+    sets = args.sets or ("gpt2,big" if run.quick else "gpt2,big,smollm2")
+    big_n = 1024 if run.quick else 4096
     print(f"torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
           f"rayon threads {_core.num_threads()}")
-    makers = {"gpt2": ("GPT-2-small set (48)", gpt2_set), "big": ("4 x 4096x4096", big_set),
+    makers = {"gpt2": ("GPT-2-small set (48)", gpt2_set),
+              "big": (f"4 x {big_n}x{big_n}", lambda: big_set(n=big_n)),
               "smollm2": ("SmolLM2-135M (all)", smollm2_set)}
     rows = []
-    for key in args.sets.split(","):
+    for key in sets.split(","):
         label, make = makers[key]
         mats = make()
         repeat = args.repeat if key != "big" else 1
-        t_base, k_base = timed(lambda: baseline(mats), repeat)
         methods = args.methods.split(",")
-        res = {f"forgetcore {m}": timed(lambda m=m: spectral.kappa(mats, method=m).numpy(), repeat)
-               for m in methods}
+        sides = {"baseline svdvals loop": lambda mats=mats: baseline(mats)}
+        for m in methods:
+            sides[f"forgetcore {m}"] = lambda m=m, mats=mats: spectral.kappa(mats, method=m).numpy()
+        res = timed_in_turns(sides, repeat)
+        t_base, k_base = res.pop("baseline svdvals loop")
         if args.no_reference:
             # float64 SVD of the same float32 matrices when it ran, else the Auto result.
             ref_name = "forgetcore svd" if "svd" in methods else f"forgetcore {methods[0]}"
             ref = res[ref_name][1]
         else:
-            t_ref, ref = timed(lambda: reference.kappa(mats).numpy(), 1)
+            t_ref, ref = timed_in_turns({"ref": lambda mats=mats: reference.kappa(mats).numpy()}, 1)["ref"]
             ref_name = "reference"
             res["reference (f64 svdvals)"] = (t_ref, ref)
         rows.append((label, "baseline svdvals loop", t_base, 1.0, rel_err(k_base, ref)))
@@ -117,11 +130,16 @@ def main() -> None:
         kap = ref[np.isfinite(ref)]
         print(f"{label}: {len(mats)} matrices, kappa {kap.min():.3g} .. {kap.max():.3g}, "
               f"{int(np.sum(ref > 1e4))} above 1e4; errors against {ref_name}", flush=True)
+        if key == "big" and "forgetcore auto" in res:
+            t_fc, k_fc = res["forgetcore auto"]
+            err = rel_err(k_fc, ref)
+            run.target(f"kappa of 4 x {big_n}^2: svdvals loop time / forgetcore time", t_base / t_fc, 1.0,
+                       note=f"forgetcore rel. error {err:.1e} (needs <= 1e-4; torch float32 "
+                            f"{rel_err(k_base, ref):.1e}){'' if err <= 1e-4 else ' ACCURACY MISSED'}")
     print()
-    print("| set | side | time (s) | speed-up vs baseline | max rel. error of kappa |")
-    print("|---|---|---:|---:|---:|")
-    for label, name, t, sp, err in rows:
-        print(f"| {label} | {name} | {t:.3f} | {sp:.2f}x | {err:.1e} |")
+    print(table(["set", "side", "time (s)", "speed-up vs baseline", "max rel. error of kappa"],
+                [[label, name, f"{t:.3f}", f"{sp:.2f}x", f"{err:.1e}"] for label, name, t, sp, err in rows]))
+    run.finish()
 
 
 if __name__ == "__main__":

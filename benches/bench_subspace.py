@@ -7,33 +7,29 @@
    forgetcore ``extend_bases`` vs torch (eigh of the Gram matrix R^T R) vs GPM's two-SVD numpy.
 3. The memory-bound flat projection (GU) against torch, in GB/s next to a stream triad.
 
+Every comparison is timed in turns (benches/harness.py); the triad is the harness's (Rust,
+3 x 128 MiB). Target: extension at least as fast as torch's eigh path.
+
 Run: PYTHONPATH=python python benches/bench_subspace.py [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import sys
-import time
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 from baselines import gpm_numpy
-from forgetcore import _core, subspace
+from forgetcore import subspace
+from harness import Run, table, time_in_turns
 
 
 def timeit(fn, reps: int, setup=None) -> float:
-    times = []
-    for _ in range(reps + 1):
-        if setup:
-            setup()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])  # first run warms caches and thread pools
+    """Median of ``reps`` runs after a warm-up (one side alone: the slow GPM baseline)."""
+    return time_in_turns({"f": fn}, reps, setup=setup)["f"].median
+
+
+def in_turns(fns: dict, reps: int, setup=None) -> dict[str, float]:
+    """Median time of each side, taken in turns after a warm-up of each."""
+    return {k: t.median for k, t in time_in_turns(fns, reps, setup=setup).items()}
 
 
 def orth(d: int, r: int, seed: int) -> torch.Tensor:
@@ -57,49 +53,46 @@ def torch_extend(bases, reps, threshold):
     return out
 
 
-def triad_gbs(n: int = 20_000_000) -> float:
-    a, b, c = (torch.empty(n).uniform_() for _ in range(3))
-    t = timeit(lambda: torch.add(b, c, alpha=3.0, out=a), 5)
-    return 3 * 4 * n / t / 1e9
+def project_case(g0: list[torch.Tensor], rank: int, reps: int) -> tuple:
+    """Projection of the gradients ``g0`` against random orthonormal bases of ``rank``: one table row."""
+    layers, (out_d, in_d) = len(g0), g0[0].shape
+    bases = [orth(in_d, rank, 100 + i) for i in range(layers)]
+    proj = gpm_numpy.dense_projectors(bases)
+    grads = [g.clone() for g in g0]
+
+    def reset():
+        for g, s in zip(grads, g0):
+            g.copy_(s)
+
+    def torch_best():
+        for g, u in zip(grads, bases):
+            g.addmm_(g @ u, u.T, alpha=-1.0)
+
+    t = in_turns({"fc": lambda: subspace.project_out_(grads, bases),
+                  "fc no check": lambda: subspace.project_out_(grads, bases, check=False),
+                  "torch": torch_best}, reps, reset)
+    t_fc, t_fc_nc, t_torch = t["fc"], t["fc no check"], t["torch"]
+    t_gpm = timeit(lambda: gpm_numpy.project_dense(grads, proj), 1, reset)  # ~170 GFLOP a run
+    flops = layers * 4 * out_d * in_d * rank
+    # correctness on the same data
+    reset()
+    subspace.project_out_(grads, bases)
+    want = [s - (s @ u) @ u.T for s, u in zip(g0, bases)]
+    assert max(float((g - w).abs().max()) for g, w in zip(grads, want)) < 1e-3
+    return (f"project 12x(768x3072) rank {rank}", t_fc, t_torch, t_gpm,
+            f"{flops / t_fc / 1e9:.0f} GFLOP/s; no check {t_fc_nc * 1e3:.1f} ms")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    reps = 3 if args.quick else 7
-    print(f"threads: torch {torch.get_num_threads()}, rayon {_core.num_threads()}")
+    run = Run("subspace", __doc__.split("\n\n")[0])
+    reps = 3 if run.quick else 7
     rows = []
 
     # 1. projection
     layers, out_d, in_d = 12, 768, 3072
     g0 = [torch.randn(out_d, in_d, generator=torch.Generator().manual_seed(i)) for i in range(layers)]
     for rank in (64, 256):
-        bases = [orth(in_d, rank, 100 + i) for i in range(layers)]
-        proj = gpm_numpy.dense_projectors(bases)
-        grads = [g.clone() for g in g0]
-
-        def reset():
-            for g, s in zip(grads, g0):
-                g.copy_(s)
-
-        t_fc = timeit(lambda: subspace.project_out_(grads, bases), reps, reset)
-        t_fc_nc = timeit(lambda: subspace.project_out_(grads, bases, check=False), reps, reset)
-
-        def torch_best():
-            for g, u in zip(grads, bases):
-                g.addmm_(g @ u, u.T, alpha=-1.0)
-
-        t_torch = timeit(torch_best, reps, reset)
-        t_gpm = timeit(lambda: gpm_numpy.project_dense(grads, proj), 1, reset)  # ~170 GFLOP a run
-        flops = layers * 4 * out_d * in_d * rank
-        rows.append((f"project 12x(768x3072) rank {rank}", t_fc, t_torch, t_gpm,
-                     f"{flops / t_fc / 1e9:.0f} GFLOP/s; no check {t_fc_nc * 1e3:.1f} ms"))
-        # correctness on the same data
-        reset()
-        subspace.project_out_(grads, bases)
-        want = [s - (s @ u) @ u.T for s, u in zip(g0, bases)]
-        assert max(float((g - w).abs().max()) for g, w in zip(grads, want)) < 1e-3
+        rows.append(project_case(g0, rank, reps))
 
     # 2. basis extension
     d, n, r0, th = 768, 512, 64, 0.97
@@ -109,8 +102,11 @@ def main() -> None:
     reps_t = [((torch.randn(d, d, generator=gen) * scale) @ torch.randn(d, n, generator=gen)).contiguous()
               for _ in range(layers)]
     bases = [orth(d, r0, 200 + i) for i in range(layers)]
-    t_fc = timeit(lambda: subspace.extend_bases(bases, reps_t, th), reps)
-    t_torch = timeit(lambda: torch_extend(bases, reps_t, th), reps)
+    t = in_turns({"fc": lambda: subspace.extend_bases(bases, reps_t, th),
+                  "torch": lambda: torch_extend(bases, reps_t, th)}, reps)
+    t_fc, t_torch = t["fc"], t["torch"]
+    run.target("extend_basis 12 x (768 x 512) from rank 64: torch eigh path time / forgetcore time",
+               t_torch / t_fc, 1.0, note=f"forgetcore {t_fc * 1e3:.0f} ms, torch {t_torch * 1e3:.0f} ms")
     np_b, np_r = [b.numpy() for b in bases], [a.numpy() for a in reps_t]
     t_gpm = timeit(lambda: gpm_numpy.update_bases(np_b, np_r, th), max(2, reps // 2))
     got = subspace.extend_bases(bases, reps_t, th)
@@ -124,18 +120,20 @@ def main() -> None:
     v = subspace.orthonormalize(torch.randn(k, nflat))[0]
     gflat, g0flat = torch.randn(nflat), None
     g0flat = gflat.clone()
-    t_fc = timeit(lambda: subspace.project_out_flat_(gflat, v, check=False), reps, lambda: gflat.copy_(g0flat))
-    t_torch = timeit(lambda: gflat.sub_(v.T @ (v @ gflat)), reps, lambda: gflat.copy_(g0flat))
-    bw = triad_gbs()
+    t = in_turns({"fc": lambda: subspace.project_out_flat_(gflat, v, check=False),
+                  "torch": lambda: gflat.sub_(v.T @ (v @ gflat))}, reps, lambda: gflat.copy_(g0flat))
+    t_fc, t_torch = t["fc"], t["torch"]
+    bw = run.triads[0]
     moved = 4 * nflat * (2 * k + 2)  # read V twice, read g twice and write it once (approx.)
     rows.append((f"flat project n=2e7, rank {k}", t_fc, t_torch, float("nan"),
                  f"{moved / t_fc / 1e9:.1f} GB/s vs triad {bw:.1f} GB/s"))
 
-    print(f"\n{'case':36s} {'forgetcore':>11s} {'torch best':>11s} {'GPM way':>11s} "
-          f"{'vs torch':>9s} {'vs GPM':>8s}  notes")
-    for name, fc, tb, gp, note in rows:
-        print(f"{name:36s} {fc * 1e3:9.1f}ms {tb * 1e3:9.1f}ms "
-              f"{(gp * 1e3 if gp == gp else float('nan')):9.1f}ms {tb / fc:8.2f}x {gp / fc:7.2f}x  {note}")
+    print()
+    print(table(["case", "forgetcore ms", "torch best ms", "GPM way ms", "vs torch", "vs GPM", "notes"],
+                [[name, f"{fc * 1e3:.1f}", f"{tb * 1e3:.1f}", f"{gp * 1e3:.1f}" if gp == gp else "-",
+                  f"{tb / fc:.2f}x", f"{gp / fc:.2f}x" if gp == gp else "-", note]
+                 for name, fc, tb, gp, note in rows]))
+    run.finish()
 
 
 if __name__ == "__main__":

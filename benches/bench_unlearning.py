@@ -8,7 +8,6 @@ Usage: ``python benches/bench_unlearning.py [--quick]``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 
@@ -16,16 +15,15 @@ import torch
 
 from forgetcore.evaluation import unlearning as ev
 from forgetcore.unlearning import SSD, GradientAscent, RetainFinetune, Retrain
+from harness import Run, table
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="digits only")
-    args = ap.parse_args()
+    # One run per method (each fit changes its copy of the model; fits take seconds), so no turns.
+    run = Run("unlearning", __doc__.split("\n\n")[0], triad=False)
     torch.set_num_threads(1)
-    print(f"{'scenario':<22} {'method':<16} {'fit s':>8} {'Retrain / this':>15} {'importance s':>13} "
-          f"{'dampen s':>9} {'forget acc':>11} {'test acc':>9}")
-    for name in ["digits"] if args.quick else ["digits", "mnist"]:
+    out = []
+    for name in ["digits"] if run.quick else ["digits", "mnist"]:
         for kind in ("full-class", "random-10%"):
             data = ev.full_class(name, 3, 0) if kind == "full-class" else ev.random_subset(name, 0.1, 0)
             model = ev.train_original(data, "mlp", 0)
@@ -50,8 +48,11 @@ def main() -> None:
             for label, dt, info, res in rows:
                 imp = f"{info['seconds_importance']:.3f}" if "seconds_importance" in info else "-"
                 dmp = f"{info['seconds_dampen']:.3f}" if "seconds_dampen" in info else "-"
-                print(f"{name + ' ' + kind:<22} {label:<16} {dt:8.3f} {t_retrain / dt:14.1f}x {imp:>13} {dmp:>9} "
-                      f"{100 * res['forget_acc']:10.1f} {100 * res['test_acc']:8.1f}")
+                out.append([f"{name} {kind}", label, f"{dt:.3f}", f"{t_retrain / dt:.1f}x", imp, dmp,
+                            f"{100 * res['forget_acc']:.1f}", f"{100 * res['test_acc']:.1f}"])
+    print(table(["scenario", "method", "fit s", "Retrain / this", "importance s", "dampen s", "forget acc",
+                 "test acc"], out))
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -164,9 +164,11 @@ def bench_ssd(name: str, shapes, copy_bw: float) -> dict:
     t_ref = timed(lambda: ssd_reference_loop(params, full, forget, alpha, lam), reps=3, warmup=1)
     bytes_moved = n * (12 + 4 * frac)  # read theta, imp_full, imp_forget; write the selected theta
     gbs = bytes_moved / t_fc / 1e9
-    row = {"name": name, "n": n, "frac": frac, "fc_ms": t_fc * 1e3, "chk_ms": t_chk * 1e3, "best_ms": t_best * 1e3, "ref_ms": t_ref * 1e3,
+    row = {"name": name, "n": n, "frac": frac, "fc_ms": t_fc * 1e3, "chk_ms": t_chk * 1e3, "best_ms": t_best * 1e3,
+           "ref_ms": t_ref * 1e3,
            "gbs": gbs, "pct": 100 * bytes_moved / t_fc / copy_bw, "vs_best": t_best / t_fc, "vs_ref": t_ref / t_fc}
-    del params, full, forget
+    for ts in (params, full, forget):  # free the GPU memory before the next case
+        ts.clear()
     torch.cuda.empty_cache()
     return row
 
@@ -228,8 +230,10 @@ def bench_kv() -> dict:
     t_torch = timed(step_torch, reps=20)
     t_pub = timed(step_public, reps=20)
     t_ref = timed(step_reference, reps=5)
-    t_sel = timed(lambda: _cuda.kv_select_keep(scores, budget, n_sink, n_recent, positions=positions, valid=valid), reps=20)
-    return {"fc_ms": t_fc * 1e3, "torch_ms": t_torch * 1e3, "pub_ms": t_pub * 1e3, "ref_ms": t_ref * 1e3, "sel_ms": t_sel * 1e3, "ratio": t_torch / t_fc, "agree": agree,
+    t_sel = timed(lambda: _cuda.kv_select_keep(scores, budget, n_sink, n_recent, positions=positions, valid=valid),
+                  reps=20)
+    return {"fc_ms": t_fc * 1e3, "torch_ms": t_torch * 1e3, "pub_ms": t_pub * 1e3, "ref_ms": t_ref * 1e3,
+            "sel_ms": t_sel * 1e3, "ratio": t_torch / t_fc, "agree": agree,
             "rows_equal": rows_equal, "rows": b * kvh}
 
 
@@ -251,7 +255,8 @@ def main() -> int:
         print("GPU CHECK: no CUDA device on this machine")
         return 2
     arch, driver = _cuda.device_info(0)
-    print(f"forgetcore {forgetcore.__version__} from {Path(forgetcore.__file__).parent} ({wheel}); torch {torch.__version__}; "
+    print(f"forgetcore {forgetcore.__version__} from {Path(forgetcore.__file__).parent} ({wheel}); "
+          f"torch {torch.__version__}; "
           f"{torch.cuda.get_device_name(0)} sm_{arch}; driver {driver}; NVRTC {_core.cuda_nvrtc_version()} "
           f"from {_cuda.load_nvrtc()}", flush=True)
 
@@ -262,7 +267,8 @@ def main() -> int:
 
     bw = copy_bandwidth()
     print(f"\ndevice copy bandwidth: {bw / 1e12:.2f} TB/s", flush=True)
-    print(f"\n{'SSD dampening':<22}{'params':>14}{'selected':>9}{'forgetcore':>12}{'+check':>10}{'torch best':>12}{'ref loop':>11}"
+    print(f"\n{'SSD dampening':<22}{'params':>14}{'selected':>9}{'forgetcore':>12}{'+check':>10}"
+          f"{'torch best':>12}{'ref loop':>11}"
           f"{'GB/s':>8}{'% copy':>8}{'x best':>8}{'x ref':>7}")
     rows = []
     for name, shapes in [("GPT-2 small (124M)", gpt2_small_shapes()), ("Llama-3.2-1B (1.24B)", llama_1b_shapes())]:
@@ -285,7 +291,8 @@ def main() -> int:
 
     ok = failed == 0 and all(r["pct"] >= 70 for r in rows) and kv["agree"] and ddp["ok"]
     print(f"\nGPU CHECK {'PASS' if ok else 'FAIL'}: tests {passed} passed {failed} failed {skipped} skipped | "
-          f"copy {bw / 1e12:.2f} TB/s | SSD 124M {rows[0]['gbs']:.0f} GB/s ({rows[0]['pct']:.0f}%) {rows[0]['vs_best']:.1f}x best torch | "
+          f"copy {bw / 1e12:.2f} TB/s | SSD 124M {rows[0]['gbs']:.0f} GB/s ({rows[0]['pct']:.0f}%) "
+          f"{rows[0]['vs_best']:.1f}x best torch | "
           f"SSD 1.24B {rows[1]['gbs']:.0f} GB/s ({rows[1]['pct']:.0f}%) {rows[1]['vs_best']:.1f}x | "
           f"kv step {kv['fc_ms']:.3f} ms vs torch {kv['torch_ms']:.3f} ms ({kv['ratio']:.1f}x) | "
           f"DDP smoke {'ok' if ddp['ok'] else 'FAIL'} | {time.time() - t0:.0f} s")

@@ -96,6 +96,67 @@ def test_empirical_equals_per_sample_loop(make, batch_size, chunk_size):
     close(got, per_sample_loop(model, x, y))
 
 
+class ConvZoo(nn.Module):
+    """Every convolution case: stride, dilation, padding, no bias, Conv1d, a grouped one and a shared one
+    (both generic path), and an in-place ReLU after a contracted convolution."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv2d(1, 3, 3, stride=2, padding=(1, 2))
+        self.c2 = nn.Conv2d(3, 4, (2, 3), dilation=(2, 1), bias=False)
+        self.g = nn.Conv2d(4, 4, 1, groups=2)
+        self.shared = nn.Conv2d(4, 4, 1)
+        self.c1d = nn.Conv1d(4, 2, 2, stride=2, padding=1, dilation=2)
+        self.out = nn.Linear(2 * 3, 10)
+
+    def forward(self, x):
+        h = torch.relu_(self.c1(x))
+        h = torch.tanh(self.g(torch.tanh(self.c2(h))))
+        h = self.shared(torch.tanh(self.shared(h)))  # called twice: per-sample gradients from torch.func
+        h = torch.tanh(self.c1d(h.flatten(2)))
+        return self.out(h.flatten(1))
+
+
+@pytest.mark.parametrize("batch_size", [40, 13])
+def test_conv_contraction_equals_per_sample_loop(batch_size, monkeypatch):
+    import forgetcore.fisher as fisher
+
+    x, y = digits(60)
+    model = ConvZoo().eval()
+    got = fisher_diagonal(model, TensorDataset(x, y), mode="empirical", batch_size=batch_size)
+    want = per_sample_loop(model, x, y)
+    close(got, want)
+    monkeypatch.setattr(fisher, "UNFOLD_BUDGET", 300)  # chunks of a few samples
+    close(fisher_diagonal(model, TensorDataset(x, y), mode="empirical", batch_size=batch_size), want)
+    # which modules took the contraction path
+    fast = fisher._classify(model, list(model.named_parameters()), x[:2])
+    assert fast == {model.c1, model.c2, model.c1d, model.out}
+
+
+def mnist_cnn(seed=0):
+    """The issue's small MNIST CNN (conv 1-16-32 5x5, two pools, two linear layers)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 5), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(512, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # BackPACK's own hooks
+def test_backpack_sum_grad_squared_oracle_mnist_cnn():
+    backpack = pytest.importorskip("backpack")
+    from backpack.extensions import SumGradSquared
+
+    x, y = datasets.load("mnist")
+    x, y = x[:64], y[:64]
+    model = mnist_cnn()
+    got = fisher_diagonal(model, TensorDataset(x, y), mode="empirical", batch_size=32)
+    bp_model = backpack.extend(mnist_cnn())
+    lossf = backpack.extend(nn.CrossEntropyLoss(reduction="sum"))
+    with backpack.backpack(SumGradSquared()):
+        lossf(bp_model(x), y).backward()
+    close(got, {n: p.sum_grad_squared / len(x) for n, p in bp_model.named_parameters()})
+
+
 def test_empirical_does_not_depend_on_batching_and_leaves_grads_alone():
     x, y = digits(120)
     model = mlp()

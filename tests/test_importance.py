@@ -213,8 +213,71 @@ def test_accumulate_dict_none_and_nan():
     imp.accumulate_(acc, {"w": torch.tensor([2.0, -3.0]), "b": None}, 0.5)
     assert acc["w"].tolist() == [2.0, 4.5] and acc["b"].tolist() == [1.0]
     acc2 = [torch.zeros(2)]
-    imp.accumulate_(acc2, [torch.tensor([math.nan, 1.0])])  # NaN propagates as in torch
+    imp.accumulate_(acc2, [torch.tensor([math.nan, 1.0])], validated=True)  # vouched for: NaN propagates
     assert math.isnan(acc2[0][0]) and acc2[0][1] == 1.0
+
+
+@pytest.mark.parametrize("backend", ["rust", "reference"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_accumulate_checks_gradients_before_writing(backend, bad, dtype, monkeypatch):
+    # The update writes every element and cannot be undone in float32, so a NaN/inf gradient
+    # anywhere in the list is found by a read-only pass before the first write.
+    if backend == "reference":
+        monkeypatch.setenv("FORGETCORE_BACKEND", "reference")
+    g = torch.Generator().manual_seed(0)
+    acc = {"a": torch.rand(40_000, generator=g), "b": torch.rand(3, 5, generator=g), "c": torch.rand(7, generator=g)}
+    grads = {"a": torch.randn(40_000, generator=g).to(dtype), "b": None, "c": torch.randn(7, generator=g).to(dtype)}
+    grads["c"][4] = bad
+    before = {k: v.clone() for k, v in acc.items()}
+    with pytest.raises(ValueError, match=rf"^grads\['c'\]: expected finite values, got {bad} at flat index 4"):
+        imp.accumulate_(acc, grads)
+    assert all(torch.equal(acc[k], before[k]) for k in acc)
+    with pytest.raises(ValueError, match=r"^grads\[1\]: expected finite values"):  # unnamed: position in the list
+        imp.accumulate_([acc["b"], acc["c"]], [None, grads["c"]])
+    assert all(torch.equal(acc[k], before[k]) for k in acc)
+    imp.accumulate_(acc, grads, validated=True)  # skipped: the caller vouched for them
+    assert math.isnan(acc["c"][4]) or math.isinf(acc["c"][4])
+
+
+@given(sizes=st.lists(st.integers(0, 70_000), min_size=1, max_size=4), seed=st.integers(0, 2**31),
+       bad=st.lists(st.tuples(st.integers(0, 3), st.floats(0, 1), st.sampled_from([math.nan, math.inf, -math.inf])),
+                    max_size=3))
+def test_gradient_check_finds_the_same_first_bad_value_on_both_backends(sizes, seed, bad):
+    g = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(n, generator=g) * 1e30 for n in sizes]  # huge and negative values are fine
+    for t, pos, v in bad:
+        if t < len(grads) and grads[t].numel():
+            grads[t][int(pos * (grads[t].numel() - 1))] = v
+    msgs = []
+    for use_rust in (True, False):
+        try:
+            imp._check_finite("grads", grads, list(range(len(grads))), None, use_rust)
+            msgs.append(None)
+        except ValueError as e:
+            msgs.append(str(e))
+    assert msgs[0] == msgs[1]
+    assert (msgs[0] is None) == all(bool(torch.isfinite(t).all()) for t in grads)
+
+
+@given(sizes=st.lists(st.integers(0, 300), min_size=1, max_size=4), seed=st.integers(0, 2**31),
+       frac=st.sampled_from([0.0, 0.01, 0.3, 1.0]), offset=st.integers(0, 15))
+def test_ssd_dampen_vector_paths_on_unaligned_views(sizes, seed, frac, offset):
+    # The kernel runs 16 (AVX-512) or 8 (AVX2) lanes with masked stores and a scalar tail; views
+    # that start anywhere in a buffer, every selection density, and the elements beside each
+    # tensor must come out exactly as the reference leaves them.
+    g = torch.Generator().manual_seed(seed)
+    total = sum(sizes) + offset + 16
+    buf = torch.randn(total, generator=g)
+    starts = [offset + sum(sizes[:i]) for i in range(len(sizes))]
+    want = buf.clone()
+    views = [buf[s:s + n] for s, n in zip(starts, sizes)]
+    wviews = [want[s:s + n] for s, n in zip(starts, sizes)]
+    full = [torch.rand(n, generator=g) for n in sizes]
+    forget = [d * (torch.rand(n, generator=g) < frac) * 20 for d, n in zip(full, sizes)]
+    counts = imp.ssd_dampen_(views, full, forget, 10.0, 0.5, validated=True)
+    assert torch.equal(counts, ref.ssd_dampen_(wviews, full, forget, 10.0, 0.5))
+    assert torch.equal(bits(buf), bits(want))
 
 
 @pytest.mark.parametrize("call,exc,msg", [

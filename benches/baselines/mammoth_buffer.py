@@ -61,7 +61,8 @@ class PerExampleCBRS:
 
     def add_data(self, examples: torch.Tensor, labels: torch.Tensor) -> None:
         if not hasattr(self, "examples"):
-            self.examples = torch.zeros((self.buffer_size, *examples.shape[1:]), dtype=examples.dtype, device=self.device)
+            self.examples = torch.zeros((self.buffer_size, *examples.shape[1:]), dtype=examples.dtype,
+                                        device=self.device)
             self.labels = torch.zeros(self.buffer_size, dtype=labels.dtype, device=self.device)
         for i in range(examples.shape[0]):
             y = int(labels[i])

@@ -30,7 +30,8 @@ import numpy.typing as npt
 
 __all__ = ["__version__", "num_threads"]
 __all__ += ["ReservoirCore", "CbrsCore", "ReplayRng"]
-__all__ += ["accumulate_", "ssd_dampen_", "find_invalid_importance", "InvalidImportance", "stream_triad_"]
+__all__ += ["accumulate_", "ssd_dampen_", "find_invalid_importance", "find_nonfinite", "InvalidImportance",
+            "stream_triad_"]
 __all__ += [
     "CudaCompileError",
     "CudaUnavailableError",
@@ -156,6 +157,7 @@ class InvalidImportance:
     def value(self) -> float: ...
 
 def find_invalid_importance(imps: list[npt.NDArray[np.float32]]) -> InvalidImportance | None: ...
+def find_nonfinite(xs: list[npt.NDArray[np.float32]]) -> InvalidImportance | None: ...
 def stream_triad_(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32], c: npt.NDArray[np.float32], s: float) -> None: ...
 
 # kvscore

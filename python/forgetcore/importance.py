@@ -7,7 +7,7 @@
 - :func:`fisher_diagonal`: the diagonal Fisher of a model over a dataset, in three modes
   (``"batch"``: the official SSD / Avalanche estimate; ``"empirical"``: the exact per-sample
   estimate; ``"mc"``: the true Fisher with labels sampled from the model), correct under
-  ``torch.distributed``.
+  ``torch.distributed``; defined in :mod:`forgetcore.fisher` and re-exported here.
 
 CPU tensors run the Rust kernels (multi-threaded, GIL released), CUDA tensors the fused
 NVRTC kernels of ``cuda/importance.cu`` (one launch per call, on torch's current stream), other
@@ -18,22 +18,20 @@ results.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
-from tqdm.auto import tqdm
 
 from . import _backend, _checks, _core, _cuda, reference
+
+# The Fisher estimator lives in forgetcore.fisher; its public names stay importable from here.
+from .fisher import MODES, cross_entropy, fisher_diagonal, output_norm_loss
 
 __all__ = ["accumulate_", "ssd_dampen_", "fisher_diagonal", "cross_entropy", "output_norm_loss", "MODES"]
 
 log = logging.getLogger(__name__)
-
-MODES = ("batch", "empirical", "mc")
 
 ParamsLike = nn.Module | Mapping[str, torch.Tensor] | Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 ImpLike = Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
@@ -127,6 +125,32 @@ def _validate(arg: str, imps: list[torch.Tensor], names: list[str] | None, use_r
         raise ValueError(f"{label}: expected finite non-negative importances, got {v} at flat index {i}")
 
 
+def _check_finite(arg: str, ts: list[torch.Tensor], index: list[int], names: list[str] | None,
+                  use_rust: bool) -> None:
+    """Raise ValueError at the first NaN or infinity of ``ts`` (one read pass, nothing written).
+
+    ``index[k]`` is the position of ``ts[k]`` in the caller's list (for the message).
+    """
+    bad = None
+    if use_rust and all(t.dtype == torch.float32 and t.is_contiguous() for t in ts):
+        found = _core.find_nonfinite([_checks.numpy_view(t) for t in ts])
+        bad = None if found is None else (found.tensor, found.index, found.value)
+    else:
+        # aminmax reads each tensor once without a temporary; NaN propagates into both ends.
+        ends = [torch.stack(torch.aminmax(t.reshape(-1).float())) for t in ts if t.numel()]
+        nonempty = [k for k, t in enumerate(ts) if t.numel()]
+        if ends and not bool(torch.isfinite(torch.stack(ends)).all()):
+            k = next(k for k, e in zip(nonempty, ends) if not bool(torch.isfinite(e).all()))
+            flat = ts[k].reshape(-1)
+            i = int((~torch.isfinite(flat)).nonzero()[0, 0])
+            bad = (k, i, float(flat[i]))
+    if bad is not None:
+        k, i, v = bad
+        ti = index[k]
+        label = f"{arg}[{names[ti]!r}]" if names is not None else f"{arg}[{ti}]"
+        raise ValueError(f"{label}: expected finite values, got {v} at flat index {i}")
+
+
 def _check_disjoint(arg: str, written: list[torch.Tensor], read: list[torch.Tensor]) -> None:
     """Refuse written tensors that share memory with each other or with what is read.
 
@@ -163,13 +187,16 @@ def _bump_version(params: list[torch.Tensor]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def accumulate_(acc: ImpLike | ParamsLike, grads: ImpLike, scale: float = 1.0, mode: str = "sq") -> None:
+def accumulate_(acc: ImpLike | ParamsLike, grads: ImpLike, scale: float = 1.0, mode: str = "sq", *,
+                validated: bool = False) -> None:
     """``acc[t] += scale * g[t]**2`` (``mode="sq"``) or ``scale * |g[t]|`` (``"abs"``) for every tensor.
 
     ``acc``: float32 tensors (a list or a name -> tensor dict); ``grads``: matching tensors
     (float16/bfloat16 are widened to float32; ``None`` entries add nothing). One fused,
     multi-threaded pass on CPU; bit-identical to ``reference.accumulate_``. Raises before
-    touching ``acc`` if anything is off.
+    touching ``acc`` if anything is off: gradients must be finite, which one read pass checks
+    before anything is written (the update writes every element and cannot be undone in
+    float32); ``validated=True`` skips that pass for gradients the caller vouches for.
     """
     if mode not in ("sq", "abs"):
         raise ValueError(f"mode: expected 'sq' or 'abs', got {mode!r}")
@@ -201,6 +228,9 @@ def accumulate_(acc: ImpLike | ParamsLike, grads: ImpLike, scale: float = 1.0, m
     a_l, g_l = [a for a, _ in pairs], [g for _, g in pairs]
     backend = _backend.dispatch("importance.accumulate_", a_l[0].device, cuda_kernel=True,
                                 unsupported=_unsupported("acc", a_l))
+    if not validated:
+        _check_finite("grads", g_l, [i for i, (_, g) in enumerate(zip(accs, glist)) if g is not None], names,
+                      backend == _backend.RUST)
     if backend == _backend.CUDA:
         # float16/bfloat16 gradients are widened in the kernel (no float32 copy); others copied
         g_l = [g if g.dtype in (torch.float32, torch.float16, torch.bfloat16) else g.to(torch.float32) for g in g_l]
@@ -269,304 +299,3 @@ def ssd_dampen_(params: ParamsLike, imp_full: ImpLike, imp_forget: ImpLike, alph
             _bump_version(plist)
             return torch.from_numpy(counts_np)
         return reference.ssd_dampen_(plist, full, forget, alpha, lam).to(device)
-
-
-# ---------------------------------------------------------------------------------------------
-# losses
-# ---------------------------------------------------------------------------------------------
-
-
-def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample cross-entropy (the default loss of :func:`fisher_diagonal`)."""
-    return F.cross_entropy(output, target, reduction="none")
-
-
-def output_norm_loss(output: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sample squared l2 norm of the output, ``||f(x)||_2^2``: LF-SSD's label-free loss."""
-    return output.float().pow(2).flatten(1).sum(1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Fisher diagonal
-# ---------------------------------------------------------------------------------------------
-
-
-def _loader(data: Any, batch_size: int) -> Iterable[Any]:
-    if isinstance(data, Dataset):
-        try:
-            n = len(data)  # type: ignore[arg-type]
-        except TypeError:
-            n = None
-        if n == 0:
-            raise ValueError("data: expected a non-empty dataset, got 0 examples")
-        # Unshuffled, last partial batch kept: the batch estimate depends on both.
-        if isinstance(data, TensorDataset):
-            # Same batches as the DataLoader, by slicing instead of per-example collation.
-            return [tuple(t[s:s + batch_size] for t in data.tensors) for s in range(0, n or 0, batch_size)]
-        return DataLoader(data, batch_size=batch_size, shuffle=False, drop_last=False)
-    if isinstance(data, (DataLoader, Iterable)):
-        return data
-    raise TypeError(f"data: expected a Dataset or an iterable of (x, y) batches, got {type(data).__name__}")
-
-
-def _split(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 1 and isinstance(batch[0], torch.Tensor):
-        x = batch[0].to(device)
-        y = batch[1].to(device) if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
-        return x, y
-    raise TypeError(f"data: expected batches of (x, y) tensors, got {type(batch).__name__}")
-
-
-def _dist_world(distributed: bool | None) -> int:
-    import torch.distributed as dist
-
-    on = dist.is_available() and dist.is_initialized()
-    if distributed is None:
-        distributed = on and dist.get_world_size() > 1
-    if distributed and not on:
-        raise ValueError("distributed: True needs an initialised torch.distributed process group")
-    return dist.get_world_size() if distributed else 1
-
-
-def _per_sample(name: str, loss: torch.Tensor, n: int) -> torch.Tensor:
-    if loss.dim() != 1 or loss.shape[0] != n:
-        raise ValueError(f"loss_fn: expected per-sample losses of shape ({n},) (use reduction='none'), "
-                         f"got {_checks.describe(loss)}")
-    return loss
-
-
-def fisher_diagonal(
-    model: nn.Module,
-    data: Dataset | Iterable[Any],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    mode: str = "batch",
-    *,
-    batch_size: int = 64,
-    chunk_size: int = 32,
-    accumulate: str = "sq",
-    seed: int = 0,
-    distributed: bool | None = None,
-    progress: bool = False,
-) -> dict[str, torch.Tensor]:
-    """Diagonal Fisher information of ``model`` over ``data``: name -> float32 tensor like each parameter.
-
-    ``data``: a ``Dataset`` of ``(x, y)`` (batched here with ``batch_size``, unshuffled, last
-    partial batch kept) or any iterable of ``(x, y)`` batches (used as given). Batches move to
-    the model's device. ``loss_fn(output, target)`` returns per-sample losses (default:
-    cross-entropy); the model's train/eval mode is left as it is (use ``eval()`` for a
-    deterministic Fisher, as SSD does). Only parameters with ``requires_grad`` are included.
-
-    Modes:
-
-    - ``"batch"``: mean over batches of the squared gradient of each batch's mean loss. This is
-      what the official SSD code (``calc_importance``) and Avalanche's EWC compute; it depends on
-      batch size and order. ``accumulate="abs"`` sums ``|g|`` instead (LF-SSD).
-    - ``"empirical"``: the exact ``F = (1/N) sum_n (grad l_n)**2``. Linear layers called once per
-      forward contract squared inputs with squared output gradients (``sum_n (g_n**2)^T x_n**2``,
-      BackPACK's SumGradSquared): no per-sample gradient exists. Over sequences (input with more
-      than two dims) the per-sample gradient sums over positions, so it is formed for
-      ``chunk_size`` samples at a time; every other parameter (convolutions, norms, embeddings,
-      custom layers) gets per-sample gradients from ``torch.func`` in chunks of ``chunk_size``.
-      Memory stays bounded by one batch and one chunk whatever the dataset size.
-    - ``"mc"``: the true Fisher, one label per input drawn (with ``seed``) from the model's own
-      softmax, then as ``"empirical"``.
-
-    Under ``torch.distributed`` (``distributed=None`` detects an initialised group with more
-    than one rank) every rank passes its own data; the result is all-reduced so that every rank
-    holds the single-process value on the union of the data. In batch mode global batch ``b`` is
-    the union of the ranks' batches ``b`` (a rank that runs out contributes nothing).
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    if accumulate not in ("sq", "abs"):
-        raise ValueError(f"accumulate: expected 'sq' or 'abs', got {accumulate!r}")
-    if accumulate == "abs" and mode != "batch":
-        raise ValueError(f"accumulate: 'abs' is defined for mode='batch' (LF-SSD), got mode={mode!r}")
-    batch_size = _checks.positive_int("batch_size", batch_size)
-    chunk_size = _checks.positive_int("chunk_size", chunk_size)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError("model: has no parameter with requires_grad=True")
-    if any(type(p).__name__ == "DTensor" for _, p in named):  # FSDP: would be silently wrong here
-        raise ValueError("model: its parameters are sharded (FSDP fully_shard / DTensor), which this function "
-                         "does not reduce; use forgetcore.distributed.fsdp_fisher_diagonal (batch mode; the "
-                         "per-sample modes bypass FSDP's unshard hooks and are not offered under FSDP)")
-    loss_fn = cross_entropy if loss_fn is None else loss_fn
-    device = named[0][1].device
-    world = _dist_world(distributed)
-    loader = _loader(data, batch_size)
-    acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=device) for n, p in named}
-    if mode == "batch":
-        count = _batch_fisher(model, named, acc, loader, loss_fn, accumulate, device, world, progress)
-    else:
-        count = _sample_fisher(model, named, acc, loader, loss_fn, mode, chunk_size, seed, device,
-                               world, progress)
-    if count == 0:
-        raise ValueError("data: expected a non-empty dataset, got no batches")
-    for a in acc.values():
-        a.div_(count)
-    return acc
-
-
-def _batch_fisher(model, named, acc, loader, loss_fn, accumulate, device, world, progress) -> int:
-    params = [p for _, p in named]
-    accs = [acc[n] for n, _ in named]
-    if world == 1:
-        nb = 0
-        for batch in tqdm(loader, desc="fisher (batch)", disable=not progress, leave=False):
-            x, y = _split(batch, device)
-            loss = _per_sample("loss_fn", loss_fn(model(x), y), x.shape[0]).mean()
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            accumulate_(accs, list(grads), 1.0, accumulate)
-            nb += 1
-        return nb
-    import torch.distributed as dist
-
-    # Global batch b = union of the ranks' batches b: all-reduce the summed gradient and the
-    # count, then square. Every rank steps as often as the rank with the most batches.
-    batches = list(loader) if not hasattr(loader, "__len__") else loader
-    steps = torch.tensor([len(batches)], dtype=torch.int64, device=device)  # type: ignore[arg-type]
-    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
-    it = iter(batches)
-    sizes = [p.numel() for p in params]
-    for _ in tqdm(range(int(steps)), desc="fisher (batch)", disable=not progress, leave=False):
-        flat = torch.zeros(sum(sizes) + 1, dtype=torch.float32, device=device)
-        batch = next(it, None)
-        if batch is not None:
-            x, y = _split(batch, device)
-            loss = _per_sample("loss_fn", loss_fn(model(x), y), x.shape[0]).sum()
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            off = 0
-            for g, s in zip(grads, sizes):
-                if g is not None:
-                    flat[off:off + s] = g.reshape(-1).float()
-                off += s
-            flat[-1] = x.shape[0]
-        dist.all_reduce(flat)
-        n = flat[-1]
-        if n > 0:
-            gs = list((flat[:-1] / n).split(sizes))
-            accumulate_(accs, [g.view(p.shape) for g, p in zip(gs, params)], 1.0, accumulate)
-    return int(steps)
-
-
-def _classify(model: nn.Module, named, x: torch.Tensor) -> set[nn.Linear]:
-    """Linear modules whose parameters can take the contraction path (called once per forward)."""
-    calls: dict[nn.Module, int] = {}
-    hooks = [m.register_forward_hook(lambda m, i, o: calls.__setitem__(m, calls.get(m, 0) + 1))
-             for m in model.modules() if isinstance(m, nn.Linear)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    ids = {id(p) for _, p in named}
-    fast = set()
-    for m, c in calls.items():
-        own = [p for p in m.parameters(recurse=False) if p.requires_grad]
-        if c == 1 and own and all(id(p) in ids for p in own):
-            fast.add(m)
-    return fast
-
-
-def _sample_fisher(model, named, acc, loader, loss_fn, mode, chunk_size, seed, device, world, progress) -> int:
-    from torch.func import functional_call, grad, vmap
-
-    fast: set[nn.Linear] | None = None
-    generic: dict[str, torch.Tensor] = {}
-    gen = torch.Generator(device=device)
-    rank = 0
-    if world > 1:
-        import torch.distributed as dist
-
-        rank = dist.get_rank()
-    gen.manual_seed(int(seed) * 1000003 + rank)
-    total = 0
-    for batch in tqdm(loader, desc=f"fisher ({mode})", disable=not progress, leave=False):
-        x, y = _split(batch, device)
-        n = x.shape[0]
-        if n == 0:
-            continue
-        if fast is None:
-            fast = _classify(model, named, x[:2])
-            fast_ids = {id(p) for m in fast for p in m.parameters(recurse=False)}
-            generic = {name: p for name, p in named if id(p) not in fast_ids}
-            names_of = {id(p): name for name, p in named}
-        if mode == "mc":
-            with torch.no_grad():
-                logits = model(x)
-            if logits.dim() != 2:
-                raise ValueError(f"model: mode='mc' samples one class per input from (N, classes) logits, "
-                                 f"got output {_checks.describe(logits)}")
-            y = torch.multinomial(F.softmax(logits.float(), dim=1), 1, generator=gen).flatten()
-        elif y is None:
-            y = torch.zeros(n, dtype=torch.long, device=device)  # label-free losses ignore it
-        if fast:
-            _fast_pass(model, fast, names_of, acc, x, y, loss_fn, chunk_size)
-        if generic:
-            def one(params: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-                out = functional_call(model, params, (xi.unsqueeze(0),), strict=False)
-                return loss_fn(out, yi.unsqueeze(0)).sum()
-
-            per = vmap(grad(one), in_dims=(None, 0, 0), randomness="different")
-            detached = {k: v.detach() for k, v in generic.items()}
-            for s in range(0, n, chunk_size):
-                gs = per(detached, x[s:s + chunk_size], y[s:s + chunk_size])
-                for k, g in gs.items():
-                    acc[k].add_(g.float().pow(2).sum(0))
-        total += n
-    if world > 1:
-        import torch.distributed as dist
-
-        names = list(acc)
-        flat = torch.cat([acc[k].reshape(-1) for k in names] + [torch.tensor([float(total)], device=device)])
-        dist.all_reduce(flat)
-        total = int(round(float(flat[-1])))
-        for k, v in zip(names, flat[:-1].split([acc[k].numel() for k in names])):
-            acc[k].copy_(v.view(acc[k].shape))
-    return total
-
-
-def _fast_pass(model, fast, names_of, acc, x, y, loss_fn, chunk_size) -> None:
-    """One forward/backward; each fast Linear contracts its saved input with its output gradient."""
-    saved: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def hook(m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
-        saved[m] = (inp[0].detach(), out)
-        # Hand the rest of the network a copy so an in-place op downstream (ReLU(inplace=True))
-        # cannot change the tensor whose gradient we ask for.
-        return out.clone()
-
-    hooks = [m.register_forward_hook(hook) for m in fast]
-    try:
-        out = model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    loss = _per_sample("loss_fn", loss_fn(out, y), x.shape[0]).sum()
-    mods = list(saved)
-    gouts = torch.autograd.grad(loss, [saved[m][1] for m in mods], allow_unused=True)
-    for m, g in zip(mods, gouts):
-        if g is None:
-            continue
-        xin = saved[m][0].float()
-        g = g.float()
-        w, b = m.weight, m.bias
-        if xin.dim() == 2:
-            g2 = g * g
-            if w.requires_grad:
-                acc[names_of[id(w)]].add_(g2.t() @ (xin * xin))
-            if b is not None and b.requires_grad:
-                acc[names_of[id(b)]].add_(g2.sum(0))
-        else:
-            # Sequences: the per-sample gradient sums over positions before it is squared.
-            xs, gs = xin.flatten(1, -2), g.flatten(1, -2)
-            for s in range(0, xs.shape[0], chunk_size):
-                xc, gc = xs[s:s + chunk_size], gs[s:s + chunk_size]
-                if w.requires_grad:
-                    acc[names_of[id(w)]].add_(torch.einsum("nso,nsi->noi", gc, xc).pow_(2).sum(0))
-                if b is not None and b.requires_grad:
-                    acc[names_of[id(b)]].add_(gc.sum(1).pow_(2).sum(0))

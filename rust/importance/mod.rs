@@ -18,6 +18,8 @@ use rayon::prelude::*;
 use crate::Result;
 
 pub mod contract;
+mod simd;
+use simd::Bad;
 
 /// Elements per work item: large enough to amortise scheduling, small enough to balance.
 pub const CHUNK: usize = 1 << 15;
@@ -45,136 +47,43 @@ pub fn accumulate(acc: &mut [&mut [f32]], grads: &[&[f32]], scale: f32, mode: Mo
             work.push((ac, gc));
         }
     }
-    work.into_par_iter().for_each(|(a, g)| match mode {
-        Mode::Sq => a
-            .iter_mut()
-            .zip(g)
-            .for_each(|(a, &g)| *a += (g * g) * scale),
-        Mode::Abs => a
-            .iter_mut()
-            .zip(g)
-            .for_each(|(a, &g)| *a += g.abs() * scale),
-    });
+    work.into_par_iter()
+        .for_each(|(a, g)| simd::accumulate(a, g, scale, mode == Mode::Sq));
     Ok(())
 }
 
 /// Index (tensor, element) of the first value that is NaN, infinite or negative, if any.
 pub fn validate(imps: &[&[f32]]) -> Option<(usize, usize, f32)> {
+    first_bad(imps, Bad::NotNonNegativeFinite)
+}
+
+/// Index (tensor, element) of the first NaN or infinity, if any: the check of gradients
+/// before [`accumulate`] writes anything.
+pub fn find_nonfinite(xs: &[&[f32]]) -> Option<(usize, usize, f32)> {
+    first_bad(xs, Bad::NotFinite)
+}
+
+/// One parallel read pass over every chunk; the position is looked up only in a bad chunk.
+fn first_bad(xs: &[&[f32]], kind: Bad) -> Option<(usize, usize, f32)> {
     let mut work: Vec<(usize, usize, &[f32])> = Vec::new();
-    for (t, s) in imps.iter().enumerate() {
+    for (t, s) in xs.iter().enumerate() {
         for (c, chunk) in s.chunks(CHUNK).enumerate() {
             work.push((t, c * CHUNK, chunk));
         }
     }
     work.into_par_iter()
         .filter_map(|(t, off, s)| {
-            // `!(x >= 0 & x < inf)` is true for NaN, negatives and +inf. Non-short-circuit `&`
-            // and `|` keep the reduction branch-free so it vectorises; the position is looked
-            // up only in the rare bad chunk.
-            if !any_invalid(s) {
+            if !simd::any_bad(s, kind) {
                 return None;
             }
-            let i = s.iter().position(|&x| !(0.0..f32::INFINITY).contains(&x))?;
+            let i = simd::first_bad(s, kind)?;
             Some((t, off + i, s[i]))
         })
         .min_by_key(|&(t, i, _)| (t, i))
 }
 
-/// True if `s` holds a NaN, an infinity or a negative number (-0.0 is fine).
-///
-/// On the bit patterns: a float is finite and >= +0 iff its bits are below those of +inf;
-/// -0.0 is the one negative-signed value allowed. Integer compares OR-ed into a flag per lane
-/// vectorise with plain SSE2, unlike a float fold with NaN semantics.
-fn any_invalid(s: &[f32]) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { any_invalid_avx2(s) };
-    }
-    any_invalid_generic(s)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn any_invalid_avx2(s: &[f32]) -> bool {
-    any_invalid_generic(s)
-}
-
-#[inline(always)]
-fn any_invalid_generic(s: &[f32]) -> bool {
-    const INF: u32 = 0x7f80_0000;
-    const NEG_ZERO: u32 = 0x8000_0000;
-    let bad = |x: f32| {
-        let u = x.to_bits();
-        ((u >= INF) & (u != NEG_ZERO)) as u32
-    };
-    let mut lanes = [0u32; 16];
-    let mut it = s.chunks_exact(16);
-    for block in &mut it {
-        for k in 0..16 {
-            lanes[k] |= bad(block[k]);
-        }
-    }
-    lanes.iter().any(|&l| l != 0) || it.remainder().iter().any(|&x| bad(x) != 0)
-}
-
-/// Dampen one chunk; returns how many elements were selected.
-///
-/// Selection is tested 16 lanes at a time without branching (the compiler vectorises it);
-/// only blocks with a selected element take the scalar path that divides and writes, so the
-/// usual case (few selected) reads 12 bytes per element and writes almost nothing.
-#[inline(always)]
-fn dampen_chunk_generic(theta: &mut [f32], d: &[f32], f: &[f32], alpha: f32, lam: f32) -> i64 {
-    const B: usize = 16;
-    let mut count = 0i64;
-    let n = theta.len();
-    let full = n - n % B;
-    let mut i = 0;
-    while i < full {
-        let (db, fb) = (&d[i..i + B], &f[i..i + B]);
-        let mut any = false;
-        for k in 0..B {
-            any |= fb[k] > alpha * db[k];
-        }
-        if any {
-            count += dampen_scalar(&mut theta[i..i + B], db, fb, alpha, lam);
-        }
-        i += B;
-    }
-    count + dampen_scalar(&mut theta[full..], &d[full..], &f[full..], alpha, lam)
-}
-
-/// The same code compiled for AVX2 (8 lanes instead of SSE2's 4), picked at run time. Rust
-/// never contracts `a * b + c` into an FMA, so the results stay bit-identical.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dampen_chunk_avx2(theta: &mut [f32], d: &[f32], f: &[f32], alpha: f32, lam: f32) -> i64 {
-    dampen_chunk_generic(theta, d, f, alpha, lam)
-}
-
-fn dampen_chunk(theta: &mut [f32], d: &[f32], f: &[f32], alpha: f32, lam: f32) -> i64 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { dampen_chunk_avx2(theta, d, f, alpha, lam) };
-    }
-    dampen_chunk_generic(theta, d, f, alpha, lam)
-}
-
-#[inline(always)]
-fn dampen_scalar(theta: &mut [f32], d: &[f32], f: &[f32], alpha: f32, lam: f32) -> i64 {
-    let mut count = 0i64;
-    for ((t, &d), &f) in theta.iter_mut().zip(d).zip(f) {
-        if f > alpha * d {
-            // Same order as the reference: (lam * d) / f, then capped at 1.
-            let beta = (lam * d) / f;
-            let beta = if beta > 1.0 { 1.0 } else { beta };
-            *t *= beta;
-            count += 1;
-        }
-    }
-    count
-}
+/// One chunk of SSD's work: (tensor index, theta, imp_full, imp_forget).
+type DampenWork<'a> = (usize, &'a mut [f32], &'a [f32], &'a [f32]);
 
 /// SSD dampening over a list of tensors; returns the number of selected elements per tensor.
 ///
@@ -191,9 +100,7 @@ pub fn ssd_dampen(
     let lens: Vec<usize> = params.iter().map(|p| p.len()).collect();
     let lens_of = |xs: &[&[f32]]| xs.iter().map(|x| x.len()).collect::<Vec<_>>();
     contract::ssd_dampen(&lens, &lens_of(imp_full), &lens_of(imp_forget), alpha, lam)?;
-    // (tensor index, parameter chunk, imp_full chunk, imp_forget chunk)
-    type Work<'a> = (usize, &'a mut [f32], &'a [f32], &'a [f32]);
-    let mut work: Vec<Work> = Vec::new();
+    let mut work: Vec<DampenWork> = Vec::new();
     for (t, ((p, d), f)) in params.iter_mut().zip(imp_full).zip(imp_forget).enumerate() {
         for ((pc, dc), fc) in p
             .chunks_mut(CHUNK)
@@ -205,7 +112,7 @@ pub fn ssd_dampen(
     }
     let counts: Vec<(usize, i64)> = work
         .into_par_iter()
-        .map(|(t, p, d, f)| (t, dampen_chunk(p, d, f, alpha, lam)))
+        .map(|(t, p, d, f)| (t, simd::dampen(p, d, f, alpha, lam)))
         .collect();
     let mut out = vec![0i64; lens.len()];
     for (t, c) in counts {
@@ -233,7 +140,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn naive(theta: &mut [f32], d: &[f32], f: &[f32], alpha: f32, lam: f32) -> i64 {
-        dampen_scalar(theta, d, f, alpha, lam)
+        simd::dampen_scalar(theta, d, f, alpha, lam)
     }
 
     #[test]
@@ -286,6 +193,20 @@ mod tests {
         assert!(validate(&[&[-1e-45]]).is_some());
         assert_eq!(validate(&[&[-0.0, 0.0, f32::MAX, 1e-45]]), None);
         assert_eq!(validate(&[]), None);
+    }
+
+    #[test]
+    fn find_nonfinite_allows_negatives_and_finds_the_first() {
+        let a = vec![-3.0f32; 100_000];
+        let mut b = vec![f32::MAX; 70_000];
+        b[0] = -0.0;
+        assert_eq!(find_nonfinite(&[&a, &b]), None);
+        b[66_000] = f32::NEG_INFINITY;
+        b[40_000] = f32::NAN;
+        let (t, i, _) = find_nonfinite(&[&a, &b]).unwrap();
+        assert_eq!((t, i), (1, 40_000));
+        assert_eq!(find_nonfinite(&[&[f32::INFINITY]]).map(|r| r.1), Some(0));
+        assert_eq!(find_nonfinite(&[]), None);
     }
 
     #[test]

@@ -93,6 +93,22 @@ fn find_invalid_importance(
     }))
 }
 
+/// The first NaN or infinity (tensor index, element index, value), or None: the check of
+/// gradients before `accumulate_` writes anything.
+#[pyfunction]
+fn find_nonfinite(
+    py: Python<'_>,
+    xs: Vec<PyReadonlyArrayDyn<'_, f32>>,
+) -> PyResult<Option<InvalidImportance>> {
+    let s = slices(&xs, "xs")?;
+    let found = detached(py, || importance::find_nonfinite(&s));
+    Ok(found.map(|(tensor, index, value)| InvalidImportance {
+        tensor,
+        index,
+        value,
+    }))
+}
+
 /// Stream triad a = b + s * c on the kernels' threads and chunking: the bandwidth yardstick
 /// the benchmarks of memory-bound kernels report against.
 #[pyfunction]
@@ -126,6 +142,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ssd_dampen_, m)?)?;
     m.add_function(wrap_pyfunction!(find_invalid_importance, m)?)?;
     m.add_class::<InvalidImportance>()?;
+    m.add_function(wrap_pyfunction!(find_nonfinite, m)?)?;
     m.add_function(wrap_pyfunction!(stream_triad_, m)?)?;
     Ok(())
 }
