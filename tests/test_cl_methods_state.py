@@ -22,8 +22,7 @@ from forgetcore.continual import (
     ViewBatch,
     scenarios,
 )
-from forgetcore.replay import PowerLawScheduler
-from forgetcore.replay import herding, herding_per_class, view_batch_indices
+from forgetcore.replay import PowerLawScheduler, herding, herding_per_class, view_batch_indices
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,15 @@ def test_ptx_defines_every_kernel():
     ptx = "".join(_core.cuda_compile(s, 90).decode() for s in SOURCES)
     assert ".target sm_90" in ptx
     entries = set(re.findall(r"\.entry (\w+)\(", ptx))
-    assert entries == {"accumulate", "ssd_dampen", "find_invalid", "kv_rowsum", "kv_accumulate", "kv_select_keep", "kv_evict_one"}
+    assert entries == {
+        "accumulate",
+        "ssd_dampen",
+        "find_invalid",
+        "kv_rowsum",
+        "kv_accumulate",
+        "kv_select_keep",
+        "kv_evict_one",
+    }
 
 
 @needs_nvrtc
@@ -148,7 +156,9 @@ def test_importance_dispatches_cuda_tensors_to_the_kernels(monkeypatch):
     monkeypatch.setattr(_backend, "choose", lambda device, cuda_kernel=False: "cuda" if cuda_kernel else "reference")
     monkeypatch.setattr(_cuda, "find_invalid_importance", lambda imps: calls.append("check") or None)
     monkeypatch.setattr(_cuda, "ssd_dampen_", lambda *a: calls.append("ssd") or torch.tensor([7]))
-    monkeypatch.setattr(_cuda, "accumulate_", lambda acc, grads, scale, mode: calls.append(("acc", grads[0].dtype, mode)))
+    monkeypatch.setattr(
+        _cuda, "accumulate_", lambda acc, grads, scale, mode: calls.append(("acc", grads[0].dtype, mode))
+    )
     p = {"w": torch.zeros(3)}
     assert importance.ssd_dampen_(p, {"w": torch.ones(3)}, {"w": torch.ones(3)}, 10.0).tolist() == [7]
     assert calls == ["check", "check", "ssd"]
@@ -167,8 +177,14 @@ def test_kvscore_dispatches_cuda_tensors_to_the_kernels(monkeypatch):
 
     calls = []
     monkeypatch.setattr(_backend, "choose", lambda device, cuda_kernel=False: "cuda" if cuda_kernel else "reference")
-    monkeypatch.setattr(_cuda, "kv_accumulate_", lambda s, a, alpha, group, renorm, valid: calls.append(("acc", alpha, group, renorm)) or s)
-    monkeypatch.setattr(_cuda, "kv_select_keep", lambda s, b, ns, nr, p, v: calls.append(("keep", b, ns, nr, p, v)) or "keep")
+    monkeypatch.setattr(
+        _cuda,
+        "kv_accumulate_",
+        lambda s, a, alpha, group, renorm, valid: calls.append(("acc", alpha, group, renorm)) or s,
+    )
+    monkeypatch.setattr(
+        _cuda, "kv_select_keep", lambda s, b, ns, nr, p, v: calls.append(("keep", b, ns, nr, p, v)) or "keep"
+    )
     monkeypatch.setattr(_cuda, "kv_evict_one", lambda s, ns, nr, p, v: calls.append(("evict", ns, nr, p, v)) or "evict")
     scores = torch.rand(1, 2, 16)
     assert kvscore.accumulate_(scores, torch.rand(1, 4, 3, 16), 0.5, 2, renorm=True) is scores
@@ -228,7 +244,11 @@ def select_keep_oracle(scores, budget, n_sink, n_recent, positions, valid):
     b, h, t = scores.shape
     out = torch.empty(b, h, budget, dtype=torch.int64)
     for r in range(b * h):
-        s, p, v = scores.reshape(-1, t)[r].tolist(), positions.reshape(-1, t)[r].tolist(), valid.reshape(-1, t)[r].tolist()
+        s, p, v = (
+            scores.reshape(-1, t)[r].tolist(),
+            positions.reshape(-1, t)[r].tolist(),
+            valid.reshape(-1, t)[r].tolist(),
+        )
         by_pos = sorted((j for j in range(t) if v[j]), key=lambda j: p[j])
         ns = min(n_sink, len(by_pos))
         rest = by_pos[ns:]
@@ -245,7 +265,11 @@ def evict_one_oracle(scores, n_sink, n_recent, positions, valid):
     b, h, t = scores.shape
     out = torch.empty(b * h, dtype=torch.int64)
     for r in range(b * h):
-        s, p, v = scores.reshape(-1, t)[r].tolist(), positions.reshape(-1, t)[r].tolist(), valid.reshape(-1, t)[r].tolist()
+        s, p, v = (
+            scores.reshape(-1, t)[r].tolist(),
+            positions.reshape(-1, t)[r].tolist(),
+            valid.reshape(-1, t)[r].tolist(),
+        )
         by_pos = sorted((j for j in range(t) if v[j]), key=lambda j: p[j])
         ns = min(n_sink, len(by_pos))
         rest = by_pos[ns:]
@@ -265,7 +289,9 @@ def test_oracles_agree_with_the_spec_examples():
     v = torch.tensor([[[False, False, True, True]]])
     assert select_keep_oracle(s, 3, 1, 1, torch.arange(4).view(1, 1, 4), v).tolist() == [[[0, 2, 3]]]
     # recurrence: S = a^3 S0 + a^2 A0 + a A1 + A2
-    got = kv_accumulate_oracle(torch.tensor([[[1.0, 2.0]]]), torch.tensor([[[[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]]]), 0.5, 1)
+    got = kv_accumulate_oracle(
+        torch.tensor([[[1.0, 2.0]]]), torch.tensor([[[[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]]]), 0.5, 1
+    )
     assert torch.allclose(got, torch.tensor([[[0.875, 1.25]]]))
 
 
@@ -290,8 +316,25 @@ def _emu_build(tmp: Path, source: str) -> ctypes.CDLL:
         shutil.copy(ROOT / "tests" / "cuda_emu" / f, tmp / f)
     lib = tmp / f"emu_{source}.so"
     # 64 threads per selection block instead of 1024: two warps, every loop runs several rounds.
-    subprocess.run([CXX, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", f"-DEMU_{source.upper()}", "-DSEL_THREADS=64",
-                    "-I", str(tmp), str(tmp / "harness.cpp"), "-o", str(lib)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            CXX,
+            "-std=c++20",
+            "-O1",
+            "-pthread",
+            "-shared",
+            "-fPIC",
+            f"-DEMU_{source.upper()}",
+            "-DSEL_THREADS=64",
+            "-I",
+            str(tmp),
+            str(tmp / "harness.cpp"),
+            "-o",
+            str(lib),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return ctypes.CDLL(str(lib))
 
 
@@ -325,7 +368,9 @@ def test_emulated_ssd_dampen_and_accumulate_bit_identical(emu):
     d = [torch.rand(t.shape, generator=g) * (torch.rand(t.shape, generator=g) > 0.1) for t in theta]
     f = [torch.rand(t.shape, generator=g) * 10 for t in theta]
     work = [t.clone() for t in theta]
-    meta, blocks = _emu_table([[_ptr(t) for t in work], [_ptr(x) for x in d], [_ptr(x) for x in f]], [t.numel() for t in work])
+    meta, blocks = _emu_table(
+        [[_ptr(t) for t in work], [_ptr(x) for x in d], [_ptr(x) for x in f]], [t.numel() for t in work]
+    )
     counts = torch.zeros(len(work), dtype=torch.int64)
     fn = emu["importance"].emu_ssd_dampen
     fn.argtypes = [P, I32, I64, I64, F32, F32, P]
@@ -400,7 +445,13 @@ def test_emulated_select_keep_and_evict_one(emu):
         positions = torch.stack([torch.randperm(t, generator=g) for _ in range(b * h)]).view(b, h, t) * 3 - 50
         valid = torch.rand(b, h, t, generator=g) > 0.25
         valid[0, 2, : t // 2 + 1] = False
-        for budget, n_sink, n_recent in {(t, 0, 0), (1, 1, 0), (max(t // 3, 2), 1, 1), (t // 2, 0, t // 4), (t // 2, 3, 0)}:
+        for budget, n_sink, n_recent in {
+            (t, 0, 0),
+            (1, 1, 0),
+            (max(t // 3, 2), 1, 1),
+            (t // 2, 0, t // 4),
+            (t // 2, 3, 0),
+        }:
             if n_sink + n_recent > budget or budget == 0 or budget > t:
                 continue
             for pos, val in [(positions, valid), (None, None)]:
@@ -408,7 +459,12 @@ def test_emulated_select_keep_and_evict_one(emu):
                 v_ = torch.ones(b, h, t, dtype=torch.bool) if val is None else val
                 out = torch.full((b, h, budget), -7, dtype=torch.int64)
                 sel(_ptr(scores), _ptr(pos), _ptr(val), b * h, t, budget, n_sink, n_recent, _ptr(out))
-                assert torch.equal(out, select_keep_oracle(scores, budget, n_sink, n_recent, p_, v_)), (t, budget, n_sink, n_recent)
+                assert torch.equal(out, select_keep_oracle(scores, budget, n_sink, n_recent, p_, v_)), (
+                    t,
+                    budget,
+                    n_sink,
+                    n_recent,
+                )
                 out = torch.full((b, h), -7, dtype=torch.int64)
                 ev(_ptr(scores), _ptr(pos), _ptr(val), b * h, t, n_sink, n_recent, _ptr(out))
                 assert torch.equal(out, evict_one_oracle(scores, n_sink, n_recent, p_, v_)), (t, n_sink, n_recent)
@@ -466,7 +522,9 @@ def test_importance_primitives_on_cuda_equal_the_reference():
     bad[5][3] = -1.0
     bad[4][6] = float("nan")
     before = [t.clone() for t in dev]
-    with pytest.raises(ValueError, match=r"^imp_forget\[4\]: expected finite non-negative importances, got nan at flat index 6"):
+    with pytest.raises(
+        ValueError, match=r"^imp_forget\[4\]: expected finite non-negative importances, got nan at flat index 6"
+    ):
         importance.ssd_dampen_(dev, [x.cuda() for x in d], bad, 5.0, 0.7)
     assert all(torch.equal(a, b) for a, b in zip(dev, before))
     acc = [torch.rand(s, generator=g) for s in shapes]
@@ -489,7 +547,9 @@ def test_kvscore_primitives_on_cuda_equal_the_reference():
     dev = [x.cuda() for x in (scores, positions, valid)]
     want = reference.kv_select_keep(scores, 64, 4, 16, positions, valid)
     assert torch.equal(kvscore.select_keep(*dev[:1], 64, 4, 16, dev[1], dev[2]).cpu(), want)
-    assert torch.equal(kvscore.evict_one(dev[0], 4, 16, dev[1], dev[2]).cpu(), reference.kv_evict_one(scores, 4, 16, positions, valid))
+    assert torch.equal(
+        kvscore.evict_one(dev[0], 4, 16, dev[1], dev[2]).cpu(), reference.kv_evict_one(scores, 4, 16, positions, valid)
+    )
     attn = torch.softmax(torch.randn(b, h * 2, 4, t, generator=g), -1).to(torch.bfloat16)
     for renorm in (False, True):
         got = kvscore.accumulate_(dev[0].clone(), attn.cuda(), 0.8, 2, renorm=renorm, valid=dev[2])
@@ -555,8 +615,12 @@ def test_select_keep_and_evict_one_equal_the_oracle(seed):
     valid[0, 0] = False  # a row with no valid slot
     valid[1, 2, : t // 2] = False  # left padding
     dev = [x.cuda() for x in (scores, positions, valid)]
-    for budget, n_sink, n_recent in [(t, 0, 0), (min(t, 1), min(t, 1), 0), (max(t // 3, 3) if t >= 3 else t, 1, 1 if t >= 3 else 0),
-                                     (t // 2, 0, t // 4)]:
+    for budget, n_sink, n_recent in [
+        (t, 0, 0),
+        (min(t, 1), min(t, 1), 0),
+        (max(t // 3, 3) if t >= 3 else t, 1, 1 if t >= 3 else 0),
+        (t // 2, 0, t // 4),
+    ]:
         got = _cuda.kv_select_keep(dev[0], budget, n_sink, n_recent, positions=dev[1], valid=dev[2])
         want = select_keep_oracle(scores, budget, n_sink, n_recent, positions, valid)
         assert torch.equal(got.cpu(), want), (budget, n_sink, n_recent)
@@ -564,7 +628,9 @@ def test_select_keep_and_evict_one_equal_the_oracle(seed):
         assert torch.equal(got.cpu(), evict_one_oracle(scores, n_sink, n_recent, positions, valid))
     # Defaults: positions = slot index, every slot valid.
     got = _cuda.kv_select_keep(dev[0], max(t // 2, 0), 0, 0)
-    want = select_keep_oracle(scores, max(t // 2, 0), 0, 0, torch.arange(t).expand(b, h, t), torch.ones(b, h, t, dtype=torch.bool))
+    want = select_keep_oracle(
+        scores, max(t // 2, 0), 0, 0, torch.arange(t).expand(b, h, t), torch.ones(b, h, t, dtype=torch.bool)
+    )
     assert torch.equal(got.cpu(), want)
 
 

@@ -558,14 +558,34 @@ def _filled(cls):
 
 
 BAD_ADDS = [
-    ("different batch lengths", lambda: dict(x=torch.randn(4, 2), y=torch.arange(3)), ValueError, "^y: expected 4 rows like 'x'"),
+    (
+        "different batch lengths",
+        lambda: dict(x=torch.randn(4, 2), y=torch.arange(3)),
+        ValueError,
+        "^y: expected 4 rows like 'x'",
+    ),
     ("missing field", lambda: dict(x=torch.randn(4, 2)), ValueError, "^y: missing from add"),
-    ("extra field", lambda: dict(x=torch.randn(4, 2), y=torch.arange(4), z=torch.ones(4)), ValueError, "^z: not a field"),
+    (
+        "extra field",
+        lambda: dict(x=torch.randn(4, 2), y=torch.arange(4), z=torch.ones(4)),
+        ValueError,
+        "^z: not a field",
+    ),
     ("shape", lambda: dict(x=torch.randn(4, 3), y=torch.arange(4)), ValueError, r"^x: expected shape \(\*, 2\)"),
     ("rank", lambda: dict(x=torch.randn(4, 2, 1), y=torch.arange(4)), ValueError, "^x: expected shape"),
-    ("dtype", lambda: dict(x=torch.randn(4, 2, dtype=torch.float64), y=torch.arange(4)), TypeError, "^x: expected float32"),
+    (
+        "dtype",
+        lambda: dict(x=torch.randn(4, 2, dtype=torch.float64), y=torch.arange(4)),
+        TypeError,
+        "^x: expected float32",
+    ),
     ("label dtype", lambda: dict(x=torch.randn(4, 2), y=torch.arange(4).float()), TypeError, "^y: expected"),
-    ("device", lambda: dict(x=torch.randn(4, 2, device="meta"), y=torch.arange(4)), ValueError, "^x: expected a tensor on cpu"),
+    (
+        "device",
+        lambda: dict(x=torch.randn(4, 2, device="meta"), y=torch.arange(4)),
+        ValueError,
+        "^x: expected a tensor on cpu",
+    ),
     ("not a tensor", lambda: dict(x=[[1.0, 2.0]], y=torch.arange(1)), TypeError, "^x: expected a torch.Tensor"),
     ("scalar", lambda: dict(x=torch.tensor(1.0), y=torch.arange(1)), ValueError, "^x: expected shape"),
 ]

@@ -87,7 +87,9 @@ def _borderline(u, a, th, criterion, ratio):
         return bool(((edges - th).abs() < 1e-4).any()) or bool((lam / lam.max()).lt(1e-5).logical_and(lam > 0).any())
     r = ratio if ratio is not None else math.sqrt(res / total)
     eps = (r - (1 - th)) / r
-    return bool(((torch.cumsum(lam, 0) / res - eps).abs() < 1e-4).any()) or bool((lam / lam.max()).lt(1e-5).logical_and(lam > 0).any())
+    return bool(((torch.cumsum(lam, 0) / res - eps).abs() < 1e-4).any()) or bool(
+        (lam / lam.max()).lt(1e-5).logical_and(lam > 0).any()
+    )
 
 
 @given(st.integers(1, 24), st.integers(0, 30), st.floats(0, 1), st.integers(0, 2**16),

@@ -140,13 +140,31 @@ def _cuda_kv_select_keep(
     out: int,
 ) -> None: ...
 def _cuda_kv_evict_one(
-    device: int, stream: int, scores: int, positions: int, valid: int, rows: int, slots: int, n_sink: int, n_recent: int, out: int
+    device: int,
+    stream: int,
+    scores: int,
+    positions: int,
+    valid: int,
+    rows: int,
+    slots: int,
+    n_sink: int,
+    n_recent: int,
+    out: int,
 ) -> None: ...
 
 # importance
 
-def accumulate_(acc: list[npt.NDArray[np.float32]], grads: list[npt.NDArray[np.float32]], scale: float, mode: str) -> None: ...
-def ssd_dampen_(params: list[npt.NDArray[np.float32]], imp_full: list[npt.NDArray[np.float32]], imp_forget: list[npt.NDArray[np.float32]], alpha: float, lam: float) -> npt.NDArray[np.int64]: ...
+def accumulate_(
+    acc: list[npt.NDArray[np.float32]], grads: list[npt.NDArray[np.float32]], scale: float, mode: str
+) -> None: ...
+def ssd_dampen_(
+    params: list[npt.NDArray[np.float32]],
+    imp_full: list[npt.NDArray[np.float32]],
+    imp_forget: list[npt.NDArray[np.float32]],
+    alpha: float,
+    lam: float,
+) -> npt.NDArray[np.int64]: ...
+
 @final
 class InvalidImportance:
     @property
@@ -158,7 +176,9 @@ class InvalidImportance:
 
 def find_invalid_importance(imps: list[npt.NDArray[np.float32]]) -> InvalidImportance | None: ...
 def find_nonfinite(xs: list[npt.NDArray[np.float32]]) -> InvalidImportance | None: ...
-def stream_triad_(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32], c: npt.NDArray[np.float32], s: float) -> None: ...
+def stream_triad_(
+    a: npt.NDArray[np.float32], b: npt.NDArray[np.float32], c: npt.NDArray[np.float32], s: float
+) -> None: ...
 
 # kvscore
 

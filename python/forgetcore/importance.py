@@ -66,7 +66,9 @@ def _match(arg: str, imps: Any, names: list[str] | None, params: list[torch.Tens
         missing = [n for n in names if n not in imps]
         extra = [n for n in imps if n not in set(names)]
         if missing or extra:
-            raise ValueError(f"{arg}: names do not match the parameters (missing {missing[:3]}, unexpected {extra[:3]})")
+            raise ValueError(
+                f"{arg}: names do not match the parameters (missing {missing[:3]}, unexpected {extra[:3]})"
+            )
         out = [imps[n] for n in names]
     else:
         if isinstance(imps, Mapping):

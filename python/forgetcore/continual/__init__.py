@@ -22,8 +22,8 @@ from .gpm import GPM
 from .kfpf import KFPF
 from .methods import ER, Finetune, Joint
 from .powerlaw import PowerLawRehearsal
-from .rif import GRPO, RIF
 from .refresh import DERpp, Refresh
+from .rif import GRPO, RIF
 from .scenarios import Scenario, Task
 from .scole import LogitMask, SCoLeReplay
 from .trainer import Context, Plugin, Trainer
