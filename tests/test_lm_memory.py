@@ -208,6 +208,12 @@ def test_smollm2_takes_the_same_code_path(smollm2):
     one = M.item_losses(model, tok, seen, batch_size=1)
     two = M.item_losses(model, tok, seen, batch_size=2)
     assert torch.allclose(one, two, atol=1e-4) and torch.isfinite(one).all()
+    side, tok.padding_side = tok.padding_side, "left"  # a user's left-padding tokenizer: same losses
+    try:
+        left = M.item_losses(model, tok, seen, batch_size=2)
+    finally:
+        tok.padding_side = side
+    assert torch.allclose(one, left, atol=1e-4)
     assert 0.0 <= M.recognition(model, tok, seen, foils, max_word_gap=1)["accuracy"] <= 1.0
     out = M.recall(model, tok, seen[1:])
     assert out["outputs"][0].lower().startswith("assignments") and 0 < out["rouge_l"] <= 1

@@ -230,8 +230,12 @@ def check_causal_lm(model: Any, tokenizer: Any) -> None:
 
 
 def encode(tokenizer: Any, texts: list[str], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of ``texts``, right-padded, on ``device``."""
-    enc = tokenizer(list(texts), return_tensors="pt", padding=True)
+    """(input_ids, attention_mask) of ``texts``, right-padded, on ``device``.
+
+    Right padding whatever the tokenizer's ``padding_side``: the per-token losses assume that
+    each text starts at position 0 (a left-padded row would be scored at shifted positions).
+    """
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="right")
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
