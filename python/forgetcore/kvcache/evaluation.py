@@ -91,13 +91,12 @@ def _forward(model, ids, mask, full_mask, cache):
 def _run_many(model, presses, ctx_ids, ctx_mask, tail_ids, tail_mask) -> list[torch.Tensor]:
     """Tail logits for each press (None = full cache) after one shared prefill of the context.
 
-    The prefill is scored for every forgetting factor at once (:class:`~.presses.ScoreAll`)
+    The prefill is scored for every press at once (:class:`~.presses.ScoreAll`)
     and each press's compressed cache is forked from it, which equals prefilling under that
     press (prefill outputs do not depend on the press; ``tests/test_kvcache.py`` checks it).
     """
     full = torch.cat([ctx_mask, tail_mask], 1)
-    alphas = sorted({p.alpha for p in presses if p is not None and p.scored})
-    root = ScoreAll(alphas)
+    root = ScoreAll(presses)
     with root(model):
         cache = root.make_cache()
         _forward(model, ctx_ids, ctx_mask, ctx_mask, cache)
