@@ -113,7 +113,11 @@ fn check(
     let kv = d.batch * d.kv_heads * d.slots;
     for (name, n, want) in [
         ("scores", scores.len(), kv),
-        ("query", query.len(), d.batch * d.q_heads * d.q_len * d.head_dim),
+        (
+            "query",
+            query.len(),
+            d.batch * d.q_heads * d.q_len * d.head_dim,
+        ),
         ("keys", keys.len(), kv * d.head_dim),
         ("key_pos", key_pos.len(), kv),
         ("key_valid", key_valid.len(), kv),
@@ -175,111 +179,125 @@ pub fn attention_scores(
         return Ok(());
     }
     // decay the old scores: alpha == 0 keeps the +inf "evicted" sentinel and zeroes the rest
-    let decay = if alpha == 0.0 { 0.0 } else { alpha.powi(lq as i32) };
+    let decay = if alpha == 0.0 {
+        0.0
+    } else {
+        alpha.powi(lq as i32)
+    };
     let w = rows_needed(alpha, tol, lq);
     let first = lq - w;
     let n_parts = w.div_ceil(PART);
     // each task: one (batch, kv-head) row and one part of the needed query rows
-    let partials: Vec<Vec<f32>> = (0..rows * n_parts)
-        .into_par_iter()
-        .map(|task| {
-            let (row, part) = (task / n_parts, task % n_parts);
-            let b = row / d.kv_heads;
-            let kh = row % d.kv_heads;
-            let kr = row * s..(row + 1) * s;
-            let (kpos, kval) = (&key_pos[kr.clone()], &key_valid[kr]);
-            let k = MatRef::from_row_major_slice(&keys[row * s * dh..(row + 1) * s * dh], s, dh);
-            let mut acc = vec![0.0f32; s];
-            let mut tile = vec![0.0f32; BLOCK * s];
-            let p0 = first + part * PART;
-            let p1 = (p0 + PART).min(lq);
-            let mut i0 = p0;
-            while i0 < p1 {
-                let i1 = (i0 + BLOCK).min(p1);
-                let nr = i1 - i0;
-                // only slots up to the last one any row of this block can see (causal prefill)
-                let qmax = (i0..i1).map(|i| query_pos[b * lq + i]).max().unwrap_or(i64::MIN);
-                let lim = (0..s)
-                    .rev()
-                    .find(|&j| kval[j] && kpos[j] <= qmax)
-                    .map_or(0, |j| j + 1);
-                if lim == 0 {
-                    i0 = i1;
-                    continue;
-                }
-                for g in 0..group {
-                    let qh = kh * group + g;
-                    let qoff = ((b * d.q_heads + qh) * lq + i0) * dh;
-                    let qm = MatRef::from_row_major_slice(&query[qoff..qoff + nr * dh], nr, dh);
-                    let tm = MatMut::from_row_major_slice_mut(&mut tile[..nr * lim], nr, lim);
-                    matmul(
-                        tm,
-                        Accum::Replace,
-                        qm,
-                        k.subrows(0, lim).transpose(),
-                        scaling,
-                        Par::Seq,
-                    );
-                    for r in 0..nr {
-                        let i = i0 + r;
-                        if !query_valid[b * lq + i] {
-                            continue;
-                        }
-                        let qp = query_pos[b * lq + i];
-                        let t = &mut tile[r * lim..(r + 1) * lim];
-                        // mask to -inf, then max, sum of exp, and the weighted add
-                        let mut m = f32::NEG_INFINITY;
-                        for j in 0..lim {
-                            let vis = kval[j] && kpos[j] <= qp;
-                            t[j] = if vis { t[j] } else { f32::NEG_INFINITY };
-                            m = m.max(t[j]);
-                        }
-                        if m == f32::NEG_INFINITY {
-                            continue; // sees nothing
-                        }
-                        let mut z = 0.0f32;
-                        for x in t.iter_mut() {
-                            // masked slots (-inf) get exactly 0, not exp(-87)
-                            let e = exp_neg(*x - m);
-                            *x = if *x > f32::NEG_INFINITY { e } else { 0.0 };
-                            z += *x;
-                        }
-                        // weight alpha^(Lq-1-i), newest row 1; alpha == 0 keeps the last row only
-                        let wi = if alpha == 0.0 {
-                            if i + 1 == lq {
-                                1.0
-                            } else {
-                                0.0
-                            }
-                        } else {
-                            alpha.powi((lq - 1 - i) as i32)
-                        };
-                        let c = wi / z;
-                        acc[..lim]
-                            .iter_mut()
-                            .zip(t.iter())
-                            .for_each(|(a, &p)| *a += c * p);
-                    }
-                }
+    let task = |task: usize| {
+        let (row, part) = (task / n_parts, task % n_parts);
+        let b = row / d.kv_heads;
+        let kh = row % d.kv_heads;
+        let kr = row * s..(row + 1) * s;
+        let (kpos, kval) = (&key_pos[kr.clone()], &key_valid[kr]);
+        let k = MatRef::from_row_major_slice(&keys[row * s * dh..(row + 1) * s * dh], s, dh);
+        let mut acc = vec![0.0f32; s];
+        let p0 = first + part * PART;
+        let p1 = (p0 + PART).min(lq);
+        let mut tile = vec![0.0f32; BLOCK.min(p1 - p0) * s];
+        let mut i0 = p0;
+        while i0 < p1 {
+            let i1 = (i0 + BLOCK).min(p1);
+            let nr = i1 - i0;
+            // only slots up to the last one any row of this block can see (causal prefill)
+            let qmax = (i0..i1)
+                .map(|i| query_pos[b * lq + i])
+                .max()
+                .unwrap_or(i64::MIN);
+            let lim = (0..s)
+                .rev()
+                .find(|&j| kval[j] && kpos[j] <= qmax)
+                .map_or(0, |j| j + 1);
+            if lim == 0 {
                 i0 = i1;
+                continue;
             }
-            acc
-        })
-        .collect();
-    scores
-        .par_chunks_mut(s)
-        .enumerate()
-        .with_min_len(1)
-        .for_each(|(row, sc)| {
-            if alpha == 0.0 {
-                sc.iter_mut().filter(|x| x.is_finite()).for_each(|x| *x = 0.0);
-            } else {
-                sc.iter_mut().for_each(|x| *x *= decay);
+            for g in 0..group {
+                let qh = kh * group + g;
+                let qoff = ((b * d.q_heads + qh) * lq + i0) * dh;
+                let qm = MatRef::from_row_major_slice(&query[qoff..qoff + nr * dh], nr, dh);
+                let tm = MatMut::from_row_major_slice_mut(&mut tile[..nr * lim], nr, lim);
+                matmul(
+                    tm,
+                    Accum::Replace,
+                    qm,
+                    k.subrows(0, lim).transpose(),
+                    scaling,
+                    Par::Seq,
+                );
+                for r in 0..nr {
+                    let i = i0 + r;
+                    if !query_valid[b * lq + i] {
+                        continue;
+                    }
+                    let qp = query_pos[b * lq + i];
+                    let t = &mut tile[r * lim..(r + 1) * lim];
+                    // mask to -inf, then max, sum of exp, and the weighted add
+                    let mut m = f32::NEG_INFINITY;
+                    for j in 0..lim {
+                        let vis = kval[j] && kpos[j] <= qp;
+                        t[j] = if vis { t[j] } else { f32::NEG_INFINITY };
+                        m = m.max(t[j]);
+                    }
+                    if m == f32::NEG_INFINITY {
+                        continue; // sees nothing
+                    }
+                    let mut z = 0.0f32;
+                    for x in t.iter_mut() {
+                        // masked slots (-inf) get exactly 0, not exp(-87)
+                        let e = exp_neg(*x - m);
+                        *x = if *x > f32::NEG_INFINITY { e } else { 0.0 };
+                        z += *x;
+                    }
+                    // weight alpha^(Lq-1-i), newest row 1; alpha == 0 keeps the last row only
+                    let wi = if alpha == 0.0 {
+                        if i + 1 == lq {
+                            1.0
+                        } else {
+                            0.0
+                        }
+                    } else {
+                        alpha.powi((lq - 1 - i) as i32)
+                    };
+                    let c = wi / z;
+                    acc[..lim]
+                        .iter_mut()
+                        .zip(t.iter())
+                        .for_each(|(a, &p)| *a += c * p);
+                }
             }
-            for part in &partials[row * n_parts..(row + 1) * n_parts] {
-                sc.iter_mut().zip(part).for_each(|(x, &p)| *x += p);
-            }
-        });
+            i0 = i1;
+        }
+        acc
+    };
+    // a decode step is microseconds of work: waking the thread pool would cost more
+    let small = rows * w * s * dh * group < 1 << 20;
+    let partials: Vec<Vec<f32>> = if small {
+        (0..rows * n_parts).map(task).collect()
+    } else {
+        (0..rows * n_parts).into_par_iter().map(task).collect()
+    };
+    let finish = |(row, sc): (usize, &mut [f32])| {
+        if alpha == 0.0 {
+            sc.iter_mut()
+                .filter(|x| x.is_finite())
+                .for_each(|x| *x = 0.0);
+        } else {
+            sc.iter_mut().for_each(|x| *x *= decay);
+        }
+        for part in &partials[row * n_parts..(row + 1) * n_parts] {
+            sc.iter_mut().zip(part).for_each(|(x, &p)| *x += p);
+        }
+    };
+    if small {
+        scores.chunks_mut(s).enumerate().for_each(finish);
+    } else {
+        scores.par_chunks_mut(s).enumerate().for_each(finish);
+    }
     Ok(())
 }
 

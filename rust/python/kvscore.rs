@@ -169,7 +169,11 @@ fn kv_attention_scores_(
     let sd = dims3(scores.shape(), "scores")?;
     let d = match (query.shape(), keys.shape()) {
         ([b, hq, lq, dq], [bk, hk, sk, dk])
-            if *b == sd.batch && *bk == sd.batch && *hk == sd.heads && *sk == sd.slots && dq == dk =>
+            if *b == sd.batch
+                && *bk == sd.batch
+                && *hk == sd.heads
+                && *sk == sd.slots
+                && dq == dk =>
         {
             AttnDims {
                 batch: *b,
@@ -191,7 +195,10 @@ fn kv_attention_scores_(
     };
     same_shape(key_pos.shape(), &sd, "key_pos")?;
     same_shape(key_valid.shape(), &sd, "key_valid")?;
-    for (name, sh) in [("query_pos", query_pos.shape()), ("query_valid", query_valid.shape())] {
+    for (name, sh) in [
+        ("query_pos", query_pos.shape()),
+        ("query_valid", query_valid.shape()),
+    ] {
         if sh != [d.batch, d.q_len] {
             let msg = format!("expected shape ({}, {}), got {sh:?}", d.batch, d.q_len);
             return Err(Error::value(name, msg).into());

@@ -1,4 +1,9 @@
-"""KV-cache presses: A2SF, H2O and RecentWindow for Hugging Face Llama-architecture models.
+"""KV-cache presses for Hugging Face Llama-architecture models, over one public API.
+
+A press is a :class:`Press` with one ``score(ctx) -> (batch, kv_heads, slots)`` method (see
+:class:`ScoreContext`); the framework does budgets, sinks, the recent window, padding, batch > 1,
+per-head eviction on a cache that really shrinks, and the attention. A2SF, H2O, RecentWindow,
+and the ports of kvpress's SnapKV, TOVA, Knorm and ExpectedAttention are all such presses.
 
 Used like kvpress's presses::
 
@@ -12,11 +17,13 @@ as the cache yourself to continue one across calls), and attention runs through
 
 Modes:
 
-- ``mode="prefill"`` (one-shot, A2SF's current official code, "variant C"): the first forward
-  (the prompt) is scored and compressed to the budget; later tokens are appended uncompressed.
-- ``mode="decode"`` (step-wise, A2SF's real-drop code, "variant B"): the prompt is compressed
-  to the budget, then every new token evicts one slot (one out per one in) and takes its place
-  in the cache tensors, so a step costs O(heads x budget) and the cache never grows.
+- ``mode="prefill"`` (one-shot, as A2SF's current official code, "variant C"): the first
+  forward (the prompt) is scored and each layer compressed to the budget right after its
+  attention; later tokens are appended uncompressed.
+- ``mode="decode"`` (step-wise, as A2SF's real-drop code): the prompt is compressed to the
+  budget, then every new token is scored, evicts one slot (one out per one in) and takes its
+  place in the cache tensors, so a step costs O(heads x budget) and the cache never grows.
+  The scoring rule per step is the press's (A2SF: see its ``forgetting`` option).
 
 The budget is one number per batch: ``budget`` tokens, or ``compression_ratio`` (fraction
 removed, as in kvpress) of the longest (padded) prompt. Rows with fewer real tokens than the
