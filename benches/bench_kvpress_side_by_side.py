@@ -52,7 +52,9 @@ def _kvpress_child(n, tokens, seed) -> dict:
 
     model, tok = load_smollm2()
     items = _items(tok, n, tokens, seed)
-    out: dict = {"kvpress_version": getattr(kvpress, "__version__", "?")}
+    from importlib.metadata import version
+
+    out: dict = {"kvpress_version": version("kvpress")}
     makers = {"full cache": None, "SnapKV": lambda r: kvpress.SnapKVPress(compression_ratio=r),
               "TOVA": lambda r: kvpress.TOVAPress(compression_ratio=r),
               "Knorm": lambda r: kvpress.KnormPress(compression_ratio=r),
