@@ -7,6 +7,8 @@ Shapes from the issue: batch 1, 32 heads, head_dim 128, budget 1,024 selected + 
 - one-shot select from T = 4,096 slots to 1,152 (+ gathering K and V).
 - prefill chunk: q = 512 new rows over T = 4,096 keys (memory-bound: GB/s against a stream
   triad measured in the same run). Baseline = A2SF HEAD's alpha^(L-1-q) weighted sum.
+- fused scoring (``attention_scores_``) against torch eager: a decode step at batch 8, 32 heads,
+  budget 4,096, and A2SF's prefill scoring at T = 32,768 (``--fused-only``; ``--quick`` small).
 - end to end (``--e2e``): SmolLM2, ~2,000-token prompt, 20 % budget vs full cache, generation
   time and cache bytes / peak RSS (each config in its own subprocess).
 """
@@ -137,10 +139,57 @@ def _e2e_child(budget_frac: float | None, prompt_tokens: int, new_tokens: int) -
             "new_tokens": int(out.shape[1] - ids.shape[1])}
 
 
+def fused(b=8, hq=32, hkv=32, t=32_768, budget=4096, d=128, alpha=0.9, reps=5):
+    """Fused scoring (``attention_scores_``, no T x T) against torch eager, which forms the
+    probabilities explicitly and sums them:
+
+    - decode step: one query row per head over the budget's keys, (b, hq, 1, d) x (b, hkv, budget, d);
+    - A2SF prefill scoring of a T-token prompt: the fused kernel computes only the newest
+      ``rows_needed(alpha, 1e-7, T)`` rows; eager computes the same rows (the official HEAD
+      code computes all T, out of reach at T = 32k) with the weights alpha^(T-1-q).
+    """
+    g = torch.Generator().manual_seed(0)
+    group = hq // hkv
+    res = {}
+    q1 = torch.randn(b, hq, 1, d, generator=g)
+    kb = torch.randn(b, hkv, budget, d, generator=g)
+
+    def eager_step():
+        p = torch.softmax(torch.matmul(q1, kb.repeat_interleave(group, 1).transpose(-1, -2)) * d ** -0.5, -1)
+        s = torch.zeros(b, hkv, budget)
+        s.mul_(alpha).add_(p.reshape(b, hkv, group, 1, budget).sum((2, 3)))
+
+    res.update(resolve({
+        "decode step: torch eager (softmax rows)": timeit(eager_step, reps),
+        "decode step: forgetcore fused": timeit(
+            lambda: kvscore.attention_scores_(torch.zeros(b, hkv, budget), q1, kb, d ** -0.5, alpha), reps)}))
+    w = kvscore.rows_needed(alpha, 1e-7, t)
+    qw = torch.randn(b, hq, w, d, generator=g)
+    kt = torch.randn(b, hkv, t, d, generator=g)
+    qpos = (t - w + torch.arange(w)).expand(b, w)
+
+    def eager_prefill():
+        wts = alpha ** torch.arange(w - 1, -1, -1, dtype=torch.float64)
+        s = torch.zeros(b, hkv, t)
+        for i0 in range(0, w, 64):   # chunks of rows, else (b, hq, w, T) floats at once
+            lg = torch.matmul(qw[:, :, i0:i0 + 64], kt.repeat_interleave(group, 1).transpose(-1, -2)) * d ** -0.5
+            vis = torch.arange(t)[None, :] <= qpos[0, i0:i0 + 64, None]
+            p = torch.softmax(lg.masked_fill(~vis, float("-inf")), -1) * wts[i0:i0 + 64].float()[:, None]
+            s += p.reshape(b, hkv, group, -1, t).sum((2, 3))
+
+    res.update(resolve({
+        f"prefill scoring T={t} ({w} rows): torch eager": timeit(eager_prefill, 2),
+        f"prefill scoring T={t} ({w} rows): forgetcore fused": timeit(
+            lambda: kvscore.attention_scores_(torch.zeros(b, hkv, t), qw, kt, d ** -0.5, alpha,
+                                              query_positions=qpos), 2)}))
+    return res
+
+
 def main() -> None:
     def extra(ap: argparse.ArgumentParser) -> None:
         ap.add_argument("--e2e", action="store_true", help="also run the SmolLM2 end-to-end comparison")
         ap.add_argument("--e2e-only", action="store_true", help="only the SmolLM2 end-to-end comparison")
+        ap.add_argument("--fused-only", action="store_true", help="only the fused scoring benchmark")
         ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
         ap.add_argument("--prompt-tokens", type=int, default=2000)
         ap.add_argument("--new-tokens", type=int, default=32)
@@ -160,6 +209,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.e2e_only:
         _e2e(args)
+        run.finish()
+        return
+    sizes = dict(b=2, hq=8, hkv=8, t=4096, budget=512, d=64) if run.quick else {}
+    full = dict(b=8, hq=32, t=32_768, budget=4096)
+    print(
+        "\nfused scoring vs torch eager (batch {b}, {hq} heads, T = {t}, budget {budget})".format(**{**full, **sizes})
+    )
+    print(table(["side", "ms"], [[k, f"{v * 1e3:.2f}"] for k, v in fused(**sizes).items()]))
+    if args.fused_only:
         run.finish()
         return
     bw = run.triads[0]

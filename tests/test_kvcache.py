@@ -149,7 +149,7 @@ def test_forked_caches_equal_prefilling_under_the_press(lm, enc):
     model, _ = lm
     presses = [A2SF(0.8, budget=9, n_sink=2, n_recent=2), H2O(budget=9, n_sink=2, n_recent=2),
                RecentWindow(budget=9, n_sink=2)]
-    root = ScoreAll([0.8, 1.0])
+    root = ScoreAll(presses)
     root_cache = _prefill(model, enc, root)
     for press in presses:
         direct, forked = _prefill(model, enc, press), root_cache.fork(press)

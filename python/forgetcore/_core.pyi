@@ -40,7 +40,7 @@ __all__ += [
     "cuda_device_info",
     "cuda_nvrtc_version",
 ]
-__all__ += ["kv_accumulate_", "kv_evict_one", "kv_select_keep"]
+__all__ += ["kv_accumulate_", "kv_attention_scores_", "kv_evict_one", "kv_select_keep"]
 __all__ += ["project_out_", "project_out_flat_", "orthonormalize", "extend_bases"]
 __all__ += ["spectral_condition_numbers", "spectral_norm_estimates", "spectral_singular_values"]
 __version__: str
@@ -206,6 +206,18 @@ def kv_evict_one(
     n_sink: int,
     n_recent: int,
 ) -> npt.NDArray[np.int64]: ...
+def kv_attention_scores_(
+    scores: npt.NDArray[np.float32],
+    query: npt.NDArray[np.float32],
+    keys: npt.NDArray[np.float32],
+    key_pos: npt.NDArray[np.int64],
+    key_valid: npt.NDArray[np.bool_],
+    query_pos: npt.NDArray[np.int64],
+    query_valid: npt.NDArray[np.bool_],
+    scaling: float,
+    alpha: float,
+    tol: float,
+) -> None: ...
 # subspace (rust/python/subspace.rs)
 def project_out_(
     grads: list[npt.NDArray[np.float32]], bases: list[npt.NDArray[np.float32]], check: bool = True

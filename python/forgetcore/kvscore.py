@@ -10,6 +10,11 @@ The primitive family behind :mod:`forgetcore.kvcache` (A2SF, H2O, RecentWindow):
 - :func:`select_keep` — the ``budget`` slots to keep per (batch, kv-head): sinks and the
   recent window always, the rest by top score; equal counts per head so K/V stay rectangular.
 - :func:`evict_one` — the one slot to overwrite in step-wise eviction (O(slots) per head).
+- :func:`attention_scores_` — the fused form of :func:`accumulate_` for a cache: the same
+  alpha-weighted column sums straight from queries and keys, blocked over query rows, never
+  holding the (q x slots) probability matrix; with alpha < 1 only the newest
+  :func:`rows_needed` rows are computed (the skipped ones move no score by more than
+  ``group * tol``), so A2SF's prefill scoring is O(W x T) instead of O(T^2).
 
 Slots carry their token ``positions`` and a ``valid`` mask (B, H, T), because a cache that
 overwrites evicted slots in place is no longer in token order and left padding puts pads
@@ -23,14 +28,21 @@ it within float32 rounding of the row sums); other devices run ``reference.py``.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
 from . import _backend, _checks, _core, _cuda, reference
 
-__all__ = ["accumulate_", "select_keep", "evict_one"]
+__all__ = ["accumulate_", "attention_scores_", "evict_one", "rows_needed", "select_keep"]
 
 _ATTN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+log = logging.getLogger(__name__)
+_LOGGED: set[str] = set()
+
+rows_needed = reference.kv_rows_needed
 
 
 def _scores(scores: torch.Tensor) -> torch.Tensor:
@@ -143,3 +155,71 @@ def evict_one(scores: torch.Tensor, n_sink: int = 0, n_recent: int = 0,
                                  _checks.numpy_view(valid.contiguous()), n_sink, n_recent)
         return torch.from_numpy(np.asarray(out))
     return reference.kv_evict_one(scores, n_sink, n_recent, positions, valid)
+
+
+def attention_scores_(scores: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, scaling: float,
+                      alpha: float, *, positions: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                      query_positions: torch.Tensor | None = None, query_valid: torch.Tensor | None = None,
+                      tol: float = 1e-7) -> torch.Tensor:
+    """Add the alpha-weighted softmax column sums of ``query`` over ``keys`` to ``scores`` in place.
+
+    ``S <- alpha^q S + sum_i alpha^(q-1-i) sum_g softmax_j(scaling * q_gi . k_j)`` (newest row
+    weight 1, GQA query heads summed, float32) — what :func:`accumulate_` gives from explicit
+    probabilities, computed blocked so no (q x slots) matrix is ever held. Query row ``i`` sees
+    slot ``j`` when ``valid[j]`` and ``positions[j] <= query_positions[i]`` (causal prefill,
+    chunked prefill and decode alike, slots in any order); rows with ``query_valid`` false
+    (padding), or that see nothing, add nothing.
+
+    With ``alpha < 1`` only the newest ``rows_needed(alpha, tol, q)`` rows are computed: the
+    skipped rows' weights sum to at most ``tol``, so every score is within ``group * tol`` of
+    the exact one and the kept set can only differ between keys whose exact scores are closer
+    than ``2 * group * tol``. ``tol=0`` computes every row.
+
+    Args:
+        scores: float32 (batch, kv_heads, slots); may hold +inf (evicted sentinel, kept by alpha = 0).
+        query: (batch, kv_heads * group, q, head_dim), after rotary embedding.
+        keys: (batch, kv_heads, slots, head_dim), what the cache holds (new keys included).
+        scaling: the attention's logit scale (usually head_dim ** -0.5).
+        alpha: forgetting factor in [0, 1].
+        positions / valid: int64 / bool (batch, kv_heads, slots); default slot order / all valid.
+        query_positions / query_valid: int64 / bool (batch, q); default the last q positions
+            (``slots - q + i``) / all valid.
+        tol: absolute bound on the skipped rows' total weight (>= 0).
+    """
+    _scores(scores)
+    alpha = _checks.real("alpha", alpha, low=0.0, high=1.0)
+    scaling = _checks.real("scaling", scaling)
+    tol = _checks.real("tol", tol, low=0.0)
+    b, h, t = scores.shape
+    _checks.tensor("keys", keys, dtype=_ATTN_DTYPES, ndim=4, device=scores.device)
+    _checks.tensor("query", query, dtype=_ATTN_DTYPES, ndim=4, device=scores.device)
+    if keys.shape[:3] != (b, h, t):
+        raise ValueError(f"keys: expected shape ({b}, {h}, {t}, head_dim) like scores, got {_checks.describe(keys)}")
+    if query.shape[0] != b or query.shape[1] % h or query.shape[1] == 0 or query.shape[3] != keys.shape[3]:
+        raise ValueError(f"query: expected shape ({b}, {h} * group, q, {keys.shape[3]}), got {_checks.describe(query)}")
+    q = query.shape[2]
+    positions, valid = _slots(scores, positions, valid)
+    if query_positions is None:
+        query_positions = (t - q + torch.arange(q, device=scores.device)).expand(b, q)
+    _checks.tensor("query_positions", query_positions, dtype=torch.int64, shape=(b, q), device=scores.device)
+    if query_valid is None:
+        query_valid = torch.ones(b, q, dtype=torch.bool, device=scores.device)
+    _checks.tensor("query_valid", query_valid, dtype=torch.bool, shape=(b, q), device=scores.device)
+    backend = _backend.dispatch("kvscore.attention_scores_", scores.device,
+                                unsupported=None if scores.is_contiguous() else "non-contiguous scores")
+    if backend == _backend.RUST:
+        _core.kv_attention_scores_(
+            _checks.numpy_view(scores), query.float().contiguous().numpy(), keys.float().contiguous().numpy(),
+            _checks.numpy_view(positions.contiguous()), _checks.numpy_view(valid.contiguous()),
+            _checks.numpy_view(query_positions.contiguous()), _checks.numpy_view(query_valid.contiguous()),
+            scaling, alpha, tol)
+        return scores
+    _checks.finite("query", query)
+    _checks.finite("keys", keys)
+    if scores.numel() and bool(torch.isnan(scores).any()):
+        raise ValueError("scores: expected no NaN (+inf marks evicted slots), got NaN")
+    if scores.device.type not in _LOGGED:   # no CUDA kernel for this one yet: say so once
+        _LOGGED.add(scores.device.type)
+        log.info("kvscore.attention_scores_: %s tensors run the blocked torch reference", scores.device.type)
+    return reference.kv_attention_scores_(scores, query, keys, scaling, alpha, positions, valid,
+                                          query_positions, query_valid, tol=tol)

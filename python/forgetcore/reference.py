@@ -26,6 +26,8 @@ Names and signatures follow the public ones, with these documented differences:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # ---------------------------------------------------------------------------------------------
@@ -350,6 +352,49 @@ def kv_accumulate_(scores: torch.Tensor, attn: torch.Tensor, alpha: float, group
     w = alpha ** torch.arange(q - 1, -1, -1, dtype=torch.float64, device=scores.device)
     scores.mul_(alpha ** q).add_((rows * w.to(torch.float32)[:, None]).sum(2))
     return scores
+
+
+def kv_rows_needed(alpha: float, tol: float, q_len: int) -> int:
+    """Newest query rows that can move alpha-weighted scores by more than ``tol``: the smallest W
+    with alpha^W / (1 - alpha) <= tol (``q_len`` for alpha = 1 or tol = 0; 1 for alpha = 0)."""
+    if alpha >= 1.0 or tol <= 0.0:
+        return q_len
+    if alpha <= 0.0:
+        return min(q_len, 1)
+    w = math.ceil(math.log(tol * (1.0 - alpha)) / math.log(alpha))
+    return min(max(w, 1), q_len)
+
+
+def kv_attention_scores_(scores: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, scaling: float,
+                         alpha: float, key_pos: torch.Tensor, key_valid: torch.Tensor, query_pos: torch.Tensor,
+                         query_valid: torch.Tensor, tol: float = 0.0, block: int = 256) -> torch.Tensor:
+    """S <- alpha^Lq S + sum_i alpha^(Lq-1-i) sum_g softmax(scaling q_gi . K) in place, blocked over
+    query rows (never the Lq x S matrix), float32; the newest :func:`kv_rows_needed` rows only.
+
+    Query row i sees slot j when ``key_valid[j]`` and ``key_pos[j] <= query_pos[i]``; rows with
+    ``query_valid`` false, or that see nothing, add nothing.
+    """
+    b, hq, lq, d = query.shape
+    hkv, s = keys.shape[1], keys.shape[2]
+    g = hq // hkv
+    acc = torch.zeros(b, hkv, s, dtype=torch.float32, device=scores.device)
+    first = lq - kv_rows_needed(alpha, tol, lq)
+    qg = query.float().reshape(b, hkv, g, lq, d)
+    kt = keys.float().transpose(-1, -2)[:, :, None]                      # (B, Hkv, 1, D, S)
+    for i0 in range(first, lq, block):
+        i1 = min(lq, i0 + block)
+        logits = torch.matmul(qg[:, :, :, i0:i1], kt) * scaling            # (B, Hkv, g, r, S)
+        vis = key_valid[:, :, None, :] & (key_pos[:, :, None, :] <= query_pos[:, None, i0:i1, None])
+        logits = logits.masked_fill(~vis[:, :, None], float("-inf"))
+        p = torch.softmax(logits, -1).nan_to_num(0.0) * query_valid[:, None, None, i0:i1, None]
+        exps = torch.arange(lq - 1 - i0, lq - 1 - i1, -1, dtype=torch.float64, device=scores.device)
+        w = (exps == 0).double() if alpha == 0.0 else alpha ** exps
+        acc += (p * w.to(torch.float32)[:, None]).sum((2, 3))
+    if alpha == 0.0:
+        scores.masked_fill_(torch.isfinite(scores), 0.0)
+    else:
+        scores.mul_(alpha ** lq)
+    return scores.add_(acc)
 
 
 def _kv_tiers(scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,

@@ -13,6 +13,9 @@
 
 use rayon::prelude::*;
 
+mod fused;
+pub use fused::{attention_scores, rows_needed, AttnDims};
+
 use crate::error::{ensure, Error, Result};
 
 /// Below this many elements of work a kernel runs on the calling thread: a decode step is

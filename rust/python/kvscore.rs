@@ -6,7 +6,7 @@ use numpy::{
 use pyo3::prelude::*;
 
 use super::{as_slice, as_slice_mut, detached};
-use crate::kvscore::{self, Attn, Dims};
+use crate::kvscore::{self, Attn, AttnDims, Dims};
 use crate::Error;
 
 fn dims3(shape: &[usize], arg: &str) -> PyResult<Dims> {
@@ -154,9 +154,81 @@ fn kv_evict_one<'py>(
     Ok(arr.into_pyarray(py))
 }
 
+/// scores (B, Hkv, S) f32 += alpha-weighted softmax column sums of query (B, Hq, Lq, D) over
+/// keys (B, Hkv, S, D), never forming the Lq x S matrix (`crate::kvscore::attention_scores`).
+#[pyfunction]
+#[pyo3(signature = (scores, query, keys, key_pos, key_valid, query_pos, query_valid, scaling, alpha, tol))]
+#[allow(clippy::too_many_arguments)]
+fn kv_attention_scores_(
+    py: Python<'_>,
+    mut scores: PyReadwriteArrayDyn<'_, f32>,
+    query: PyReadonlyArrayDyn<'_, f32>,
+    keys: PyReadonlyArrayDyn<'_, f32>,
+    key_pos: PyReadonlyArrayDyn<'_, i64>,
+    key_valid: PyReadonlyArrayDyn<'_, bool>,
+    query_pos: PyReadonlyArrayDyn<'_, i64>,
+    query_valid: PyReadonlyArrayDyn<'_, bool>,
+    scaling: f32,
+    alpha: f32,
+    tol: f32,
+) -> PyResult<()> {
+    let sd = dims3(scores.shape(), "scores")?;
+    let d = match (query.shape(), keys.shape()) {
+        ([b, hq, lq, dq], [bk, hk, sk, dk])
+            if *b == sd.batch
+                && *bk == sd.batch
+                && *hk == sd.heads
+                && *sk == sd.slots
+                && dq == dk =>
+        {
+            AttnDims {
+                batch: *b,
+                q_heads: *hq,
+                kv_heads: *hk,
+                q_len: *lq,
+                slots: *sk,
+                head_dim: *dk,
+            }
+        }
+        (qs, ks) => {
+            let msg = format!(
+                "expected query (batch, q_heads, q, d) and keys (batch, kv_heads, slots, d) matching scores \
+                 {:?}, got {qs:?} and {ks:?}",
+                scores.shape()
+            );
+            return Err(Error::value("query", msg).into());
+        }
+    };
+    same_shape(key_pos.shape(), &sd, "key_pos")?;
+    same_shape(key_valid.shape(), &sd, "key_valid")?;
+    for (name, sh) in [
+        ("query_pos", query_pos.shape()),
+        ("query_valid", query_valid.shape()),
+    ] {
+        if sh != [d.batch, d.q_len] {
+            let msg = format!("expected shape ({}, {}), got {sh:?}", d.batch, d.q_len);
+            return Err(Error::value(name, msg).into());
+        }
+    }
+    let (q, k, kp, kv, qp, qv) = (
+        as_slice(&query, "query")?,
+        as_slice(&keys, "keys")?,
+        as_slice(&key_pos, "key_pos")?,
+        as_slice(&key_valid, "key_valid")?,
+        as_slice(&query_pos, "query_pos")?,
+        as_slice(&query_valid, "query_valid")?,
+    );
+    let s = as_slice_mut(&mut scores, "scores")?;
+    detached(py, || {
+        kvscore::attention_scores(s, q, k, kp, kv, qp, qv, d, scaling, alpha, tol)
+    })?;
+    Ok(())
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kv_accumulate_, m)?)?;
     m.add_function(wrap_pyfunction!(kv_select_keep, m)?)?;
     m.add_function(wrap_pyfunction!(kv_evict_one, m)?)?;
+    m.add_function(wrap_pyfunction!(kv_attention_scores_, m)?)?;
     Ok(())
 }

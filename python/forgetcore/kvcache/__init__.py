@@ -1,4 +1,5 @@
-"""KV-cache token eviction for Hugging Face models: A2SF, H2O and RecentWindow presses.
+"""KV-cache token eviction for Hugging Face models: A2SF, H2O, RecentWindow, SnapKV, TOVA,
+Knorm and ExpectedAttention presses, each one ``score()`` over the public :class:`Press` API.
 
 See :mod:`.presses` for the API, :mod:`.cache` for the shrinking ``Cache`` and the attention
 function, :mod:`.simulate` for the official masked (lm-eval) rules, :mod:`.evaluation` for
@@ -12,14 +13,24 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .cache import KVCache
-    from .presses import A2SF, H2O, RecentWindow, cache_bytes
+    from .presses import (
+        A2SF,
+        H2O,
+        TOVA,
+        ExpectedAttention,
+        Knorm,
+        Press,
+        RecentWindow,
+        ScoreContext,
+        SnapKV,
+        cache_bytes,
+    )
 
 # The presses need transformers (the `kv` extra); the pure-torch `forgetcore.kvcache.simulate`
 # does not, so they are imported on first use and a base install can still import the package.
-_LAZY = {"KVCache": "cache", "A2SF": "presses", "H2O": "presses", "RecentWindow": "presses",
-         "cache_bytes": "presses"}
-
-__all__ = ["A2SF", "H2O", "KVCache", "RecentWindow", "cache_bytes"]
+__all__ = ["A2SF", "H2O", "TOVA", "ExpectedAttention", "KVCache", "Knorm", "Press", "RecentWindow", "ScoreContext",
+           "SnapKV", "cache_bytes"]
+_LAZY = {n: "cache" if n == "KVCache" else "presses" for n in __all__}
 
 
 def __getattr__(name: str) -> Any:

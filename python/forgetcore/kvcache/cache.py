@@ -10,11 +10,12 @@ mask itself (:meth:`KVLayer.mask`).
 The attention function (:func:`kv_attention`, registered with transformers'
 ``AttentionInterface`` as ``"forgetcore_kv"``) is installed by the press for the duration of
 its ``with`` block, whatever ``attn_implementation`` the model was loaded with (eager, sdpa,
-...). It computes softmax probabilities explicitly, in float32, in query chunks of
-``chunk`` rows (so prefill never holds the whole T x T matrix), uses them both for the output
-and for the scores, and only then lets the press evict. So presses work with models loaded
-for SDPA, unlike kvpress's attention-based presses, which need ``attn_implementation="eager"``;
-the price is that fused SDPA/flash kernels are not used inside the press.
+...). The output comes from torch's fused ``scaled_dot_product_attention`` (flash / memory-
+efficient kernels where torch has them) with the cheapest exact mask (see :func:`_attend`);
+the press's scores come from a separate pass (the fused kvscore kernel, or a bounded window of
+query rows) that never holds the T x T matrix; then the press evicts, layer by layer, so the
+whole prompt's K/V never sits in every layer at once. Presses therefore work with models
+loaded for SDPA, unlike kvpress's attention-based presses, which need eager attention.
 
 ``get_seq_length()`` returns the number of tokens seen (left padding included), which is what
 ``generate()`` uses to slice inputs and place positions; the physical size is
@@ -42,7 +43,7 @@ class KVLayer:
     valid: torch.Tensor    # bool  (B, H, S): real token (not padding, not a freed slot)
     scores: torch.Tensor   # f32   (B, H, S)
     new: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))  # (B, H, q) slots of this step
-    multi: dict = field(default_factory=dict)  # alpha -> scores, filled by ScoreAll (evaluation)
+    multi: dict = field(default_factory=dict)  # id(press) -> scores, filled by ScoreAll (evaluation)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.pos, self.valid, self.scores))
@@ -77,9 +78,11 @@ class KVCache(Cache):
         self._new_valid: torch.Tensor | None = None
         self._q = 0
         self.forwards = 0
+        self.input_ids: torch.Tensor | None = None   # this forward's token ids (sentence forgetting)
 
     # -- bookkeeping the press calls before each forward --------------------------------------
-    def begin_forward(self, q: int, batch: int, attention_mask: torch.Tensor | None, device) -> None:
+    def begin_forward(self, q: int, batch: int, attention_mask: torch.Tensor | None, device,
+                      input_ids: torch.Tensor | None = None) -> None:
         if attention_mask is not None:
             if attention_mask.dim() != 2:
                 raise ValueError(f"attention_mask: a press needs the 2-D (batch, length) padding mask, "
@@ -90,6 +93,12 @@ class KVCache(Cache):
         if self.budget is None:
             self.budget = self.press._budget_for(self.seen + q)
         self._new_valid, self._q = nv, q
+        self.input_ids = input_ids if input_ids is not None and input_ids.shape == (batch, q) else None
+
+    def query_valid(self, b: int, q: int, device) -> torch.Tensor:
+        """bool (b, q): which rows of this forward are real tokens (False: left padding)."""
+        nv = self._new_valid
+        return nv if nv is not None and nv.shape == (b, q) else torch.ones(b, q, dtype=torch.bool, device=device)
 
     def end_forward(self) -> None:
         self.seen += self._q
@@ -101,8 +110,7 @@ class KVCache(Cache):
         while len(self.kv) <= layer_idx:
             self.kv.append(None)
         dev = key_states.device
-        nv = self._new_valid if self._new_valid is not None and self._new_valid.shape == (b, q) \
-            else torch.ones(b, q, dtype=torch.bool, device=dev)
+        nv = self.query_valid(b, q, dev)
         pos_new = (self.seen + torch.arange(q, device=dev)).expand(b, h, q)
         val_new = nv[:, None, :].expand(b, h, q)
         lay = self.kv[layer_idx]
@@ -196,7 +204,7 @@ class KVCache(Cache):
         new.seen, new.forwards = self.seen, self.forwards
         new.budget = press._budget_for(self.seen)
         for i, lay in enumerate(self.kv):
-            sc = lay.multi[press.alpha] if press.scored else torch.zeros_like(lay.scores)
+            sc = lay.multi[id(press)]
             # clones: the step-wise path writes in place and must not reach the parent's tensors
             new.kv.append(KVLayer(lay.keys.clone(), lay.values.clone(), lay.pos.clone(), lay.valid.clone(),
                                   sc.clone(), lay.new))
@@ -242,19 +250,37 @@ class KVCache(Cache):
             lay.scores = torch.cat([lay.scores, lay.scores.new_zeros(b, h, 1)], -1)
 
 
-def _probs_chunks(query, key, mask, scaling, chunk):
-    """Yield (start, float32 probabilities (B, Hkv, g, qc, S)) over query chunks."""
-    b, hq, q, d = query.shape
-    hkv = key.shape[1]
+def _attend(query: torch.Tensor, lay: KVLayer, q: int, scaling: float, first: bool) -> torch.Tensor:
+    """Attention output (B, Hq, q, Dv) from torch's fused SDPA over what the cache holds.
+
+    The mask is the cheapest that is exact: none (``is_causal``) for an unpadded first forward,
+    the shared (B, 1, q, S) causal-and-padding mask for a padded one (every head holds the same
+    slots then), the per-head validity (B, Hkv, 1, S) as a view for a decode step (the group's
+    query heads ride in the query-length dimension, so no (B, H, q, S) tensor is built or
+    cloned), and the full per-head mask only for a multi-token forward over an evicted cache.
+    """
+    b, hq, _, d = query.shape
+    hkv = lay.keys.shape[1]
     g = hq // hkv
-    qg = query.reshape(b, hkv, g, q, d)
-    kt = key.transpose(-1, -2)[:, :, None]               # (B, Hkv, 1, D, S)
-    for s0 in range(0, q, chunk):
-        s1 = min(q, s0 + chunk)
-        logits = torch.matmul(qg[:, :, :, s0:s1].float(), kt.float()) * scaling   # (B, Hkv, g, qc, S)
-        m = mask[:, :, None, s0:s1]
-        logits = logits.masked_fill(~m, float("-inf"))
-        yield s0, s1, torch.softmax(logits, dim=-1)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if q == 1:
+        qg = query.reshape(b, hkv, g, d)
+        m = None if bool(lay.valid.all()) else lay.valid[:, :, None, :]
+        return sdpa(qg, lay.keys, lay.values, attn_mask=m, scale=scaling).reshape(b, hq, 1, -1)
+    if first:
+        k = lay.keys.repeat_interleave(g, 1) if g > 1 else lay.keys
+        v = lay.values.repeat_interleave(g, 1) if g > 1 else lay.values
+        val = lay.valid[:, 0]                                                  # (B, S), same for every head
+        if bool(val.all()):
+            return sdpa(query, k, v, is_causal=True, scale=scaling)
+        eye = torch.eye(q, dtype=torch.bool, device=query.device)
+        # pads see themselves (a row that sees nothing would be NaN)
+        m = (torch.ones(q, q, dtype=torch.bool, device=query.device).tril() & val[:, None, :]) | eye
+        return sdpa(query, k, v, attn_mask=m[:, None], scale=scaling)
+    m = lay.mask(q)                                                            # (B, Hkv, q, S)
+    qg = query.reshape(b, hkv, g * q, d)
+    mg = m[:, :, None].expand(b, hkv, g, q, m.shape[-1]).reshape(b, hkv, g * q, -1)
+    return sdpa(qg, lay.keys, lay.values, attn_mask=mg, scale=scaling).reshape(b, hq, q, -1)
 
 
 def kv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -265,19 +291,10 @@ def kv_attention(module, query, key, value, attention_mask, scaling=None, dropou
         raise RuntimeError("forgetcore_kv attention called outside a press's `with` block")
     layer_idx = module.layer_idx
     lay = cache.kv[layer_idx]
-    b, hq, q, d = query.shape
-    hkv = key.shape[1]
-    g = hq // hkv
+    q = query.shape[2]
     scaling = module.scaling if scaling is None else scaling
-    mask = lay.mask(q)
-    out = torch.empty(b, hkv, g, q, value.shape[-1], dtype=torch.float32, device=query.device)
-    vals = value.float()[:, :, None]                     # (B, Hkv, 1, S, Dv)
-    need = press.needs_scores(cache)
-    # a chunk's rows enter S with weight alpha^(rows after it): Horner over chunks is exact
-    for s0, s1, p in _probs_chunks(query, key, mask, scaling, press.chunk):
-        out[:, :, :, s0:s1] = torch.matmul(p, vals)
-        if need:
-            press.accumulate(lay, p.reshape(b, hq, s1 - s0, -1), g)
+    first = cache.forwards == 0
+    out = _attend(query, lay, q, scaling, first)
+    press.observe(cache, layer_idx, module, query, scaling)
     press.after_attention(cache, layer_idx)
-    attn_out = out.reshape(b, hq, q, -1).to(query.dtype).transpose(1, 2).contiguous()
-    return attn_out, None
+    return out.transpose(1, 2).contiguous(), None

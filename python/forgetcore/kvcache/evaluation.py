@@ -8,6 +8,9 @@ Two tasks, both built here from nothing but a seed:
   after compression, and a prompt counts as correct when greedy decoding would produce the
   whole answer (every answer token is the argmax given the ones before it). The asked fact's
   depth (its index among the facts) cycles through the context.
+- **Passkey retrieval in real prose** (:func:`needle_items`): "The pass key is NNNNN." placed at
+  a seeded depth inside ``tokens`` tokens of ``pydoc_data.topics`` text, the question appended
+  after compression; scored like the recall task (the whole 5-digit answer must be greedy).
 - **Perplexity** of held-out prose from the standard library's ``pydoc_data.topics``: a
   ``context`` of tokens is compressed, then the next ``continuation`` tokens are scored.
 
@@ -59,12 +62,34 @@ def recall_items(n: int, n_facts: int = 24, seed: int = 0) -> list[RecallItem]:
     return items
 
 
-def prose_chunks(tok, n: int, context: int, continuation: int, seed: int = 0) -> torch.Tensor:
-    """``n`` token windows (n, context + continuation) of ``pydoc_data.topics`` prose, seeded."""
+def _prose_ids(tok) -> torch.Tensor:
     from pydoc_data.topics import topics
 
     text = "\n\n".join(topics[k] for k in sorted(topics))
-    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    return tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+
+
+def needle_items(tok, n: int, tokens: int, seed: int = 0) -> list[RecallItem]:
+    """``n`` seeded passkey prompts: about ``tokens`` tokens of real prose with the needle at
+    depths spread evenly over (0, 1) (item k at (k + 0.5) / n), disjoint windows of the text."""
+    ids = _prose_ids(tok)
+    rng = random.Random(seed)
+    starts = rng.sample(range(0, len(ids) - tokens, tokens), n)
+    items = []
+    for k, s0 in enumerate(starts):
+        key = str(rng.randrange(10000, 100000))
+        depth = (k + 0.5) / n
+        cut = int(depth * tokens)
+        before, after = tok.decode(ids[s0:s0 + cut]), tok.decode(ids[s0 + cut:s0 + tokens])
+        ctx = before + f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n" + after
+        q = "\nWhat is the pass key? The pass key is"
+        items.append(RecallItem(ctx, q, " " + key, depth))
+    return items
+
+
+def prose_chunks(tok, n: int, context: int, continuation: int, seed: int = 0) -> torch.Tensor:
+    """``n`` token windows (n, context + continuation) of ``pydoc_data.topics`` prose, seeded."""
+    ids = _prose_ids(tok)
     need = context + continuation
     rng = random.Random(seed)
     starts = rng.sample(range(0, len(ids) - need, need), n)
@@ -91,13 +116,12 @@ def _forward(model, ids, mask, full_mask, cache):
 def _run_many(model, presses, ctx_ids, ctx_mask, tail_ids, tail_mask) -> list[torch.Tensor]:
     """Tail logits for each press (None = full cache) after one shared prefill of the context.
 
-    The prefill is scored for every forgetting factor at once (:class:`~.presses.ScoreAll`)
+    The prefill is scored for every press at once (:class:`~.presses.ScoreAll`)
     and each press's compressed cache is forked from it, which equals prefilling under that
     press (prefill outputs do not depend on the press; ``tests/test_kvcache.py`` checks it).
     """
     full = torch.cat([ctx_mask, tail_mask], 1)
-    alphas = sorted({p.alpha for p in presses if p is not None and p.scored})
-    root = ScoreAll(alphas)
+    root = ScoreAll(presses)
     with root(model):
         cache = root.make_cache()
         _forward(model, ctx_ids, ctx_mask, ctx_mask, cache)

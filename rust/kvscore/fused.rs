@@ -1,0 +1,471 @@
+//! Fused attention scoring: the alpha-weighted column sums of softmax attention straight from
+//! queries and keys, without ever holding the T x T probability matrix.
+//!
+//! The attention *output* comes from the model's own fast path (SDPA / flash); this pass only
+//! produces the scores a press ranks by:
+//!
+//!   S <- alpha^Lq S + sum_i alpha^(Lq-1-i) sum_{g in group} softmax_j(scale * q_{g,i} . k_j)
+//!
+//! over the `Lq` new query rows (newest weight 1), the same recurrence as
+//! [`super::accumulate`] gives from explicit probabilities. Per block of query rows it forms
+//! one (rows x slots) logit tile with faer's GEMM, takes each row's log-sum-exp and adds the
+//! weighted probabilities to the column sums: memory O(block x slots), float32 throughout.
+//!
+//! Visibility is positional, so the same kernel serves prefill, chunked prefill and decode on a
+//! cache whose slots are out of token order: query row i sees slot j when `key_valid[j]` and
+//! `key_pos[j] <= query_pos[i]`. Rows with `query_valid` false (left padding) add nothing.
+//!
+//! Row skipping (A2SF, alpha < 1): only the newest `W` rows are computed, W the smallest
+//! integer with alpha^W / (1 - alpha) <= `tol`. The skipped rows' weights sum to at most
+//! sum_{k >= W} alpha^k = alpha^W / (1 - alpha) <= tol, and each probability is at most 1, so
+//! every score is within `group * tol` of the exact one: the ranking (hence the kept set) can
+//! only change between keys whose exact scores differ by less than `2 * group * tol`. With
+//! tol = 1e-7 and alpha = 0.9, W = 175 rows instead of Lq: prefill scoring is O(W x T), not
+//! O(T^2). H2O (alpha = 1) needs every row; it is blocked the same way, still without the matrix.
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+use rayon::prelude::*;
+
+use crate::error::{ensure, Result};
+
+/// Query rows per logit tile.
+const BLOCK: usize = 64;
+/// Query rows per parallel task; fixed (not tied to the thread count) so the order of the
+/// float32 sums, and so the result, is the same on every machine.
+const PART: usize = 64;
+
+/// Shapes of one fused scoring call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnDims {
+    pub batch: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub q_len: usize,
+    pub slots: usize,
+    pub head_dim: usize,
+}
+
+/// Rows of the newest query block that can move the scores by more than `tol` (see the module
+/// doc); `q_len` when nothing can be skipped.
+pub fn rows_needed(alpha: f32, tol: f32, q_len: usize) -> usize {
+    if alpha >= 1.0 || tol <= 0.0 {
+        return q_len;
+    }
+    if alpha <= 0.0 {
+        return q_len.min(1);
+    }
+    // alpha^W / (1 - alpha) <= tol  <=>  W >= ln(tol (1 - alpha)) / ln(alpha)
+    let w = ((tol as f64 * (1.0 - alpha as f64)).ln() / (alpha as f64).ln()).ceil();
+    (w.max(1.0) as usize).min(q_len)
+}
+
+/// e^x for x <= 0 to about 2 ulp, branch-free so the loops over a tile vectorise
+/// (Cody-Waite range reduction, degree-6 polynomial on [-ln2/2, ln2/2]).
+#[inline(always)]
+fn exp_neg(x: f32) -> f32 {
+    let x = x.max(-87.0);
+    let n = (x * std::f32::consts::LOG2_E).round();
+    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (0.166_666_67
+                    + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
+    f32::from_bits(((n as i32 + 127) as u32) << 23) * p
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check(
+    scores: &[f32],
+    query: &[f32],
+    keys: &[f32],
+    key_pos: &[i64],
+    key_valid: &[bool],
+    query_pos: &[i64],
+    query_valid: &[bool],
+    d: AttnDims,
+    scaling: f32,
+    alpha: f32,
+    tol: f32,
+) -> Result<()> {
+    ensure(
+        d.kv_heads > 0 && d.q_heads % d.kv_heads == 0,
+        "query",
+        || {
+            format!(
+                "expected query heads to be a multiple of the {} key heads, got {}",
+                d.kv_heads, d.q_heads
+            )
+        },
+    )?;
+    ensure(
+        alpha.is_finite() && (0.0..=1.0).contains(&alpha),
+        "alpha",
+        || format!("expected a number in [0, 1], got {alpha}"),
+    )?;
+    ensure(scaling.is_finite(), "scaling", || {
+        format!("expected a finite number, got {scaling}")
+    })?;
+    ensure(tol.is_finite() && tol >= 0.0, "tol", || {
+        format!("expected a finite number >= 0, got {tol}")
+    })?;
+    let kv = d.batch * d.kv_heads * d.slots;
+    for (name, n, want) in [
+        ("scores", scores.len(), kv),
+        (
+            "query",
+            query.len(),
+            d.batch * d.q_heads * d.q_len * d.head_dim,
+        ),
+        ("keys", keys.len(), kv * d.head_dim),
+        ("key_pos", key_pos.len(), kv),
+        ("key_valid", key_valid.len(), kv),
+        ("query_pos", query_pos.len(), d.batch * d.q_len),
+        ("query_valid", query_valid.len(), d.batch * d.q_len),
+    ] {
+        ensure(n == want, name, || {
+            format!("expected {want} elements for {d:?}, got {n}")
+        })?;
+    }
+    ensure(!scores.iter().any(|s| s.is_nan()), "scores", || {
+        "expected no NaN".into()
+    })?;
+    // x - x is 0 for finite x and NaN otherwise: one vectorisable pass per input
+    let bad = |c: &[f32]| c.iter().map(|&x| x - x).sum::<f32>() != 0.0;
+    ensure(!query.chunks(4096).any(bad), "query", || {
+        "expected finite values".into()
+    })?;
+    ensure(!keys.chunks(4096).any(bad), "keys", || {
+        "expected finite values".into()
+    })
+}
+
+/// Add the alpha-weighted attention column sums of `query` over `keys` to `scores` (see the
+/// module doc). Layouts, row-major: scores/key_pos/key_valid (B, Hkv, S); query
+/// (B, Hq, Lq, D); keys (B, Hkv, S, D); query_pos/query_valid (B, Lq). A failed call leaves
+/// `scores` untouched.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_scores(
+    scores: &mut [f32],
+    query: &[f32],
+    keys: &[f32],
+    key_pos: &[i64],
+    key_valid: &[bool],
+    query_pos: &[i64],
+    query_valid: &[bool],
+    d: AttnDims,
+    scaling: f32,
+    alpha: f32,
+    tol: f32,
+) -> Result<()> {
+    check(
+        scores,
+        query,
+        keys,
+        key_pos,
+        key_valid,
+        query_pos,
+        query_valid,
+        d,
+        scaling,
+        alpha,
+        tol,
+    )?;
+    let (s, lq, dh) = (d.slots, d.q_len, d.head_dim);
+    let group = d.q_heads / d.kv_heads;
+    let rows = d.batch * d.kv_heads;
+    if rows == 0 || s == 0 || lq == 0 {
+        return Ok(());
+    }
+    // decay the old scores: alpha == 0 keeps the +inf "evicted" sentinel and zeroes the rest
+    let decay = if alpha == 0.0 {
+        0.0
+    } else {
+        alpha.powi(lq as i32)
+    };
+    let w = rows_needed(alpha, tol, lq);
+    let first = lq - w;
+    let n_parts = w.div_ceil(PART);
+    // each task: one (batch, kv-head) row and one part of the needed query rows
+    let task = |task: usize| {
+        let (row, part) = (task / n_parts, task % n_parts);
+        let b = row / d.kv_heads;
+        let kh = row % d.kv_heads;
+        let kr = row * s..(row + 1) * s;
+        let (kpos, kval) = (&key_pos[kr.clone()], &key_valid[kr]);
+        let k = MatRef::from_row_major_slice(&keys[row * s * dh..(row + 1) * s * dh], s, dh);
+        let mut acc = vec![0.0f32; s];
+        let p0 = first + part * PART;
+        let p1 = (p0 + PART).min(lq);
+        let mut tile = vec![0.0f32; BLOCK.min(p1 - p0) * s];
+        let mut i0 = p0;
+        while i0 < p1 {
+            let i1 = (i0 + BLOCK).min(p1);
+            let nr = i1 - i0;
+            // only slots up to the last one any row of this block can see (causal prefill)
+            let qmax = (i0..i1)
+                .map(|i| query_pos[b * lq + i])
+                .max()
+                .unwrap_or(i64::MIN);
+            let lim = (0..s)
+                .rev()
+                .find(|&j| kval[j] && kpos[j] <= qmax)
+                .map_or(0, |j| j + 1);
+            if lim == 0 {
+                i0 = i1;
+                continue;
+            }
+            for g in 0..group {
+                let qh = kh * group + g;
+                let qoff = ((b * d.q_heads + qh) * lq + i0) * dh;
+                let qm = MatRef::from_row_major_slice(&query[qoff..qoff + nr * dh], nr, dh);
+                let tm = MatMut::from_row_major_slice_mut(&mut tile[..nr * lim], nr, lim);
+                matmul(
+                    tm,
+                    Accum::Replace,
+                    qm,
+                    k.subrows(0, lim).transpose(),
+                    scaling,
+                    Par::Seq,
+                );
+                for r in 0..nr {
+                    let i = i0 + r;
+                    if !query_valid[b * lq + i] {
+                        continue;
+                    }
+                    let qp = query_pos[b * lq + i];
+                    let t = &mut tile[r * lim..(r + 1) * lim];
+                    // mask to -inf, then max, sum of exp, and the weighted add
+                    let mut m = f32::NEG_INFINITY;
+                    for j in 0..lim {
+                        let vis = kval[j] && kpos[j] <= qp;
+                        t[j] = if vis { t[j] } else { f32::NEG_INFINITY };
+                        m = m.max(t[j]);
+                    }
+                    if m == f32::NEG_INFINITY {
+                        continue; // sees nothing
+                    }
+                    let mut z = 0.0f32;
+                    for x in t.iter_mut() {
+                        // masked slots (-inf) get exactly 0, not exp(-87)
+                        let e = exp_neg(*x - m);
+                        *x = if *x > f32::NEG_INFINITY { e } else { 0.0 };
+                        z += *x;
+                    }
+                    // weight alpha^(Lq-1-i), newest row 1; alpha == 0 keeps the last row only
+                    let wi = if alpha == 0.0 {
+                        if i + 1 == lq {
+                            1.0
+                        } else {
+                            0.0
+                        }
+                    } else {
+                        alpha.powi((lq - 1 - i) as i32)
+                    };
+                    let c = wi / z;
+                    acc[..lim]
+                        .iter_mut()
+                        .zip(t.iter())
+                        .for_each(|(a, &p)| *a += c * p);
+                }
+            }
+            i0 = i1;
+        }
+        acc
+    };
+    // a decode step is microseconds of work: waking the thread pool would cost more
+    let small = rows * w * s * dh * group < 1 << 20;
+    let partials: Vec<Vec<f32>> = if small {
+        (0..rows * n_parts).map(task).collect()
+    } else {
+        (0..rows * n_parts).into_par_iter().map(task).collect()
+    };
+    let finish = |(row, sc): (usize, &mut [f32])| {
+        if alpha == 0.0 {
+            sc.iter_mut()
+                .filter(|x| x.is_finite())
+                .for_each(|x| *x = 0.0);
+        } else {
+            sc.iter_mut().for_each(|x| *x *= decay);
+        }
+        for part in &partials[row * n_parts..(row + 1) * n_parts] {
+            sc.iter_mut().zip(part).for_each(|(x, &p)| *x += p);
+        }
+    };
+    if small {
+        scores.chunks_mut(s).enumerate().for_each(finish);
+    } else {
+        scores.par_chunks_mut(s).enumerate().for_each(finish);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Explicit probabilities, then the same recurrence: the oracle for the fused pass.
+    #[allow(clippy::too_many_arguments)]
+    fn naive(
+        q: &[f32],
+        k: &[f32],
+        kpos: &[i64],
+        qpos: &[i64],
+        d: AttnDims,
+        scaling: f32,
+        alpha: f32,
+    ) -> Vec<f32> {
+        let g = d.q_heads / d.kv_heads;
+        let mut out = vec![0.0f32; d.batch * d.kv_heads * d.slots];
+        for b in 0..d.batch {
+            for qh in 0..d.q_heads {
+                let kh = qh / g;
+                let row = b * d.kv_heads + kh;
+                for i in 0..d.q_len {
+                    let qv = &q[((b * d.q_heads + qh) * d.q_len + i) * d.head_dim..][..d.head_dim];
+                    let l: Vec<f64> = (0..d.slots)
+                        .map(|j| {
+                            if kpos[row * d.slots + j] > qpos[b * d.q_len + i] {
+                                return f64::NEG_INFINITY;
+                            }
+                            let kv = &k[(row * d.slots + j) * d.head_dim..][..d.head_dim];
+                            qv.iter().zip(kv).map(|(a, b)| (a * b) as f64).sum::<f64>()
+                                * scaling as f64
+                        })
+                        .collect();
+                    let m = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = l.iter().map(|x| (x - m).exp()).sum();
+                    let w = (alpha as f64).powi((d.q_len - 1 - i) as i32);
+                    for j in 0..d.slots {
+                        out[row * d.slots + j] += (w * (l[j] - m).exp() / z) as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn rnd(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn exp_is_accurate() {
+        for i in 0..2000 {
+            let x = -(i as f32) * 0.04;
+            let (a, b) = (exp_neg(x), x.exp());
+            assert!((a - b).abs() <= 4e-7 * b + 1e-38, "{x}: {a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn matches_explicit_probabilities_causal_gqa() {
+        for (alpha, seed) in [(1.0f32, 1u64), (0.9, 2), (0.5, 3)] {
+            let d = AttnDims {
+                batch: 2,
+                q_heads: 4,
+                kv_heads: 2,
+                q_len: 70,
+                slots: 70,
+                head_dim: 8,
+            };
+            let q = rnd(d.batch * d.q_heads * d.q_len * d.head_dim, seed);
+            let k = rnd(d.batch * d.kv_heads * d.slots * d.head_dim, seed + 9);
+            let kpos: Vec<i64> = (0..d.batch * d.kv_heads)
+                .flat_map(|_| 0..d.slots as i64)
+                .collect();
+            let qpos: Vec<i64> = (0..d.batch).flat_map(|_| 0..d.q_len as i64).collect();
+            let kval = vec![true; kpos.len()];
+            let qval = vec![true; qpos.len()];
+            let mut s = vec![0.0f32; kpos.len()];
+            attention_scores(
+                &mut s, &q, &k, &kpos, &kval, &qpos, &qval, d, 0.7, alpha, 0.0,
+            )
+            .unwrap();
+            let want = naive(&q, &k, &kpos, &qpos, d, 0.7, alpha);
+            for (a, b) in s.iter().zip(&want) {
+                assert!((a - b).abs() < 2e-5 * (1.0 + b.abs()), "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn skipped_rows_stay_within_the_bound() {
+        let d = AttnDims {
+            batch: 1,
+            q_heads: 2,
+            kv_heads: 1,
+            q_len: 600,
+            slots: 600,
+            head_dim: 4,
+        };
+        let q = rnd(d.q_heads * d.q_len * d.head_dim, 5);
+        let k = rnd(d.slots * d.head_dim, 6);
+        let kpos: Vec<i64> = (0..d.slots as i64).collect();
+        let (kval, qval) = (vec![true; d.slots], vec![true; d.q_len]);
+        let tol = 1e-4f32;
+        assert!(rows_needed(0.9, tol, 600) < 200);
+        let mut s = vec![0.0f32; d.slots];
+        attention_scores(&mut s, &q, &k, &kpos, &kval, &kpos, &qval, d, 1.0, 0.9, tol).unwrap();
+        let want = naive(&q, &k, &kpos, &kpos, d, 1.0, 0.9);
+        let err = s
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(err <= 2.0 * tol + 1e-5, "{err}");
+    }
+
+    #[test]
+    fn bad_inputs_leave_scores_untouched() {
+        let d = AttnDims {
+            batch: 1,
+            q_heads: 1,
+            kv_heads: 1,
+            q_len: 1,
+            slots: 2,
+            head_dim: 1,
+        };
+        let mut s = vec![1.0, 2.0];
+        let e = attention_scores(
+            &mut s,
+            &[f32::NAN],
+            &[1.0, 1.0],
+            &[0, 0],
+            &[true; 2],
+            &[0],
+            &[true],
+            d,
+            1.0,
+            0.5,
+            0.0,
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("query:"));
+        let e = attention_scores(
+            &mut s,
+            &[1.0],
+            &[1.0, 1.0],
+            &[0, 0],
+            &[true; 2],
+            &[0],
+            &[true],
+            d,
+            1.0,
+            1.5,
+            0.0,
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("alpha:"));
+        assert_eq!(s, vec![1.0, 2.0]);
+    }
+}
