@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
-from tqdm.auto import tqdm  # type: ignore[import-untyped]
+from tqdm.auto import tqdm
 
 from . import _checks
 
@@ -197,7 +197,7 @@ def _batch_fisher(model, named, acc, loader, loss_fn, accumulate, device, world,
     # Global batch b = union of the ranks' batches b: all-reduce the summed gradient and the
     # count, then square. Every rank steps as often as the rank with the most batches.
     batches = list(loader) if not hasattr(loader, "__len__") else loader
-    steps = torch.tensor([len(batches)], dtype=torch.int64, device=device)  # type: ignore[arg-type]
+    steps = torch.tensor([len(batches)], dtype=torch.int64, device=device)
     dist.all_reduce(steps, op=dist.ReduceOp.MAX)
     it = iter(batches)
     sizes = [p.numel() for p in params]
