@@ -20,7 +20,8 @@ PYTEST_ARGS ?=
 MYPY_FILES = $(addprefix python/forgetcore/,_backend.py _checks.py replay.py power_law.py replay_samplers.py \
 	importance.py fisher.py subspace.py kvscore.py spectral.py reference.py)
 
-.PHONY: all build install demo test lint test-rust typecheck stubtest test-python test-slow bench wheel clean
+.PHONY: all build install demo test lint test-rust typecheck stubtest test-python test-slow bench bench-quick bench-rust wheel
+.PHONY: clean
 
 all: test
 
@@ -65,9 +66,17 @@ test-python:
 test-slow: build
 	PYTHONPATH=python $(PY) -m pytest -m slow_ci --durations=25 $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
+# Every benches/bench_*.py in one run, ending with one summary table: each ratio, its target,
+# met or missed (run it alone on the machine: the triad and load average are printed with it).
 bench: build
+	PYTHONPATH=python $(PY) benches/summary.py
+
+bench-quick: build
+	PYTHONPATH=python $(PY) benches/summary.py --quick
+
+# The Rust kernels alone (criterion).
+bench-rust:
 	cargo bench
-	for f in benches/bench_*.py; do PYTHONPATH=python $(PY) "$$f" || exit 1; done
 
 # The abi3 wheel (one wheel for every CPython >= 3.11), e.g. to carry to a GPU machine.
 wheel:
