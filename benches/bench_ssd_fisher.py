@@ -1,4 +1,4 @@
-"""Which Fisher and which full-set order should SSD use by default? (issue 13)
+"""Which Fisher and which full-set order should SSD use by default?
 
 SSD with ``fisher="batch"`` in both full-set orders (``"shuffled"``, ours; ``"official"``, the
 official code's unshuffled retain-then-forget) and ``fisher="empirical"`` (exact per-sample

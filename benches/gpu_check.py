@@ -283,7 +283,7 @@ def main() -> int:
           f"same kept scores: {kv['agree']} (identical index sets in {kv['rows_equal']}/{kv['rows']} rows)", flush=True)
 
     sys.path.insert(0, str(ROOT / "benches"))
-    from bench_distributed import ddp_smoke  # issue 17: one-GPU DDP (NCCL) smoke run
+    from bench_distributed import ddp_smoke  # one-GPU DDP (NCCL) smoke run
 
     ddp = ddp_smoke("cuda")
     print(f"\nDDP smoke ({ddp['backend']}, 1 rank): DDP steps vs plain max diff {ddp['step_diff']:.2e}, "

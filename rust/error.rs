@@ -1,7 +1,7 @@
 //! The one error type every kernel returns.
 //!
 //! Kernels know nothing of Python; `rust/python/` maps `Error::Value` to `ValueError` and
-//! `Error::Type` to `TypeError`. Messages follow DESIGN.md: they open with the argument's name,
+//! `Error::Type` to `TypeError`. Messages follow one convention: they open with the argument's name,
 //! then say what was expected and what came.
 
 use std::fmt;

@@ -1,6 +1,6 @@
 //! forgetcore's Rust core.
 //!
-//! One module per primitive family (see DESIGN.md): the kernel modules are pure Rust over
+//! One module per primitive family: the kernel modules are pure Rust over
 //! slices and never import pyo3. Everything Python-facing lives in `python/`, compiled only
 //! with the `python` feature (maturin turns it on), so `cargo test` and `cargo bench` build
 //! and run the kernels without pyo3, numpy or libpython.

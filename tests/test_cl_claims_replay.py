@@ -1,4 +1,4 @@
-"""Claims of issue 12's methods in miniature on the embedded digits, seeded (seeds fixed before
+"""Claims of the replay-family continual methods in miniature on the embedded digits, seeded (seeds fixed before
 looking at results), each with a direction and a margin.
 
 What holds at this scale, and is asserted:

@@ -1,4 +1,4 @@
-"""The four defects found in review of the landed continual code (issue 12), one test each; each
+"""The four defects found in review of the landed continual code, one test each; each
 failed before its fix."""
 
 from types import SimpleNamespace

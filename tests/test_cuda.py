@@ -656,7 +656,7 @@ def test_runs_on_torchs_current_stream_in_its_context():
 
 @gpu
 def test_no_host_synchronisation():
-    # DESIGN.md: no host sync in the CUDA path unless the result is needed on the host.
+    # The convention: no host sync in the CUDA path unless the result is needed on the host.
     p = [torch.randn(1000, device="cuda") for _ in range(3)]
     d = [torch.rand(1000, device="cuda") for _ in range(3)]
     scores = torch.rand(2, 4, 512, device="cuda")

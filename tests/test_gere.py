@@ -148,7 +148,7 @@ def test_bad_input():
 
 # --- the claim in miniature ----------------------------------------------------------------------
 #
-# The spec's setting (methods-b.md section 22): an MLP 64-128-128-10 pretrained on all digits (200 Adam
+# The spec's setting: an MLP 64-128-128-10 pretrained on all digits (200 Adam
 # steps); G = 100 of its training images with their penultimate activations (after the second ReLU)
 # and per-unit thresholds; then a new task, pixel-permuted digits with permuted labels, for 2 epochs
 # in forgetcore's Trainer (Adam lr 1e-3, batches of 32 holding exactly k = 8 general samples through

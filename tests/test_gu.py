@@ -153,7 +153,7 @@ def test_gu_keeps_more_retain_accuracy_than_gradient_ascent_at_matched_forget(tr
 
 def test_defaults_follow_the_spec():
     """gamma * P_perp(g_f) + alpha * g_r with gamma = alpha = 1; the multi-vector variant
-    gamma = 0.125, alpha = 1, 4 retain vectors (issue 13: the old default alpha = 0 dropped the retain term)."""
+    gamma = 0.125, alpha = 1, 4 retain vectors (the old default alpha = 0 dropped the retain term)."""
     gu = GU()
     assert (gu.gamma, gu.alpha) == (1.0, 1.0)
     multi = GU(mode="multi", geometry="euclidean")

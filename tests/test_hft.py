@@ -173,7 +173,7 @@ def test_state_dict_and_bad_input():
 
 # --- the claim in miniature ----------------------------------------------------------------------
 #
-# The spec's setting (methods-b.md section 21) on the gated-MLP stand-in (d = 64, 4 blocks): pretrain
+# The spec's setting on the gated-MLP stand-in (d = 64, 4 blocks): pretrain
 # on A = digits 0-4 (100 Adam steps, lr 3e-3, batches of 64), then sequentially B = digits 5-9 and
 # C = pixel-permuted digits (all 10 classes), 100 steps each, full fine-tuning against HFT (mask
 # drawn for B, redrawn for C). Accuracy on A and B is read with logits masked to their classes.

@@ -142,7 +142,7 @@ def test_bad_input():
 
 # --- the claim in miniature ----------------------------------------------------------------------
 #
-# The spec's experiment (methods-b.md section 19): a 6-layer MLP (64 -> 128 x 5 -> 10) pretrained on
+# The spec's experiment: a 6-layer MLP (64 -> 128 x 5 -> 10) pretrained on
 # digits 0-4, fine-tuned on 5-9 with the same 10-way head trainable in every arm, plus K = 2 of the
 # 5 hidden weights chosen by lowest kappa (the paper) or highest kappa, against full fine-tuning.
 # Every arm trains (Adam lr 3e-3, batches of 64) until its accuracy on a VALIDATION split of the new

@@ -103,7 +103,7 @@ def test_bad_input():
 
 # --- the claim in miniature ----------------------------------------------------------------------
 #
-# The spec's setting (methods-a.md section 10): Split-Digits class-IL (5 tasks), a small CNN with BN
+# The spec's setting: Split-Digits class-IL (5 tasks), a small CNN with BN
 # (conv 16 - BN - conv 32 - BN - pool - FC), SGD lr 0.05, 5 epochs, stream batches of 10. Arms: SGD
 # (no replay), ER (buffer 200, 10 replayed per step), k-FPF-CE (buffer 200, k = 10 calls of 30 SGD
 # steps on buffer batches of 10, the 4 most Fisher-sensitive modules). Settings were tried on seeds

@@ -53,7 +53,7 @@ def test_bad_input():
 
 # --- the claim in miniature ----------------------------------------------------------------------
 #
-# The spec's setting (methods-b.md section 27): d = 50, s = 10, N = 3 recurring tasks, T = 1000 rounds,
+# The spec's setting: d = 50, s = 10, N = 3 recurring tasks, T = 1000 rounds,
 # router lr 0.05 (so T1 = ceil(M / lr) = 60 for M = 3), exploration noise U[0, 0.1], signal strength
 # beta = 5 against N(0, 0.1^2) noise columns, load-balancing alpha = 0.1. Settings were tried on seeds
 # 0-4 (with beta = 1 the signal drowns in the summed noise columns and no router learns; with

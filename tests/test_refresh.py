@@ -128,7 +128,7 @@ def test_bad_input():
 
 # --- the delta sweep in miniature ----------------------------------------------------------------
 #
-# The spec's setting (methods-b.md section 15) with the continual demo's training: Split-Digits
+# The spec's setting with the continual demo's training: Split-Digits
 # class-IL (5 tasks), MLP 64-128-128-10, SGD lr 0.05, 5 epochs, stream batches of 10, buffer 200,
 # DER++ alpha 0.1, beta 0.5; refresh with the official tau = 1e-5 and unlearning lr 0.01.
 # Sweep on seeds 0-2 (final average accuracy):

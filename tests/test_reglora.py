@@ -124,7 +124,7 @@ def test_bad_input():
 
 # --- the claim in miniature ----------------------------------------------------------------------
 #
-# The spec's setting (methods-a.md section 7): an MLP 64-128-128-10 pretrained on all digits (300 Adam
+# The spec's setting: an MLP 64-128-128-10 pretrained on all digits (300 Adam
 # steps), then Rotated-Digits 0, 45, 90, 135 degrees in forgetcore's Trainer, each task learned through
 # a fresh LoRA (r = 4, alpha = 8) on all three linear layers, merged after the task (3 epochs, Adam
 # lr 3e-3, batches of 32). Plain sequential LoRA (lam = 0) against RegLoRA (lam = 1e3; plasticity =

@@ -1,6 +1,6 @@
 """Which implementation of a primitive runs for a given call: the one dispatch helper.
 
-DESIGN.md's rule: CPU tensors go to the Rust kernels, CUDA tensors to the family's CUDA kernel
+The rule: CPU tensors go to the Rust kernels, CUDA tensors to the family's CUDA kernel
 where it has one, everything else (MPS, XPU, meta, ...) to ``reference.py``. A primitive whose
 kernel cannot take some inputs (a dtype or a layout it does not handle) says why, and the call
 goes to the reference: never silently. Every choice is logged at DEBUG on the

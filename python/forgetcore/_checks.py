@@ -1,7 +1,7 @@
 """Argument checks shared by every primitive and method.
 
 Every message opens with the argument's name, then says what was expected and what came,
-as DESIGN.md asks: ``"imp_forget: expected float32 tensor of shape (1024,), got float64 (1024, 3)"``.
+as the project's convention asks: ``"imp_forget: expected float32 tensor of shape (1024,), got float64 (1024, 3)"``.
 Checks run before anything is modified, so a call that raises leaves all state as it was.
 """
 

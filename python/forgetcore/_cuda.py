@@ -13,8 +13,8 @@ missing raises :class:`CudaUnavailableError` (a ``RuntimeError``) naming what is
 rejecting a source raises :class:`CudaCompileError` (a ``RuntimeError``) whose ``log`` holds the
 compiler log. Both are created by the Rust extension, which raises them itself.
 
-Semantics are those of the Rust kernels and ``reference.py`` (importance: issue 3; kvscore:
-issue 5); see ``cuda/importance.cu`` and ``cuda/kvscore.cu`` for what is bit-identical.
+Semantics are those of the Rust kernels and ``reference.py``; see ``cuda/importance.cu`` and
+``cuda/kvscore.cu`` for what is bit-identical.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ and the fallback that runs on devices without a kernel (see ``_backend.py``). It
 for clarity and for speed within torch (vectorised, no per-element Python), never the slow
 way the public code does it: those baselines live in ``benches/``.
 
-Sections follow the five families of DESIGN.md. What each function promises: the semantics
+Sections follow the five primitive families. What each function promises: the semantics
 of the public primitive of the same name (``forgetcore.<family>.<name>``), on arguments that
 the public layer has already checked (one place for each check: the reference repeats none,
 keeping only what a step needs to be defined, such as ``sample_indices``'s ``n <= size``).

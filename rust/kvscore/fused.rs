@@ -132,6 +132,7 @@ fn check(
         "expected no NaN".into()
     })?;
     // x - x is 0 for finite x and NaN otherwise: one vectorisable pass per input
+    #[allow(clippy::eq_op)]
     let bad = |c: &[f32]| c.iter().map(|&x| x - x).sum::<f32>() != 0.0;
     ensure(!query.chunks(4096).any(bad), "query", || {
         "expected finite values".into()

@@ -1,7 +1,7 @@
 """FPF / k-FPF: fine-tune only the forgetting-prone modules on a small buffer, k times in a run.
 
 Zhao, Zhou, Shi, Tao and Tang, "Does Continual Learning Equally Forget All Parameters?"
-(ICML 2023, arXiv 2304.04158). No official code was found (methods-a.md section 10): beyond the
+(ICML 2023, arXiv 2304.04158). No official code was found: beyond the
 abstract-level claims, the procedure below is the spec's reconstruction; its choices are named.
 """
 

@@ -1,7 +1,7 @@
 """Mixture-of-Experts continual learning on linear tasks: the theory paper's setting, simulated exactly.
 
 Li, Lin, Duan, Liang and Shroff, "Theory on Mixture-of-Experts in Continual Learning" (ICLR 2025,
-arXiv 2406.16437). No official code was found (methods-b.md section 27); the setting follows the
+arXiv 2406.16437). No official code was found; the setting follows the
 spec, which marks the feature structure and the termination rule as uncertain: see
 :func:`simulate` for what is implemented.
 """

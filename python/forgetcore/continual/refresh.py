@@ -4,7 +4,7 @@
   Learning: a Strong, Simple Baseline" (NeurIPS 2020): :class:`DERpp`.
 - Wang et al., "A Unified and General Framework for Continual Learning" (ICLR 2024), refresh
   learning; official code ``joey-wang123/CL-refresh-learning`` (``models/derpp.py``, the only
-  model with ``unlearn``), as methods-b.md section 15 reads it: :class:`Refresh`, the
+  model with ``unlearn``), as we read it: :class:`Refresh`, the
   ``refresh_code_v1`` version (the code, not the paper's Langevin form).
 """
 

@@ -5,7 +5,7 @@ Instruction Tuning" (ICML 2025). The paper converts X % of every task's training
 other answer styles so that every task holds a similar mix of formats and a later task cannot
 shift the model's output format ("superficial forgetting"). The official conversions use an LLM
 (prompts in ``CoIN-ASD/prompts``; the converted data is on the Hugging Face hub); these are the
-LLM-free rules of methods-a.md section 7 (ours): multiple choice with distractors from the task's
+LLM-free rules (ours): multiple choice with distractors from the task's
 own answers, yes/no with a 50 % chance of a distractor, short answer, and brief / detailed
 template explanations capped at 20 / 50 words.
 """

@@ -1,7 +1,7 @@
 """HFT: Half Fine-Tuning, a random half of each layer's matrices trains in each stage.
 
 Hui et al., "HFT: Half Fine-Tuning for Large Language Models" (arXiv 2404.18466; ACL 2025).
-No official code was found (methods-b.md section 21): this follows the paper's category-level
+No official code was found: this follows the paper's category-level
 variant as two independent third-party descriptions state it.
 """
 

@@ -3,7 +3,7 @@
 Chen et al., "SEFE: Superficial and Essential Forgetting Eliminator for Multimodal Continual
 Instruction Tuning" (ICML 2025); official code ``jinpeng0528/SEFE``
 (``key_elements_identification.py``; the regulariser in ``llava/model/language_model/modeling_llama.py``
-and ``llava_llama.py``), as methods-a.md section 7 reads it.
+and ``llava_llama.py``).
 """
 
 from __future__ import annotations

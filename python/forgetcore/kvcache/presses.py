@@ -307,7 +307,7 @@ class A2SF(Press):
     Score S(j) = sum_i alpha^(t-i) A[i, j], GQA query heads summed, float32, computed by the
     fused kernel (:func:`forgetcore.kvscore.attention_scores_`: no T x T matrix, and only the
     newest ~log(tol)/log(alpha) query rows, since older ones cannot change the ranking); keep
-    sinks + recent + top scores. The official code's three variants (spec: methods-a.md sec. 1):
+    sinks + recent + top scores. The official code's three variants:
 
     - ``forgetting="token"``, ``mode="prefill"`` (default) is variant C, the official HEAD code
       (``utils_real_drop/policies/a2sf.py``): prefill row q weighs alpha^(L-1-q), the prompt is

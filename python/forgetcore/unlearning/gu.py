@@ -85,7 +85,7 @@ class GU:
             follow the spec's joint update ``gamma * P_perp(g_f) + alpha * g_r``: gamma = alpha = 1
             (the GradDiff-style pairing, marked uncertain in the spec: the official per-method
             configs were not read); ``mode="multi"`` defaults to gamma = 0.125 with 4 retain
-            vectors, the official multi-vector configuration as reported in review (issue 13).
+            vectors, the official multi-vector configuration as reported in review.
             ``alpha=0`` drops the retain term (projected forget loss alone).
         max_retain_vectors: retain gradients kept by ``mode="multi"`` (default 4).
         geometry: ``"adam"`` (whitened by Adam's second moment) or ``"euclidean"``.

@@ -58,7 +58,7 @@ class SSD:
     - ``fisher="empirical"`` or ``"mc"`` use the exact per-sample Fisher instead of the batch
       estimate; alpha's scale changes with it. The default stays ``fisher="batch"`` with
       ``order="shuffled"``, chosen from ``benches/bench_ssd_fisher.py`` (3 seeds x classes 1, 3, 8,
-      digits and MNIST MLPs; issue 13): with alpha="auto", full-class forget-class test accuracy /
+      digits and MNIST MLPs): with alpha="auto", full-class forget-class test accuracy /
       kept-class accuracy was 0.003 / 0.944 (digits) and 0.024 / 0.924 (MNIST) for batch-shuffled,
       0.010 / 0.948 and 0.070 / 0.920 (one setting at 0.57) for batch-official, 0.097 / 0.921 and
       0.139 / 0.907 (one at 0.96) for empirical. At fixed alpha = 10 the empirical Fisher dampened
