@@ -51,7 +51,7 @@ DEMOS: dict[str, Demo] = {
     "unlearn": Demo("unlearning", "SSD, IAU, GS-LoRA(++), random labels vs Retrain/Finetune/GradientAscent, "
                     "with MIA; SafeEraser, CUPID and memorisation studies",
                     (Option("--iau-gr", "train IAU its gradient-restricted original (slower)"),)),
-    "kv": Demo("kvcache", "KV-cache eviction on SmolLM2: A2SF vs H2O vs RecentWindow"),
+    "kv": Demo("kvcache", "KV-cache eviction on SmolLM2: A2SF, H2O, RecentWindow; every press on passkey retrieval"),
     "subspace": Demo("subspace", "Permuted-Digits: GPM vs Finetune vs ER; federated FOT vs FedAvg"),
     "finetune": Demo("finetune", "Selective fine-tuning on SmolLM2-135M: KappaTune, HFT, GeRe vs full fine-tuning"),
     "memory": Demo("memory", "LM memory on SmolLM2: recognition/recall/retention, knowledge decay, MemSifter",
