@@ -91,3 +91,14 @@ def smollm2():
     from forgetcore.models import load_smollm2
 
     return load_smollm2()
+
+
+@pytest.fixture(scope="module")
+def smollm2_left(smollm2):
+    """SmolLM2 with its (session-shared) tokenizer padding on the left, as the KV tests batch
+    prompts; the padding side is restored after the module so other modules see the default."""
+    model, tok = smollm2
+    side = tok.padding_side
+    tok.padding_side = "left"
+    yield model, tok
+    tok.padding_side = side

@@ -17,12 +17,8 @@ PROMPTS = ["The capital of France is Paris. The capital of Italy is Rome. The ca
 
 
 @pytest.fixture(scope="module")
-def lm(smollm2):
-    model, tok = smollm2
-    side = tok.padding_side
-    tok.padding_side = "left"  # the session's shared tokenizer: restored for the other modules
-    yield model, tok
-    tok.padding_side = side
+def lm(smollm2_left):
+    return smollm2_left
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,8 @@ PROMPTS = ["The capital of France is Paris. The capital of Italy is Rome. The ca
 
 
 @pytest.fixture(scope="module")
-def lm(smollm2):
-    model, tok = smollm2
-    tok.padding_side = "left"
-    return model, tok
+def lm(smollm2_left):
+    return smollm2_left
 
 
 @pytest.fixture(scope="module")

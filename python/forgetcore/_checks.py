@@ -118,3 +118,14 @@ def numpy_view(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
     return t.detach().numpy()
+
+
+def replay_buffer(name: str, buffer: Any) -> Any:
+    """Check that ``buffer`` has what replay needs: ``add``, ``sample``, ``len``, ``state_dict``,
+    ``load_state_dict`` (any such buffer works, not only forgetcore's)."""
+    missing = [m for m in ("add", "sample", "__len__", "state_dict", "load_state_dict")
+               if not callable(getattr(buffer, m, None))]
+    if missing:
+        raise TypeError(f"{name}: expected a replay buffer with add, sample, len, state_dict and "
+                        f"load_state_dict, got {type(buffer).__name__} without {missing}")
+    return buffer

@@ -328,12 +328,7 @@ class DistributedReservoir:
     """
 
     def __init__(self, buffer: Any) -> None:
-        missing = [m for m in ("add", "sample", "__len__", "state_dict", "load_state_dict")
-                   if not callable(getattr(buffer, m, None))]
-        if missing:
-            raise TypeError(f"buffer: expected a replay buffer (add, sample, len, state_dict, load_state_dict), "
-                            f"got {type(buffer).__name__} without {missing}")
-        self.buffer = buffer
+        self.buffer = _checks.replay_buffer("buffer", buffer)
 
     def __len__(self) -> int:
         return len(self.buffer)

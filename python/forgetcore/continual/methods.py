@@ -66,11 +66,7 @@ class ER(Plugin):
         else:
             if capacity is not None:
                 raise ValueError(f"capacity: pass either capacity or buffer, not both (got capacity={capacity})")
-            missing = [m for m in ("add", "sample", "__len__", "state_dict", "load_state_dict")
-                       if not callable(getattr(buffer, m, None))]
-            if missing:
-                raise TypeError(f"buffer: expected an object with add, sample, len, state_dict and "
-                                f"load_state_dict, got {type(buffer).__name__} without {missing}")
+            _checks.replay_buffer("buffer", buffer)
         self.buffer = buffer
 
     def transform_batch(self, ctx: Context, batch: Batch) -> Batch:
