@@ -102,3 +102,13 @@ def smollm2_left(smollm2):
     tok.padding_side = "left"
     yield model, tok
     tok.padding_side = side
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The bad-input matrix's totals (tests/badinput.py), in the reliability note's categories."""
+    from badinput import CATEGORIES, TALLY
+
+    if TALLY:
+        total = sum(TALLY.values())
+        parts = ", ".join(f"{c} {TALLY[c]}" for c in CATEGORIES)
+        terminalreporter.write_line(f"bad-input matrix: {total} cases: {parts}")
