@@ -356,7 +356,7 @@ def test_scheduler_resume_continues_bit_identically():
     for t in range(3, 6):
         c = r.step()
         assert same_state((c, r.sample_indices(c, sizes[:t])), tail[t - 3])
-    with pytest.raises(ValueError, match="^state_dict: expected the configuration"):
+    with pytest.raises(ValueError, match=r"^state_dict\[.config.\]: expected the configuration"):
         PowerLawScheduler(51, reset_on_rehearsal=True).load_state_dict(sd)
 
 
@@ -661,7 +661,7 @@ def test_bad_sample_and_state(cls):
     with pytest.raises(TypeError, match="^generator"):
         buf.sample(2, generator=np.random.default_rng(0))
     assert cls(3).sample(0) == {}
-    with pytest.raises(ValueError, match="^state_dict: expected capacity 5"):
+    with pytest.raises(ValueError, match=r"^state_dict\['capacity'\]: expected 5"):
         cls(5).load_state_dict(before)
     bad = dict(before, rng=torch.zeros(4, dtype=torch.int64))
     with pytest.raises(ValueError, match="^rng"):
@@ -682,3 +682,101 @@ def test_bad_cbrs_state_is_refused():
     with pytest.raises(ValueError, match="^state_dict"):
         buf.load_state_dict({**sd, "classes": {**sd["classes"], "slots": slots}})
     assert same_state(buf.state_dict(), sd)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 11: sizes before allocation, strict state, numerics (regressions)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_power_law_huge_sample_is_refused_before_allocating():
+    """Issue 11 item 2: this aborted the process (an 8 TiB allocation, SIGABRT), so it runs in a
+    subprocess; now a ValueError naming counts[0] and the bytes."""
+    import subprocess
+    import sys
+
+    code = ("from forgetcore.replay import PowerLawScheduler\n"
+            "try:\n    PowerLawScheduler(5).sample_indices([2**40], [2**40])\n"
+            "except ValueError as e:\n    print('ValueError', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ValueError counts[0]: would need 26388279066624 bytes")
+
+
+def test_power_law_sizes_and_passes_bounded():
+    import time
+
+    sch = PowerLawScheduler(5, seed=3)
+    before = sch.state_dict()
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"^counts\[0\]: would need \d+ bytes"):  # looped for minutes
+        sch.sample_indices([10**12], [10])
+    with pytest.raises(ValueError, match=r"^counts\[1\]: .* whole passes"):
+        sch.sample_indices([3, 2**21 * 4 + 1], [5, 4])
+    assert time.perf_counter() - t0 < 5
+    assert same_state(sch.state_dict(), before)
+    with pytest.raises(TypeError, match="^counts"):
+        sch.sample_indices(5, [5])
+
+
+@pytest.mark.parametrize("make, need", [
+    (lambda: ReservoirBuffer(10**12), "1000000000000 bytes"),
+    (lambda: ReservoirBuffer(capacity=2**63), "9223372036854775808 bytes"),
+    (lambda: ClassBalancedReservoir(2**32 - 1), "73014444015 bytes"),  # 17 bytes a slot at least
+])
+def test_buffer_capacity_that_cannot_fit_is_refused(make, need):
+    """Issue 11 items 2 and 8: accepted (then an allocator RuntimeError at the first add) or an
+    OverflowError; the bound is the host's physical memory (the device's for CUDA storage)."""
+    from forgetcore import _checks
+
+    if int(need.split()[0]) <= _checks.memory_bytes():  # a huge host: refused at the first add
+        with pytest.raises(ValueError, match="^capacity: would need"):
+            make().add(x=torch.zeros(1, 10**6), y=torch.zeros(1, dtype=torch.int64))
+        return
+    with pytest.raises(ValueError, match=f"^capacity: would need {need}"):
+        make()
+
+
+def test_first_add_checks_storage_size_before_allocating():
+    from forgetcore import _checks
+
+    cap = _checks.memory_bytes() // 64  # constructible (>= 1 byte a slot), far too big at 256 B a row
+    for buf in (ReservoirBuffer(cap), ClassBalancedReservoir(min(cap, 2**32 - 1))):
+        with pytest.raises(ValueError, match=r"^capacity: would need \d+ bytes \(\d+ slots of 264 bytes\)"):
+            buf.add(x=torch.zeros(3, 64), y=torch.zeros(3, dtype=torch.int64))
+        assert len(buf) == 0 and buf.seen == 0 and buf.fields == ()
+
+
+@pytest.mark.parametrize("cls", [ReservoirBuffer, ClassBalancedReservoir])
+def test_corrupt_buffer_state_is_refused(cls):
+    """Issue 11 item 5: seen = 2**64 - 2 wrapped the counter (len fell from 10 to 2 after one add);
+    len > capacity and seen < len were accepted; a missing key was a KeyError."""
+    buf = _filled(cls)
+    sd = buf.state_dict()
+    cases = [
+        ({**sd, "seen": 2**64 - 2}, ValueError, r"^state_dict\['seen'\]"),
+        ({**sd, "seen": 3}, ValueError, r"^state_dict"),  # seen < len
+        ({**sd, "seen": 1.5}, TypeError, r"^state_dict\['seen'\]"),
+        ({**sd, "capacity": 4}, ValueError, r"^state_dict\['capacity'\]"),
+        ({k: v for k, v in sd.items() if k != "rng"}, ValueError, r"^state_dict\['rng'\]"),
+        ({k: v for k, v in sd.items() if k != "fields"}, ValueError, r"^state_dict\['fields'\]"),
+        ([1, 2], TypeError, "^state_dict"),
+    ]
+    big = {k: torch.cat([v, v[:1]]) for k, v in sd["fields"].items()}  # len > capacity
+    cases.append(({**sd, "fields": big, "seen": 100}, ValueError, "^state_dict"))
+    for bad, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            buf.load_state_dict(bad)
+        assert same_state(buf.state_dict(), sd)
+
+
+def test_exponential_weights_that_underflow_are_refused():
+    """Issue 11 item 7: accepted, then "cannot convert float NaN to integer" in counts()."""
+    with pytest.raises(ValueError, match="^lam: .*underflows"):
+        PowerLawScheduler(10, schedule="exponential", lam=1000.0)
+    with pytest.raises(ValueError, match="^d: .*underflows"):
+        PowerLawScheduler(10, d=5000.0)
+    sch = PowerLawScheduler(10)
+    for bad in (-5.0, float("nan"), float("inf"), torch.tensor([1.0, -0.5])):
+        with pytest.raises(ValueError, match="^delta"):
+            sch.g(bad)

@@ -129,3 +129,51 @@ def replay_buffer(name: str, buffer: Any) -> Any:
         raise TypeError(f"{name}: expected a replay buffer with add, sample, len, state_dict and "
                         f"load_state_dict, got {type(buffer).__name__} without {missing}")
     return buffer
+
+
+def memory_bytes(device: torch.device | str | None = None) -> int:
+    """The memory a single allocation on ``device`` can at most hope for: the physical memory of
+    the host (CPU) or the device's total memory (CUDA). Sizes are checked against it before
+    anything is allocated, so an impossible size is a ValueError rather than an abort."""
+    import os
+
+    dev = torch.device("cpu" if device is None else device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(dev).total_memory)
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # no sysconf: fall back to a generous 1 TiB
+        return 1 << 40
+
+
+def fits(name: str, nbytes: int, device: torch.device | str | None = None, what: str = "") -> None:
+    """Raise ValueError naming ``name`` and the bytes needed when ``nbytes`` exceed :func:`memory_bytes`."""
+    limit = memory_bytes(device)
+    if nbytes > limit:
+        dev = torch.device("cpu" if device is None else device)
+        raise ValueError(f"{name}: would need {nbytes} bytes{' ' + what if what else ''}, more than the "
+                         f"{limit} bytes of memory on {dev}")
+
+
+def state_mapping(name: str, state: Any, keys: Sequence[str] = ()) -> Any:
+    """A loaded state must be a mapping holding ``keys``: TypeError otherwise, ValueError naming
+    the first missing key as ``name['key']``."""
+    from collections.abc import Mapping
+
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{name}: expected a dict (a state_dict()), got {type(state).__name__}")
+    for k in keys:
+        if k not in state:
+            raise ValueError(f"{name}[{k!r}]: missing from the state dict")
+    return state
+
+
+def state_int(name: str, v: Any, *, low: int = 0, high: int | None = None) -> int:
+    """An int of a loaded state in ``[low, high]``: as strict as a constructor argument (no bool,
+    no float, nothing out of range)."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    if v < low or (high is not None and v > high):
+        rng = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name}: expected an int {'in ' if high is not None else ''}{rng}, got {v}")
+    return int(v)

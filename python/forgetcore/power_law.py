@@ -21,6 +21,8 @@ from ._core import ReplayRng
 
 __all__ = ["PowerLawScheduler", "power_law_weight"]
 
+_MAX_PASSES = 1 << 20  # whole passes over one task's examples per sample_indices call (~1 s of calls)
+
 
 def power_law_weight(delta: torch.Tensor | float, c: float = 1.0, d: float = 1.0) -> torch.Tensor:
     """``(delta + c) ** -d`` (float64): the rehearsal weight of a task last seen ``delta`` phases ago.
@@ -114,6 +116,13 @@ class PowerLawScheduler:
         if not isinstance(reset_on_rehearsal, bool):
             raise TypeError(f"reset_on_rehearsal: expected a bool, got {type(reset_on_rehearsal).__name__}")
         self.reset_on_rehearsal = reset_on_rehearsal
+        # A weight that underflows is an error where it is decided: the newest earlier task
+        # (age 1) has the largest weight of every phase, so g(1) > 0 keeps every total finite.
+        g1 = float(self.g(1.0))
+        if not g1 > 0.0:
+            name = {"power": "d", "exponential": "lam"}[schedule]
+            raise ValueError(f"{name}: the weight of a task seen one phase ago, g(1), underflows to {g1} "
+                             f"(schedule={schedule!r}, c={self.c}, d={self.d}, lam={self.lam}); use a smaller {name}")
         self.seed = _checks.seed(seed)
         self._rng = ReplayRng(self.seed)
         self._phase = 0
@@ -174,13 +183,29 @@ class PowerLawScheduler:
         """Which examples to rehearse: for task ``i``, ``counts[i]`` indices into its
         ``sizes[i]`` examples, drawn without replacement (while ``counts[i] > sizes[i]``, each
         whole pass is a fresh permutation, so every example appears ``q`` or ``q + 1`` times)."""
+        for name, v in (("counts", counts), ("sizes", sizes)):
+            if isinstance(v, (str, bytes)) or not isinstance(v, (Sequence, np.ndarray, torch.Tensor)):
+                raise TypeError(f"{name}: expected a list of ints, got {type(v).__name__}")
         if len(counts) != len(sizes):
             raise ValueError(f"sizes: expected one size per task ({len(counts)}), got {len(sizes)}")
         counts = [_checks.positive_int(f"counts[{i}]", n, allow_zero=True) for i, n in enumerate(counts)]
         sizes = [_checks.positive_int(f"sizes[{i}]", s, allow_zero=True) for i, s in enumerate(sizes)]
+        limit, result, work = _checks.memory_bytes(), 0, 0
         for i, (n, s) in enumerate(zip(counts, sizes)):
             if n > 0 and s == 0:
                 raise ValueError(f"sizes[{i}]: task {i} has no examples but {n} are to be rehearsed")
+            # Sizes before allocation: the result (int64, built in parts then concatenated) and the
+            # draw's work array (a permutation of all s examples, or a hash map of ~4 words a draw).
+            result += 16 * n
+            w = 8 * s if 8 * min(n, s) >= s else 32 * n
+            work = max(work, w)
+            if result + work > limit:
+                _checks.fits(f"counts[{i}]" if 16 * n >= w else f"sizes[{i}]", result + work, None,
+                             f"to draw {n} of {s} examples")
+            # Every whole pass is one call: refuse a count that would loop for minutes.
+            if s and n // s > _MAX_PASSES:
+                raise ValueError(f"counts[{i}]: {n} draws from {s} examples take {n // s} whole passes, "
+                                 f"more than {_MAX_PASSES}; rehearse fewer or pool the task's examples")
         out = []
         for n, s in zip(counts, sizes):
             parts = [self._rng.sample(s, s) for _ in range(n // s)] if s else []
@@ -221,17 +246,19 @@ class PowerLawScheduler:
                 "rng": _checks.rng_tensor(self._rng.get_state())}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        if not isinstance(state_dict, Mapping) or state_dict.get("type") != "PowerLawScheduler":
-            raise ValueError("state_dict: expected a PowerLawScheduler state")
-        if state_dict.get("config") != self._config():
-            raise ValueError(f"state_dict: expected the configuration {self._config()}, got {state_dict.get('config')}")
-        phase = state_dict.get("phase")
-        if isinstance(phase, bool) or not isinstance(phase, int) or phase < 0:
-            raise ValueError(f"state_dict: expected 'phase', a non-negative int, got {phase!r}")
-        last = _checks.tensor("state_dict['last_seen']", state_dict.get("last_seen"), dtype=torch.int64, shape=(phase,))
+        """Restore a :meth:`state_dict`, validated whole first (keys, configuration, ``phase``,
+        ``last_seen`` in range, the random stream); a state that fails changes nothing."""
+        _checks.state_mapping("state_dict", state_dict, ("type", "config", "phase", "last_seen", "rng"))
+        if state_dict["type"] != "PowerLawScheduler":
+            raise ValueError(f"state_dict['type']: expected 'PowerLawScheduler', got {state_dict['type']!r}")
+        if state_dict["config"] != self._config():
+            raise ValueError(f"state_dict['config']: expected the configuration {self._config()}, "
+                             f"got {state_dict['config']}")
+        phase = _checks.state_int("state_dict['phase']", state_dict["phase"])
+        last = _checks.tensor("state_dict['last_seen']", state_dict["last_seen"], dtype=torch.int64, shape=(phase,))
         last_seen = [int(v) for v in last.tolist()]
         if any(not i <= s < phase for i, s in enumerate(last_seen)):
             raise ValueError(f"state_dict['last_seen']: expected task i last seen in [i, {phase}), got {last_seen}")
         rng = ReplayRng(self.seed)
-        rng.set_state(_checks.rng_words("state_dict['rng']", state_dict.get("rng")))
+        rng.set_state(_checks.rng_words("state_dict['rng']", state_dict["rng"]))
         self._rng, self._phase, self._last_seen = rng, phase, last_seen

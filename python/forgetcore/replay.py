@@ -28,6 +28,7 @@ independent buffer per rank instead, seed each with ``seed + rank``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,7 +44,7 @@ from .replay_samplers import herding, herding_per_class, view_batch_indices
 __all__ = ["ReservoirBuffer", "ClassBalancedReservoir", "PowerLawScheduler", "herding", "herding_per_class",
            "view_batch_indices"]
 
-_U64 = 2**64
+_SEEN_MAX = 2**63 - 1  # a saved `seen` above this could wrap the u64 counter of the core
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
                torch.uint16, torch.uint32, torch.uint64)
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -102,10 +103,18 @@ class _Buffer:
         """One core call: decide the slots of ``n`` items (and copy the rows when given storage)."""
         raise NotImplementedError
 
+    # Bytes of bookkeeping per slot beyond the stored rows (CBRS keeps per-slot class tables).
+    _SLOT_BYTES = 0
+
     def __init__(self, capacity: int, seed: int, device: torch.device | str | None):
         self._capacity = _checks.positive_int("capacity", capacity)
         self._seed = _seed(seed)
         self._device_arg = None if device is None else _concrete_device(device)
+        # Sizes before allocation: every slot holds at least one byte (plus its bookkeeping), so
+        # a capacity whose smallest storage cannot fit is refused now; the first add checks the
+        # real size (capacity x the row's bytes) before it allocates.
+        _checks.fits("capacity", self._capacity * (1 + self._SLOT_BYTES), self._device_arg,
+                     f"(at least {1 + self._SLOT_BYTES} bytes per slot)")
         self._device: torch.device | None = self._device_arg
         self._fields: list[_Field] = []
         self._names: frozenset[str] = frozenset()
@@ -208,9 +217,16 @@ class _Buffer:
                 raise ValueError(f"{name}: expected {n} rows like {first!r}, got {_checks.describe(t)}")
         return n, list(fields.values())
 
+    def _storage_bytes(self, rows: Mapping[str, torch.Tensor], device: torch.device) -> None:
+        """Refuse storage that cannot fit: ``capacity`` rows of every field, before allocating."""
+        row = sum(math.prod(t.shape[1:]) * t.element_size() for t in rows.values())
+        _checks.fits("capacity", self._capacity * (row + self._SLOT_BYTES), device,
+                     f"({self._capacity} slots of {row} bytes)")
+
     def _allocate(self, fields: dict[str, torch.Tensor]) -> None:
         t0 = next(iter(fields.values()))
         device = self._device_arg if self._device_arg is not None else t0.device
+        self._storage_bytes(fields, device)
         self._set_fields([_Field(k, t.shape[1:], t.dtype,
                                  torch.empty((self._capacity, *t.shape[1:]), dtype=t.dtype, device=device))
                           for k, t in fields.items()])
@@ -306,30 +322,49 @@ class _Buffer:
             "fields": {f.name: f.storage[:n].clone() for f in self._fields},
         }
 
+    def _check_state(self, sd: Any, extra: tuple[str, ...]) -> tuple[int, list[int]]:
+        """The checks both buffers' ``load_state_dict`` share (nothing is committed here):
+        keys, type, capacity, ``seen`` and the random stream. Returns (seen, rng words)."""
+        _checks.state_mapping("state_dict", sd, ("type", "capacity", "fields", "seen", "rng", *extra))
+        if sd["type"] != type(self).__name__:
+            raise ValueError(f"state_dict['type']: expected a {type(self).__name__} state, got {sd['type']!r}")
+        cap = _checks.state_int("state_dict['capacity']", sd["capacity"], low=1)
+        if cap != self._capacity:
+            raise ValueError(f"state_dict['capacity']: expected {self._capacity} like this buffer, got {cap}")
+        # seen < 2**63: the counter can never wrap (an add of n < 2**63 rows stays below 2**64).
+        seen = _checks.state_int("state_dict['seen']", sd["seen"], high=_SEEN_MAX)
+        return seen, _rng_words(sd["rng"])
+
     def _load_fields(self, sd: Mapping[str, Any], length: int) -> list[_Field]:
         """Check and build the stored fields of a state dict (nothing is committed here)."""
-        if not isinstance(sd, Mapping):
-            raise TypeError(f"state_dict: expected a dict, got {type(sd).__name__}")
-        if sd.get("type") != type(self).__name__:
-            raise ValueError(f"state_dict: expected a {type(self).__name__} state, got type {sd.get('type')!r}")
-        if sd.get("capacity") != self._capacity:
-            raise ValueError(f"state_dict: expected capacity {self._capacity}, got {sd.get('capacity')}")
-        stored = sd.get("fields")
+        stored = sd["fields"]
         if not isinstance(stored, Mapping):
-            raise ValueError("state_dict: expected 'fields', a dict of tensors")
+            raise TypeError(f"state_dict['fields']: expected a dict of tensors, got {type(stored).__name__}")
+        if length > self._capacity:
+            raise ValueError(f"state_dict: {length} items stored, more than the capacity {self._capacity}")
+        dev0 = None
+        for name, t in stored.items():
+            key = f"state_dict['fields'][{name!r}]"
+            if not isinstance(name, str) or name == "index":
+                raise ValueError(f"{key}: expected a field name (a str other than 'index')")
+            _checks.tensor(key, t)
+            if t.dim() == 0 or t.shape[0] != length:
+                raise ValueError(f"{key}: expected {length} rows (min(seen, capacity)), got {_checks.describe(t)}")
+            dev = self._device_arg if self._device_arg is not None else t.device
+            if dev0 is not None and dev != dev0:
+                raise ValueError(f"{key}: expected a tensor on {dev0} like the other fields, got {_checks.describe(t)}")
+            dev0 = dev
+        if length > 0 and not stored:
+            raise ValueError(f"state_dict['fields']: {length} items stored but no fields")
+        if stored:
+            self._storage_bytes(stored, dev0)
         out = []
         for name, t in stored.items():
-            _checks.tensor(f"state_dict['fields'][{name!r}]", t)
-            if t.dim() == 0 or t.shape[0] != length:
-                raise ValueError(f"state_dict['fields'][{name!r}]: expected {length} rows, got {_checks.describe(t)}")
             dev = self._device_arg if self._device_arg is not None else t.device
             storage = torch.empty((self._capacity, *t.shape[1:]), dtype=t.dtype, device=dev)
             storage[:length] = t
             out.append(_Field(name, t.shape[1:], t.dtype, storage))
-        if length > 0 and not out:
-            raise ValueError(f"state_dict: {length} items stored but no fields")
         return out
-
 
 
 def _dt(dtype: torch.dtype) -> str:
@@ -391,11 +426,12 @@ class ReservoirBuffer(_Buffer):
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        seen = state_dict.get("seen") if isinstance(state_dict, Mapping) else None
-        if isinstance(seen, bool) or not isinstance(seen, int) or not 0 <= seen < _U64:
-            raise ValueError(f"state_dict: expected 'seen', a non-negative int, got {seen!r}")
+        """Restore a :meth:`state_dict`, validated whole before anything is applied: keys, type,
+        capacity (must equal this buffer's), ``seen`` in ``[0, 2**63)``, ``len == min(seen,
+        capacity)`` rows in every field, the random stream; a state that fails leaves the
+        buffer as it was."""
+        seen, rng = self._check_state(state_dict, ())
         fields = self._load_fields(state_dict, min(seen, self._capacity))
-        rng = _rng_words(state_dict.get("rng"))
         core = ReservoirCore(self._capacity, self._seed)
         core.set_state(seen, rng)
         self._core = core
@@ -425,10 +461,13 @@ class ClassBalancedReservoir(_Buffer):
     """
 
     _core: CbrsCore
+    _SLOT_BYTES = 16  # the core's per-slot class tables (slot list, slot -> class, position)
 
     def __init__(self, capacity: int, seed: int = 0, label_key: str = "y",
                  device: torch.device | str | None = None):
         super().__init__(capacity, seed, device)
+        if self._capacity > 2**32 - 1:  # the core's slot tables are 32-bit
+            raise ValueError(f"capacity: expected at most 2**32 - 1 slots, got {self._capacity}")
         if not isinstance(label_key, str):
             raise TypeError(f"label_key: expected a str, got {type(label_key).__name__}")
         self._label_key = label_key
@@ -490,25 +529,35 @@ class ClassBalancedReservoir(_Buffer):
         return sd
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"state_dict: expected a dict, got {type(state_dict).__name__}")
-        seen = state_dict.get("seen")
-        if isinstance(seen, bool) or not isinstance(seen, int) or not 0 <= seen < _U64:
-            raise ValueError(f"state_dict: expected 'seen', a non-negative int, got {seen!r}")
-        if state_dict.get("label_key") != self._label_key:
-            raise ValueError(f"state_dict: expected label_key {self._label_key!r}, got {state_dict.get('label_key')!r}")
-        classes = state_dict.get("classes")
+        """As :meth:`ReservoirBuffer.load_state_dict`, plus the class bookkeeping (checked by the
+        core before it is applied: stream counts summing to ``seen``, slot lists covering the
+        stored rows)."""
+        seen, rng = self._check_state(state_dict, ("label_key", "classes"))
+        if state_dict["label_key"] != self._label_key:
+            raise ValueError(f"state_dict['label_key']: expected {self._label_key!r}, got {state_dict['label_key']!r}")
+        classes = state_dict["classes"]
         if not isinstance(classes, Mapping):
-            raise ValueError("state_dict: expected 'classes', a dict of tensors")
+            raise TypeError(f"state_dict['classes']: expected a dict of tensors, got {type(classes).__name__}")
         parts = {}
         for key, dtype in (("labels", torch.int64), ("n_seen", torch.int64), ("full", torch.bool),
                            ("offsets", torch.int64), ("slots", torch.int64)):
             name = f"state_dict['classes'][{key!r}]"
-            parts[key] = _checks.tensor(name, classes.get(key), dtype=dtype, ndim=1).tolist()
+            if key not in classes:
+                raise ValueError(f"{name}: missing from the state dict")
+            parts[key] = _checks.tensor(name, classes[key], dtype=dtype, ndim=1).tolist()
         length = len(parts["slots"])
+        if length != min(seen, self._capacity):
+            raise ValueError(f"state_dict['classes']['slots']: expected min(seen, capacity) = "
+                             f"{min(seen, self._capacity)} stored items, got {length}")
+        if sum(parts["n_seen"]) != seen or any(v < 0 for v in parts["n_seen"]):
+            raise ValueError(f"state_dict['classes']['n_seen']: expected non-negative counts summing to "
+                             f"seen = {seen}, got sum {sum(parts['n_seen'])}")
         fields = self._load_fields(state_dict, length)
-        rng = _rng_words(state_dict.get("rng"))
         core = CbrsCore(self._capacity, self._seed)
-        core.set_state(seen, rng, parts["labels"], parts["n_seen"], parts["full"], parts["offsets"], parts["slots"])
+        try:
+            core.set_state(seen, rng, parts["labels"], parts["n_seen"], parts["full"], parts["offsets"],
+                           parts["slots"])
+        except (OverflowError, RuntimeError) as e:  # a core check the Python ones above do not cover
+            raise ValueError(f"state_dict['classes']: inconsistent class bookkeeping ({e})") from None
         self._core = core
         self._set_fields(fields)
