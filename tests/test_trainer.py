@@ -326,13 +326,13 @@ def test_bad_fit(split5):
     tr.fit(s, max_steps=3)
     with pytest.raises(ValueError, match="^scenario: this trainer's run is on 'split-digits-class\\[:2\\]'"):
         tr.fit(first(split5, 3))
-    with pytest.raises(ValueError, match="^state: saved with 0 plugins, this trainer has 1"):
+    with pytest.raises(ValueError, match=r"^state\[.plugins.\]: saved with 0 plugins, this trainer has 1"):
         trainer(mlp(), [Finetune()]).load_state_dict(tr.state_dict())
-    with pytest.raises(ValueError, match=r"^state: saved by a trainer with \{'seed': 0, 'epochs': 1, "
+    with pytest.raises(ValueError, match=r"^state\['config'\]: saved by a trainer with \{'seed': 0, 'epochs': 1, "
                                          r"'batch_size': 32\}, this one has \{'seed': 1,"):
         trainer(mlp(), seed=1).load_state_dict(tr.state_dict())
     assert tr.fit(s, max_steps=2)["steps"] == 3  # already past the pause point: nothing runs
-    with pytest.raises(ValueError, match=r"^state: expected a Trainer.state_dict\(\), missing \['rng'\]"):
+    with pytest.raises(ValueError, match=r"^state\['rng'\]: missing"):
         trainer(mlp()).load_state_dict({k: v for k, v in tr.state_dict().items() if k != "rng"})
 
 
@@ -470,3 +470,105 @@ def test_eval_tasks_bad_values(split5):
         trainer(mlp(), eval_tasks=3.5)
     with pytest.raises(ValueError, match=r"eval_tasks: task ids must lie in \[0, 2\)"):
         trainer(mlp(), eval_tasks=[5]).fit(first(split5, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 11: transactional, strict Trainer.load_state_dict (regressions: each was accepted, or
+# changed the model and earlier plugins before a later part failed)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def paused(split5):
+    """A run of Trainer(model, [GPM, ER]) paused inside task 1 (GPM has a basis, ER a memory)."""
+    from forgetcore.continual import GPM
+
+    tr = trainer(mlp(), [GPM(0.9, n_samples=50), ER(capacity=40, seed=1)],
+                 make_optimizer=lambda m: torch.optim.Adam(m.parameters(), lr=1e-3))
+    tr.fit(first(split5, 2), max_steps=10)
+    return tr.state_dict()
+
+
+def _fresh():
+    from forgetcore.continual import GPM
+
+    return trainer(mlp(seed=5), [GPM(0.9, n_samples=50), ER(capacity=40, seed=1)],
+                   make_optimizer=lambda m: torch.optim.Adam(m.parameters(), lr=1e-3))
+
+
+def _corrupt(sd, path, value):
+    import copy
+
+    sd = copy.deepcopy(sd)
+    d = sd
+    for k in path[:-1]:
+        d = d[k]
+    if value is KeyError:
+        del d[path[-1]]
+    else:
+        d[path[-1]] = value(d[path[-1]]) if callable(value) else value
+    return sd
+
+
+def _er_of_capacity(sd, cap):
+    from forgetcore.replay import ReservoirBuffer
+
+    buf = ReservoirBuffer(cap, seed=1)
+    buf.add(x=torch.zeros(3, 8, 8), y=torch.zeros(3, dtype=torch.int64), task=torch.zeros(3, dtype=torch.int64))
+    return {"buffer": buf.state_dict()}
+
+
+def _not_orthonormal(bases):
+    return {k: v * 2.0 for k, v in bases.items()}
+
+
+CORRUPT = [
+    ("ER state of another capacity", ("plugins", 1), lambda er: _er_of_capacity(er, 7), ValueError, "capacity"),
+    ("GPM basis not orthonormal", ("plugins", 0, "subspace", "bases"), _not_orthonormal, ValueError, "orthonormal"),
+    ("model tensor of another shape", ("model", "1.weight"), lambda w: w[:, :10].clone(), ValueError, "1.weight"),
+    ("model tensor of another dtype", ("model", "1.weight"), lambda w: w.double(), TypeError, "1.weight"),
+    ("model tensor NaN", ("model", "4.bias"), lambda b: b * float("nan"), ValueError, "4.bias"),
+    ("missing model key", ("model", "4.bias"), KeyError, ValueError, "4.bias"),
+    ("missing plugin key", ("plugins", 1, "buffer"), KeyError, ValueError, "buffer"),
+    ("GPM tasks_done = -3", ("plugins", 0, "tasks_done"), -3, ValueError, "tasks_done"),
+    ("GPM tasks_done = 1.7", ("plugins", 0, "tasks_done"), 1.7, TypeError, "tasks_done"),
+    ("RNG state of the wrong size", ("rng", "cpu"), lambda r: r[:100].clone(), ValueError, "rng"),
+    ("progress task 99", ("progress", "task"), 99, ValueError, "task"),
+    ("progress step negative", ("progress", "step"), -1, ValueError, "step"),
+    ("progress in_task not a bool", ("progress", "in_task"), "yes", TypeError, "in_task"),
+    ("optimizer state of another shape", ("optimizer", "state", 0, "exp_avg"), lambda t: t[:5].clone(),
+     ValueError, "optimizer"),
+    ("optimizer state dropped mid-task", ("optimizer",), lambda o: {}, ValueError, "optimizer"),
+]
+
+
+@pytest.mark.parametrize("what, path, value, exc, name", CORRUPT, ids=[c[0] for c in CORRUPT])
+def test_corrupt_trainer_state_is_refused_and_changes_nothing(paused, what, path, value, exc, name):
+    from badinput import expect_clean_error
+
+    tr = _fresh()
+    bad = _corrupt(paused, path, value)
+    expect_clean_error(lambda: tr.load_state_dict(bad), arg=name, exc=(exc,),
+                       state=[tr.model, tr.plugins[0].state_dict, tr.plugins[1].state_dict, tr.state_dict])
+
+
+def test_resume_after_refused_state_is_still_bit_identical(paused, split5):
+    """A refused load followed by the good one resumes exactly like loading the good one alone."""
+    a, b = _fresh(), _fresh()
+    with pytest.raises(ValueError):
+        a.load_state_dict(_corrupt(paused, ("plugins", 1), lambda er: _er_of_capacity(er, 7)))
+    a.load_state_dict(paused)
+    b.load_state_dict(paused)
+    ra, rb = a.fit(first(split5, 2)), b.fit(first(split5, 2))
+    assert ra["R"] == rb["R"]
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+
+
+def test_trainer_constructor_names_bad_arguments():
+    from badinput import expect_clean_error
+
+    m = mlp()
+    expect_clean_error(lambda: trainer(m, device="nope"), arg="device", state=[m])
+    expect_clean_error(lambda: trainer(m, seed=1.5), arg="seed", exc=(TypeError,))
+    expect_clean_error(lambda: trainer(m, seed=-1), arg="seed", exc=(ValueError,))
+    expect_clean_error(lambda: trainer(m, progress="no"), arg="progress", exc=(TypeError,))

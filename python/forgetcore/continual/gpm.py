@@ -72,6 +72,8 @@ class GPM:
     def __init__(self, threshold: float | Sequence[float] = 0.97, *, threshold_inc: float = 0.0,
                  n_samples: int = 300, count: str = "official", layers: Sequence[str] | None = None,
                  freeze_1d: bool = True, seed: int = 0):
+        if isinstance(threshold, (str, bytes)) or not isinstance(threshold, (int, float, Sequence)):
+            raise TypeError(f"threshold: expected a number or a list of numbers, got {type(threshold).__name__}")
         ths = [threshold] if isinstance(threshold, (int, float)) else list(threshold)
         if not ths:
             raise ValueError("threshold: expected a number or a non-empty list")
@@ -81,9 +83,13 @@ class GPM:
         if count not in COUNTS:
             raise ValueError(f"count: expected one of {COUNTS}, got {count!r}")
         self.count = count
+        if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
+            raise TypeError(f"layers: expected a list of module names, got {layers!r}")
         self.layers = None if layers is None else list(layers)
-        self.freeze_1d = bool(freeze_1d)
-        self.seed = int(seed)
+        if not isinstance(freeze_1d, bool):
+            raise TypeError(f"freeze_1d: expected a bool, got {type(freeze_1d).__name__}")
+        self.freeze_1d = freeze_1d
+        self.seed = _checks.seed(seed)
         self.subspace = Subspace()
         self.tasks_done = 0
         self._projector: GradientProjector | None = None
@@ -92,12 +98,21 @@ class GPM:
 
     def _proj(self, model: torch.nn.Module) -> GradientProjector:
         if self._projector is None or self._model is not model:
-            self._projector = GradientProjector(model, self.subspace, layers=self.layers)
-            self._model = model
-            self._frozen = _projected_1d(model, list(self._projector.layers))
-            n = len(self._projector.layers)
+            proj = GradientProjector(model, self.subspace, layers=self.layers)
+            n = len(proj.layers)
             if len(self.thresholds) not in (1, n):
                 raise ValueError(f"threshold: expected 1 or {n} values (one per layer), got {len(self.thresholds)}")
+            # A loaded basis is checked against the model once the model is known (here).
+            for name, dim in self.subspace.dims().items():
+                layer = proj.layers.get(name)
+                if layer is None:
+                    raise ValueError(f"state['subspace']['bases'][{name!r}]: not a protected layer of the model")
+                want = layer.weight[0].numel()  # in_features, or in_channels * kh * kw
+                if dim != want:
+                    raise ValueError(f"state['subspace']['bases'][{name!r}]: expected {want} rows like the "
+                                     f"layer's input, got {dim}")
+            self._projector, self._model = proj, model
+            self._frozen = _projected_1d(model, list(proj.layers))
         return self._projector
 
     def _layer_thresholds(self, names: list[str], task_id: int) -> dict[str, float]:
@@ -140,8 +155,13 @@ class GPM:
         return {"subspace": self.subspace.state_dict(), "tasks_done": self.tasks_done}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.subspace.load_state_dict(state["subspace"])
-        self.tasks_done = int(state["tasks_done"])
+        """Restore a :meth:`state_dict`, validated whole first (keys, ``tasks_done`` a
+        non-negative int, every basis orthonormal); a state that fails changes nothing."""
+        _checks.state_mapping("state", state, ("subspace", "tasks_done"))
+        tasks_done = _checks.state_int("state['tasks_done']", state["tasks_done"])
+        _checks.state_mapping("state['subspace']", state["subspace"], ("bases",))
+        self.subspace.load_state_dict(state["subspace"])  # checks every basis, then applies
+        self.tasks_done = tasks_done
 
 
 def _projected_1d(model: torch.nn.Module, layers: list[str]) -> list[torch.nn.Parameter]:

@@ -92,6 +92,8 @@ class ER(Plugin):
         return {"buffer": self.buffer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the memory (its own load validates the whole state before applying it)."""
+        _checks.state_mapping("state", state, ("buffer",))
         self.buffer.load_state_dict(state["buffer"])
 
 

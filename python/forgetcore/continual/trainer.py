@@ -158,6 +158,16 @@ def _set_rng(rng: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(rng["cuda"], device)
 
 
+def _device(device: Any) -> torch.device:
+    """A usable torch device (``"cuda"`` -> ``cuda:0``), or a ValueError naming ``device``."""
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device: expected a torch.device or a str, got {type(device).__name__}")
+    try:
+        return torch.empty(0, device=device).device
+    except (RuntimeError, ValueError, AssertionError) as e:
+        raise ValueError(f"device: expected a usable torch device, got {device!r} ({e})") from None
+
+
 def _fresh_progress() -> dict[str, Any]:
     return {"task": 0, "epoch": 0, "batch": 0, "step": 0, "task_step": 0, "in_task": False,
             "started": False,
@@ -214,11 +224,12 @@ class Trainer:
                                  f"got {len(owners)}: {', '.join(owners)}")
         self.epochs = _checks.positive_int("epochs", epochs)
         self.batch_size = _checks.positive_int("batch_size", batch_size)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
-        self.seed = int(seed)
+        self.seed = _checks.seed(seed)
         self.eval_every = None if eval_every is None else _checks.positive_int("eval_every", eval_every)
         self.eval_batch_size = _checks.positive_int("eval_batch_size", eval_batch_size)
+        for name, v in (("eval_val", eval_val), ("progress", progress)):
+            if not isinstance(v, (bool, np.bool_)):
+                raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
         self.eval_val = bool(eval_val)
         if isinstance(eval_tasks, str):
             if eval_tasks not in ("all", "seen", "current"):
@@ -235,7 +246,7 @@ class Trainer:
             p = next(model.parameters(), None)
             self.device = p.device if p is not None else torch.device("cpu")
         else:
-            self.device = torch.device(device)
+            self.device = _device(device)
             model.to(self.device)
         self.model = model
         self.make_optimizer = make_optimizer
@@ -436,6 +447,7 @@ class Trainer:
                 self._call("resume_task", task)
                 ctx.optimizer = self._build_optimizer()
                 if self._optim_state is not None:
+                    _check_optimizer_fits(ctx.optimizer, self._optim_state)
                     ctx.optimizer.load_state_dict(self._optim_state)
                     self._optim_state = None
             else:
@@ -582,26 +594,202 @@ class Trainer:
         return {"seed": self.seed, "epochs": self.epochs, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved; the next ``fit`` continues from there."""
-        if not isinstance(state, dict):
-            raise TypeError(f"state: expected a dict from Trainer.state_dict(), got {type(state).__name__}")
-        missing = {"model", "optimizer", "plugins", "rng", "progress", "config"} - set(state)
-        if missing:
-            raise ValueError(f"state: expected a Trainer.state_dict(), missing {sorted(missing)}")
-        if dict(state["config"]) != self._config():
-            raise ValueError(f"state: saved by a trainer with {dict(state['config'])}, "
-                             f"this one has {self._config()}")
-        if len(state["plugins"]) != len(self.plugins):
-            raise ValueError(f"state: saved with {len(state['plugins'])} plugins, "
+        """Restore what :meth:`state_dict` saved; the next ``fit`` continues from there.
+
+        Transactional: what the trainer holds itself (configuration, progress, global RNG,
+        every model tensor, the optimiser's per-parameter state) is validated whole before
+        anything is applied, as strictly as constructor arguments. Plugins are then loaded in
+        order; if one refuses its state, the plugins loaded before it get their previous state
+        back (forgetcore's plugins validate their whole state before applying any of it), so a
+        state that fails leaves model, plugins and trainer exactly as they were.
+        """
+        _checks.state_mapping("state", state, ("model", "optimizer", "plugins", "rng", "progress", "config"))
+        config = state["config"]
+        if not isinstance(config, dict) or dict(config) != self._config():
+            raise ValueError(f"state['config']: saved by a trainer with {config}, this one has {self._config()}")
+        plugin_states = state["plugins"]
+        if not isinstance(plugin_states, (list, tuple)):
+            raise TypeError(f"state['plugins']: expected a list, got {type(plugin_states).__name__}")
+        if len(plugin_states) != len(self.plugins):
+            raise ValueError(f"state['plugins']: saved with {len(plugin_states)} plugins, "
                              f"this trainer has {len(self.plugins)}")
-        self.model.load_state_dict(state["model"])
-        for plugin, s in zip(self.plugins, state["plugins"]):
-            if callable(getattr(plugin, "load_state_dict", None)):
-                plugin.load_state_dict(s)
-        self._optim_state = state["optimizer"] or None
-        self._rng = {k: v.clone() for k, v in state["rng"].items()}
-        self._p = _copy(state["progress"])
+        model_state = self._check_model_state(state["model"])
+        progress = self._check_progress(state["progress"])
+        optim = self._check_optim_state(state["optimizer"], progress["in_task"])
+        rng = self._check_rng(state["rng"])
+        loaded: list[tuple[Any, Any]] = []
+        try:
+            for i, (plugin, ps) in enumerate(zip(self.plugins, plugin_states)):
+                if not callable(getattr(plugin, "load_state_dict", None)):
+                    continue
+                before = _clone(plugin.state_dict()) if callable(getattr(plugin, "state_dict", None)) else None
+                try:
+                    plugin.load_state_dict(ps)
+                except (ValueError, TypeError) as e:
+                    raise type(e)(f"state['plugins'][{i}] ({type(plugin).__name__}): {e}") from e
+                except (KeyError, IndexError, AttributeError) as e:  # a third-party plugin's own check
+                    raise ValueError(f"state['plugins'][{i}] ({type(plugin).__name__}): "
+                                     f"{type(e).__name__}: {e}") from e
+                loaded.append((plugin, before))
+        except BaseException:
+            for plugin, before in reversed(loaded):  # roll back the plugins already loaded
+                if before is not None:
+                    plugin.load_state_dict(before)
+            raise
+        self.model.load_state_dict(model_state)  # validated above: keys, dtypes, shapes
+        self._optim_state = optim
+        self._rng = rng
+        self._p = progress
         self.ctx.step = self._p["step"]
+
+    # ---- validation of a loaded state (nothing is applied here)
+    def _check_model_state(self, st: Any) -> dict[str, torch.Tensor]:
+        _checks.state_mapping("state['model']", st)
+        own = self.model.state_dict()
+        for k in own:
+            if k not in st:
+                raise ValueError(f"state['model'][{k!r}]: missing from the state dict")
+        for k, v in st.items():
+            name = f"state['model'][{k!r}]"
+            if k not in own:
+                raise ValueError(f"{name}: not an entry of this model's state_dict")
+            _checks.tensor(name, v, dtype=own[k].dtype, shape=tuple(own[k].shape))
+            _checks.finite(name, v)
+        return dict(st)
+
+    def _check_optim_state(self, st: Any, in_task: bool) -> dict | None:
+        """The saved optimiser state ({} at a task boundary): its structure, and per-parameter
+        tensors whose shapes match, in order, parameters of the model (the optimiser may hold a
+        subset, e.g. without frozen ones); checked exactly against the optimiser when it resumes."""
+        _checks.state_mapping("state['optimizer']", st)
+        if not st:
+            if in_task:
+                raise ValueError("state['optimizer']: empty, but the run is paused inside a task "
+                                 "(state['progress']['in_task']), which needs the optimiser's state")
+            return None
+        _checks.state_mapping("state['optimizer']", st, ("state", "param_groups"))
+        groups, per = st["param_groups"], st["state"]
+        if not isinstance(groups, (list, tuple)) or not all(
+                isinstance(g, dict) and isinstance(g.get("params"), (list, tuple)) for g in groups):
+            raise ValueError("state['optimizer']['param_groups']: expected a list of dicts with 'params'")
+        if not isinstance(per, dict):
+            raise TypeError(f"state['optimizer']['state']: expected a dict, got {type(per).__name__}")
+        ids = [i for g in groups for i in g["params"]]
+        if len(set(ids)) != len(ids) or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+            raise ValueError(f"state['optimizer']['param_groups']: expected distinct int parameter ids, got {ids}")
+        shapes = [p.shape for p in self.model.parameters()]
+        if len(ids) > len(shapes):
+            raise ValueError(f"state['optimizer']['param_groups']: {len(ids)} parameters, "
+                             f"the model has {len(shapes)}")
+        unknown = [k for k in per if k not in set(ids)]
+        if unknown:
+            raise ValueError(f"state['optimizer']['state']: state for parameter ids {unknown} "
+                             f"that no param group lists")
+        j = 0
+        for i in ids:
+            entry = per.get(i, {})
+            if not isinstance(entry, dict):
+                raise TypeError(f"state['optimizer']['state'][{i}]: expected a dict, got {type(entry).__name__}")
+            tensors = [v for v in entry.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+            for v in tensors:
+                _checks.finite(f"state['optimizer']['state'][{i}]", v)
+            want = tensors[0].shape if tensors else None
+            if any(v.shape != want for v in tensors):
+                raise ValueError(f"state['optimizer']['state'][{i}]: tensors of different shapes "
+                                 f"{[tuple(v.shape) for v in tensors]}")
+            while j < len(shapes) and want is not None and shapes[j] != want:
+                j += 1
+            if j == len(shapes):
+                raise ValueError(f"state['optimizer']['state'][{i}]: shape {tuple(want)} matches no "
+                                 f"parameter of the model (in order)")
+            j += 1
+        return _clone(dict(st))
+
+    def _check_rng(self, st: Any) -> dict[str, torch.Tensor]:
+        _checks.state_mapping("state['rng']", st, ("cpu",))
+        extra = [k for k in st if k not in ("cpu", "cuda")]
+        if extra:
+            raise ValueError(f"state['rng'][{extra[0]!r}]: not a generator the trainer saves (cpu, cuda)")
+        _checks.tensor("state['rng']['cpu']", st["cpu"], dtype=torch.uint8, shape=tuple(torch.get_rng_state().shape))
+        if "cuda" in st:
+            _checks.tensor("state['rng']['cuda']", st["cuda"], dtype=torch.uint8, ndim=1)
+            if self.device.type == "cuda":
+                want = tuple(torch.cuda.get_rng_state(self.device).shape)
+                _checks.tensor("state['rng']['cuda']", st["cuda"], shape=want)
+        return {k: v.clone() for k, v in st.items()}
+
+    def _check_progress(self, st: Any) -> dict[str, Any]:
+        fresh = _fresh_progress()
+        _checks.state_mapping("state['progress']", st, tuple(fresh))
+        extra = [k for k in st if k not in fresh]
+        if extra:
+            raise ValueError(f"state['progress'][{extra[0]!r}]: not a progress entry of this trainer")
+        n = "state['progress']"
+        started = _bool(f"{n}['started']", st["started"])
+        in_task = _bool(f"{n}['in_task']", st["in_task"])
+        n_tasks = _checks.state_int(f"{n}['n_tasks']", st["n_tasks"])
+        task = _checks.state_int(f"{n}['task']", st["task"], high=n_tasks - 1 if in_task else n_tasks)
+        _checks.state_int(f"{n}['epoch']", st["epoch"], high=self.epochs - 1)
+        _checks.state_int(f"{n}['batch']", st["batch"])
+        step = _checks.state_int(f"{n}['step']", st["step"])
+        _checks.state_int(f"{n}['task_step']", st["task_step"], high=step)
+        if not isinstance(st["scenario"], str):
+            raise TypeError(f"{n}['scenario']: expected a str, got {type(st['scenario']).__name__}")
+        if not started and (task or step or in_task or n_tasks):
+            raise ValueError(f"{n}['started']: False, but the progress records tasks or steps")
+        for key, lengths in (("R", (task,)), ("R_val", (0, task)), ("initial", (n_tasks if started else 0,)),
+                             ("initial_val", (0, n_tasks))):
+            rows = st[key]
+            if not isinstance(rows, list) or len(rows) not in lengths:
+                got = len(rows) if isinstance(rows, list) else type(rows).__name__
+                raise ValueError(f"{n}[{key!r}]: expected a list of length {' or '.join(map(str, lengths))}, got {got}")
+        for key in ("R", "R_val"):
+            for row in st[key]:
+                if not isinstance(row, list) or len(row) != n_tasks:
+                    raise ValueError(f"{n}[{key!r}]: expected rows of {n_tasks} accuracies")
+        curves = _checks.state_mapping(f"{n}['curves']", st["curves"], ("step", "task", "acc"))
+        if not all(isinstance(curves[k], list) for k in ("step", "task", "acc")) or not (
+                len(curves["step"]) == len(curves["task"]) == len(curves["acc"])):
+            raise ValueError(f"{n}['curves']: expected lists 'step', 'task', 'acc' of one length")
+        tm = _checks.state_mapping(f"{n}['timings']", st["timings"], ("train_s", "eval_s", "total_s"))
+        if not isinstance(tm["train_s"], list) or len(tm["train_s"]) != task + int(in_task):
+            raise ValueError(f"{n}['timings']['train_s']: expected one entry per task begun ({task + int(in_task)})")
+        for k in ("eval_s", "total_s"):
+            _checks.real(f"{n}['timings'][{k!r}]", tm[k], low=0.0)
+        return _copy(dict(st))
+
+
+def _check_optimizer_fits(opt: torch.optim.Optimizer, saved: dict) -> None:
+    """The saved optimiser state against the optimiser it resumes into: same groups, and each
+    per-parameter tensor of its parameter's shape (torch's own load checks only the counts)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    ids = [i for g in saved["param_groups"] for i in g["params"]]
+    if [len(g["params"]) for g in opt.param_groups] != [len(g["params"]) for g in saved["param_groups"]]:
+        raise ValueError(f"state['optimizer']: saved for param groups of sizes "
+                         f"{[len(g['params']) for g in saved['param_groups']]}, the optimiser has "
+                         f"{[len(g['params']) for g in opt.param_groups]}")
+    for p, i in zip(params, ids):
+        for k, v in saved["state"].get(i, {}).items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                raise ValueError(f"state['optimizer']['state'][{i}][{k!r}]: expected shape {tuple(p.shape)} "
+                                 f"like its parameter, got {tuple(v.shape)}")
+
+
+def _bool(name: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
+    return v
+
+
+def _clone(obj: Any) -> Any:
+    """Deep copy of a nested state (tensors cloned), so a snapshot never aliases live state."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone(v) for v in obj)
+    return obj
 
 
 def _copy(obj: Any) -> Any:
