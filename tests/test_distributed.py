@@ -122,6 +122,15 @@ def check_trainer_resume(world, r, tmp):
     return out
 
 
+def check_trainer_boundary(world, r):
+    """States to resume on another world size: one paused on task 0's last step (the task
+    boundary) and one paused inside task 0."""
+    steps0 = -(-len(_scenario()[0].train) // (BS * world))
+    _, tr = _fit_trainer("er", world, True, max_steps=steps0)
+    _, mid = _fit_trainer("er", world, True, max_steps=steps0 - 1)
+    return {"steps": steps0, "boundary": tr.state_dict(), "midtask": mid.state_dict()}
+
+
 def check_reservoir(world, r):
     buf = distributed.DistributedReservoir(ReservoirBuffer(50, seed=3))
     for x, y in _stream(world):
@@ -238,6 +247,7 @@ def check_bad_input(world, r, tmp):
 
 
 CHECKS = {"trainer_gpm": check_trainer_gpm, "trainer_er": check_trainer_er, "trainer_resume": check_trainer_resume,
+          "trainer_boundary": check_trainer_boundary,
           "reservoir": check_reservoir, "gu": check_gu, "gu_fit": check_gu_fit_agrees, "ssd": check_ssd,
           "fsdp": check_fsdp, "kappatune": check_kappatune, "bad_input": check_bad_input}
 NEEDS_TMP = {"trainer_resume", "bad_input"}
@@ -318,6 +328,31 @@ def test_trainer_under_ddp_matches_one_process_with_the_global_batch(ranks, kind
             assert g["buffer"]["seen"] == ref["buffer"]["seen"]
     for g in got[1:]:  # every rank holds bitwise the same model
         _close(g["model"], got[0]["model"], 0.0)
+
+
+def test_trainer_resumes_on_another_world_size_only_at_a_task_boundary(ranks):
+    """Issue 17's open item: a state saved at a task boundary by W ranks resumes in one process
+    (the next task takes the new global batch); one saved inside a task is a clear ValueError
+    that changes nothing."""
+    from badinput import expect_clean_error
+
+    world, results = ranks
+    got = _get(results, "trainer_boundary")[0]
+    sc = _scenario()
+
+    def fresh():
+        buf = distributed.DistributedReservoir(ReservoirBuffer(48, seed=5))
+        return _trainer(_mlp(), [distributed.ShardBatches(), ER(buffer=buf)], BS)
+
+    assert got["boundary"]["progress"]["in_task"] is False and got["boundary"]["optimizer"] == {}
+    tr = fresh()
+    tr.load_state_dict(got["boundary"])
+    res = tr.fit(sc)
+    assert res["finished"] and res["steps"] == got["steps"] + -(-len(sc[1].train) // BS)
+    assert res["R"][0] == got["boundary"]["progress"]["R"][0]
+    tr = fresh()
+    expect_clean_error(lambda: tr.load_state_dict(got["midtask"]), arg="world_size",
+                       state=[tr.model, tr.state_dict, tr.plugins[1].state_dict])
 
 
 def test_trainer_resumes_from_a_checkpoint_saved_once(ranks):

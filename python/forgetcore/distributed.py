@@ -229,9 +229,11 @@ class ShardBatches:
     Evaluation is gathered: from the first task on, each rank scores every ``W``-th test example
     and the correct counts are summed over ranks, so every rank reports the single process's
     accuracies (the initial row, before any task, is computed whole on every rank); :meth:`check`
-    verifies that the models agree. ``state_dict`` records the world size and batch
-    size; resuming under another world size raises, since the global batch (and so the run)
-    would change mid-stream.
+    verifies that the models agree. ``state_dict`` records the world size and whether a task
+    is under way: a state saved at a task boundary (the end of a run, or a ``max_steps`` pause
+    on a task's last step) resumes on any world size, the next task taking the new global
+    batch; a state saved inside a task under another world size is a ``ValueError``, since the
+    task's global batch (and so its run) would change mid-task.
     """
 
     def __init__(self, *, drop_last: bool = False, check_every: int = 0) -> None:
@@ -239,11 +241,16 @@ class ShardBatches:
         self.check_every = _checks.positive_int("check_every", check_every, allow_zero=True)
         self.world = world_size()
         self.rank = rank()
+        self._in_task = False
 
     def before_task(self, ctx: Any, task: Any) -> None:
         self.resume_task(ctx, task)
 
+    def after_task(self, ctx: Any, task: Any) -> None:
+        self._in_task = False
+
     def resume_task(self, ctx: Any, task: Any) -> None:
+        self._in_task = True
         # Sharded evaluation: the Trainer scores every world-th test example and sums the counts.
         if self.world > 1:
             ctx.trainer.eval_shard = (self.rank, self.world)
@@ -296,14 +303,19 @@ class ShardBatches:
         check_agree("model", dict(model.state_dict()))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"world_size": self.world}
+        return {"world_size": self.world, "in_task": self._in_task}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        w = int(state["world_size"])
-        if w != self.world:
-            raise ValueError(f"world_size: the checkpoint was written by {w} ranks, this run has {self.world}; "
-                             f"the global batch (world_size * batch_size) would change mid-run, so resume "
-                             f"with {w} ranks")
+        _checks.state_mapping("state", state, ("world_size",))
+        w = _checks.state_int("state['world_size']", state["world_size"], low=1)
+        in_task = state.get("in_task", True)  # a checkpoint without it: assume inside a task
+        if not isinstance(in_task, bool):
+            raise TypeError(f"state['in_task']: expected a bool, got {type(in_task).__name__}")
+        if w != self.world and in_task:
+            raise ValueError(f"world_size: the checkpoint was written by {w} ranks inside a task, this run has "
+                             f"{self.world}; the task's global batch (world_size * batch_size) would change "
+                             f"mid-task, so resume with {w} ranks (or from a checkpoint saved at a task boundary)")
+        self._in_task = in_task
 
 
 # ---------------------------------------------------------------------------------- replay

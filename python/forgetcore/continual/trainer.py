@@ -390,7 +390,10 @@ class Trainer:
         """Train on every task of ``scenario`` in order; return the results so far.
 
         ``max_steps``: pause once this many optimisation steps have run in all (the run resumes
-        from ``state_dict()``, or by calling ``fit`` again). Returns a dict:
+        from ``state_dict()``, or by calling ``fit`` again). A pause that falls on a task's last
+        step completes that task first (``after_task`` and its evaluation row), so its state is
+        at the task boundary; only such a state may resume on another world size
+        (:class:`forgetcore.distributed.ShardBatches`). Returns a dict:
 
         - ``R``: list of rows, ``R[i][j]`` = test accuracy on task j after training task i
           (every task, seen or not, so forward transfer can be computed); ``R_val`` the same
@@ -474,7 +477,10 @@ class Trainer:
                     last = epoch == self.epochs - 1 and b == len(batches) - 1  # the task-end row follows
                     if self.eval_every is not None and p["step"] % self.eval_every == 0 and not last:
                         self._curve_point(scenario, t)
-                    if max_steps is not None and p["step"] >= max_steps:
+                    # A pause on a task's last step first completes the task (after_task and its
+                    # evaluation), so the saved state sits at the task boundary: no optimiser
+                    # state, and it may resume on another world size (ShardBatches).
+                    if max_steps is not None and p["step"] >= max_steps and not last:
                         self._add_train_time(t, t_task, eval_before)
                         self._optim_state = ctx.optimizer.state_dict()
                         return True
@@ -483,6 +489,8 @@ class Trainer:
             self._add_train_time(t, t_task, eval_before)
             self._end_task(scenario, t)
             p.update(task=t + 1, epoch=0, batch=0, task_step=0, in_task=False)
+            if max_steps is not None and p["step"] >= max_steps and p["task"] < len(scenario):
+                return True
         return False
 
     def _batches(self, task: Task, epoch: int, n: int) -> list[torch.Tensor]:
