@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from .. import _checks
 from ..replay import PowerLawScheduler
 from .scenarios import Task
 from .trainer import Context, Plugin
@@ -75,10 +76,33 @@ class PowerLawRehearsal(Plugin):
                 "indices": [t.clone() for t in self.indices], "history": [list(h) for h in self.history]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = {"scheduler", "counts", "indices", "history"} - set(state)
-        if missing:
-            raise ValueError(f"state: expected a PowerLawRehearsal.state_dict(), missing {sorted(missing)}")
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.counts = [int(v) for v in state["counts"]]
-        self.indices = [t.clone() for t in state["indices"]]
-        self.history = [[int(v) for v in h] for h in state["history"]]
+        """Restore a :meth:`state_dict`, validated whole first (the scheduler's state, one index
+        tensor per count, each of that many int64 indices, one history row per phase); a state
+        that fails changes nothing."""
+        _checks.state_mapping("state", state, ("scheduler", "counts", "indices", "history"))
+        counts = _int_list("state['counts']", state["counts"])
+        indices = state["indices"]
+        if not isinstance(indices, (list, tuple)) or len(indices) != len(counts):
+            raise ValueError(f"state['indices']: expected one index tensor per count ({len(counts)})")
+        for i, (t, n) in enumerate(zip(indices, counts)):
+            _checks.tensor(f"state['indices'][{i}]", t, dtype=torch.int64, shape=(n,))
+            if n and int(t.min()) < 0:
+                raise ValueError(f"state['indices'][{i}]: expected indices >= 0, got {int(t.min())}")
+        history = state["history"]
+        if not isinstance(history, (list, tuple)):
+            raise TypeError(f"state['history']: expected a list of lists, got {type(history).__name__}")
+        history = [_int_list(f"state['history'][{i}]", h) for i, h in enumerate(history)]
+        sch = state["scheduler"]
+        _checks.state_mapping("state['scheduler']", sch, ("phase",))
+        if len(history) != sch["phase"]:
+            raise ValueError(f"state['history']: expected one row per phase begun ({sch['phase']}), got {len(history)}")
+        self.scheduler.load_state_dict(sch)  # validates the whole scheduler state, then applies
+        self.counts = counts
+        self.indices = [t.clone() for t in indices]
+        self.history = history
+
+
+def _int_list(name: str, v: Any) -> list[int]:
+    if not isinstance(v, (list, tuple)):
+        raise TypeError(f"{name}: expected a list of ints, got {type(v).__name__}")
+    return [_checks.state_int(f"{name}[{i}]", x) for i, x in enumerate(v)]

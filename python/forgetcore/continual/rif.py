@@ -75,8 +75,10 @@ class GRPO(Plugin):
         if reference not in ("task", "first"):
             raise ValueError(f"reference: expected 'task' or 'first', got {reference!r}")
         self.reference = reference
-        self.sft_tasks = tuple(int(t) for t in sft_tasks)
-        self.seed = _checks.positive_int("seed", seed, allow_zero=True)
+        if isinstance(sft_tasks, (str, bytes)) or not isinstance(sft_tasks, (tuple, list, set, frozenset, range)):
+            raise TypeError(f"sft_tasks: expected a tuple of task ids, got {type(sft_tasks).__name__}")
+        self.sft_tasks = tuple(_checks.positive_int("sft_tasks", t, allow_zero=True) for t in sft_tasks)
+        self.seed = _checks.seed(seed)
         self.rollouts = 0  # labels sampled so far (training and filtering)
         self.updates = 0
         self._ref: torch.nn.Module | None = None
@@ -124,15 +126,36 @@ class GRPO(Plugin):
             ref = {k: v.clone() for k, v in self._ref.state_dict().items()}
         return {"rollouts": self.rollouts, "updates": self.updates, "ref_task": self._ref_task, "ref": ref}
 
+    def _check_state(self, state: Any) -> dict[str, Any]:
+        """Everything of a loaded state, validated (nothing is applied here)."""
+        _checks.state_mapping("state", state, ("rollouts", "updates", "ref_task", "ref"))
+        out = {k: _checks.state_int(f"state[{k!r}]", state[k]) for k in ("rollouts", "updates")}
+        out["ref_task"] = _checks.state_int("state['ref_task']", state["ref_task"], low=-1)
+        ref = state["ref"]
+        if ref is not None:
+            _checks.state_mapping("state['ref']", ref)
+            for k, v in ref.items():
+                _checks.tensor(f"state['ref'][{k!r}]", v)
+                _checks.finite(f"state['ref'][{k!r}]", v)
+        out["ref"] = ref
+        return out
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rollouts = int(state["rollouts"])
-        self.updates = int(state["updates"])
-        self._ref_task = int(state["ref_task"])
-        self._ref_state = state["ref"]  # materialised on the first use, once the model is known
+        """Restore a :meth:`state_dict`, validated whole first; the reference model's tensors are
+        checked against the model (keys, shapes, dtypes) when it is first used."""
+        st = self._check_state(state)
+        self.rollouts, self.updates, self._ref_task = st["rollouts"], st["updates"], st["ref_task"]
+        self._ref_state = st["ref"]  # materialised on the first use, once the model is known
 
     def _materialise_ref(self, model: torch.nn.Module) -> None:
         state = getattr(self, "_ref_state", None)
         if state is not None:
+            own = model.state_dict()
+            if set(state) != set(own):
+                raise ValueError(f"state['ref']: expected the model's keys, got {sorted(set(state) ^ set(own))} "
+                                 f"differing")
+            for k, v in state.items():
+                _checks.tensor(f"state['ref'][{k!r}]", v, dtype=own[k].dtype, shape=tuple(own[k].shape))
             self._ref = copy.deepcopy(model).eval()
             self._ref.load_state_dict(state)
             for p in self._ref.parameters():
@@ -191,10 +214,26 @@ class RIF(GRPO):
                 "masks": {k: v.clone() for k, v in self._masks.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.kept = {str(k): int(v) for k, v in state["kept"].items()}
-        self.filtered = {str(k): int(v) for k, v in state["filtered"].items()}
-        self._masks = {str(k): v.clone() for k, v in state["masks"].items()}
+        """As :meth:`GRPO.load_state_dict`, plus ``k`` (must equal this plugin's), the per-task
+        counts and instance masks (bool, ``kept`` of them set), all validated before applying."""
+        st = self._check_state(state)
+        _checks.state_mapping("state", state, ("k", "kept", "filtered", "masks"))
+        if state["k"] != self.k:
+            raise ValueError(f"state['k']: saved with k = {state['k']}, this plugin has k = {self.k}")
+        counts = {}
+        for key in ("kept", "filtered"):
+            d = _checks.state_mapping(f"state[{key!r}]", state[key])
+            counts[key] = {str(t): _checks.state_int(f"state[{key!r}][{t!r}]", v) for t, v in d.items()}
+        masks = _checks.state_mapping("state['masks']", state["masks"])
+        for t, m in masks.items():
+            _checks.tensor(f"state['masks'][{t!r}]", m, dtype=torch.bool, ndim=1)
+            if counts["kept"].get(str(t)) != int(m.sum()) or counts["filtered"].get(str(t)) != int((~m).sum()):
+                raise ValueError(f"state['masks'][{t!r}]: its kept/filtered counts disagree with state['kept'] "
+                                 f"and state['filtered']")
+        self.rollouts, self.updates, self._ref_task = st["rollouts"], st["updates"], st["ref_task"]
+        self._ref_state = st["ref"]
+        self.kept, self.filtered = counts["kept"], counts["filtered"]
+        self._masks = {str(k): v.clone() for k, v in masks.items()}
 
 
 __all__ = ["GRPO", "RIF"]

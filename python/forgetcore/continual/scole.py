@@ -61,7 +61,7 @@ class SCoLeReplay(Plugin):
         self.low = _checks.real("low", low, low=0.0, high=1.0)
         self.high = _checks.real("high", high, low=0.0, high=1.0)
         self.budget = _checks.real("budget", budget, low=0.0, high=1.0)
-        self.seed = _checks.positive_int("seed", seed, allow_zero=True)
+        self.seed = _checks.seed(seed)
         self.occurrences: dict[int, int] = {}
         self.tasks_seen = 0
         self.memory: dict[int, dict[str, torch.Tensor]] = {}
@@ -126,10 +126,42 @@ class SCoLeReplay(Plugin):
                 "replayed": [list(r) for r in self.replayed]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = {"occurrences", "tasks_seen", "memory", "replayed"} - set(state)
-        if missing:
-            raise ValueError(f"state: expected a SCoLeReplay.state_dict(), missing {sorted(missing)}")
-        self.occurrences = {int(c): int(n) for c, n in state["occurrences"].items()}
-        self.tasks_seen = int(state["tasks_seen"])
-        self.memory = {int(c): {k: v.clone() for k, v in m.items()} for c, m in state["memory"].items()}
-        self.replayed = [[int(c) for c in r] for r in state["replayed"]]
+        """Restore a :meth:`state_dict`, validated whole first (class counts at most
+        ``tasks_seen``, per-class memories of at most ``per_class`` labelled rows, one replay
+        list per task begun); a state that fails changes nothing."""
+        _checks.state_mapping("state", state, ("occurrences", "tasks_seen", "memory", "replayed"))
+        tasks_seen = _checks.state_int("state['tasks_seen']", state["tasks_seen"])
+        occ = {_class_id("state['occurrences']", c): _checks.state_int(f"state['occurrences'][{c!r}]", n,
+                                                                       high=tasks_seen)
+               for c, n in _checks.state_mapping("state['occurrences']", state["occurrences"]).items()}
+        memory = {}
+        for c, m in _checks.state_mapping("state['memory']", state["memory"]).items():
+            name = f"state['memory'][{c!r}]"
+            _checks.state_mapping(name, m, ("x", "y"))
+            y = _checks.tensor(f"{name}['y']", m["y"], dtype=torch.int64, ndim=1)
+            x = _checks.tensor(f"{name}['x']", m["x"])
+            if len(y) > self.per_class or x.dim() == 0 or x.shape[0] != len(y):
+                raise ValueError(f"{name}: expected x and y of one length <= per_class = {self.per_class}, got "
+                                 f"{_checks.describe(x)} and {_checks.describe(y)}")
+            _checks.finite(f"{name}['x']", x)
+            cid = _class_id("state['memory']", c)
+            if cid not in occ:
+                raise ValueError(f"{name}: a class in memory that state['occurrences'] never counted")
+            memory[cid] = {"x": x.clone(), "y": y.clone()}
+        replayed = state["replayed"]
+        if not isinstance(replayed, (list, tuple)) or len(replayed) not in (tasks_seen, tasks_seen + 1):
+            raise ValueError(f"state['replayed']: expected one list of classes per task begun "
+                             f"({tasks_seen} or {tasks_seen + 1})")
+        rows = []
+        for i, r in enumerate(replayed):
+            if not isinstance(r, (list, tuple)):
+                raise TypeError(f"state['replayed'][{i}]: expected a list of class ids, got {type(r).__name__}")
+            rows.append([_checks.state_int(f"state['replayed'][{i}]", c) for c in r])
+        self.occurrences, self.tasks_seen, self.memory, self.replayed = occ, tasks_seen, memory, rows
+
+
+def _class_id(name: str, c: Any) -> int:
+    """A class id saved as a dict key (a str of an int, as state_dict writes it, or an int)."""
+    if isinstance(c, str) and c.lstrip("-").isdigit():
+        c = int(c)
+    return _checks.state_int(f"{name}[{c!r}]", c)

@@ -72,6 +72,8 @@ class WA(Plugin):
         if align is not None and align not in ALIGN:
             raise ValueError(f"align: expected one of {ALIGN} or None, got {align!r}")
         self.align = align
+        if head is not None and not isinstance(head, str):
+            raise TypeError(f"head: expected a module name (str) or None, got {type(head).__name__}")
         self.head_name = head
         self.seen: list[int] = []     # classes of finished tasks (the "old" classes), in order
         self.mem_x: torch.Tensor | None = None
@@ -91,6 +93,12 @@ class WA(Plugin):
         if self._teacher_state is None:
             return None
         if self._teacher is None:
+            own = ctx.model.state_dict()
+            if set(self._teacher_state) != set(own):
+                raise ValueError(f"state['teacher']: expected the model's keys, got "
+                                 f"{sorted(set(self._teacher_state) ^ set(own))} differing")
+            for k, v in self._teacher_state.items():
+                _checks.tensor(f"state['teacher'][{k!r}]", v, dtype=own[k].dtype, shape=tuple(own[k].shape))
             self._teacher = copy.deepcopy(ctx.model)
             self._teacher.load_state_dict(self._teacher_state)
             self._teacher.eval()
@@ -201,12 +209,32 @@ class WA(Plugin):
                 "teacher": self._teacher_state if self._teacher_state is not None else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = {"seen", "mem_x", "mem_y", "gammas", "teacher"} - set(state)
-        if missing:
-            raise ValueError(f"state: expected a WA.state_dict(), missing {sorted(missing)}")
-        self.seen = [int(c) for c in state["seen"]]
-        self.mem_y = state["mem_y"].clone()
-        self.mem_x = state["mem_x"].clone() if len(self.mem_y) else None
-        self.gammas = [float(g) for g in state["gammas"]]
-        self._teacher_state = {k: v.clone() for k, v in state["teacher"].items()} or None
+        """Restore a :meth:`state_dict`, validated whole first (classes, a memory of at most
+        ``memory`` labelled rows, finite gammas and teacher tensors); the teacher is checked
+        against the model when first used. A state that fails changes nothing."""
+        _checks.state_mapping("state", state, ("seen", "mem_x", "mem_y", "gammas", "teacher"))
+        seen = state["seen"]
+        if not isinstance(seen, (list, tuple)):
+            raise TypeError(f"state['seen']: expected a list of class ids, got {type(seen).__name__}")
+        seen = [_checks.state_int(f"state['seen'][{i}]", c) for i, c in enumerate(seen)]
+        mem_y = _checks.tensor("state['mem_y']", state["mem_y"], dtype=torch.int64, ndim=1)
+        if len(mem_y) > self.memory:
+            raise ValueError(f"state['mem_y']: {len(mem_y)} exemplars, more than memory = {self.memory}")
+        mem_x = _checks.tensor("state['mem_x']", state["mem_x"])
+        if len(mem_y) and (mem_x.dim() == 0 or mem_x.shape[0] != len(mem_y)):
+            raise ValueError(f"state['mem_x']: expected {len(mem_y)} rows like state['mem_y'], got "
+                             f"{_checks.describe(mem_x)}")
+        _checks.finite("state['mem_x']", mem_x)
+        gammas = state["gammas"]
+        if not isinstance(gammas, (list, tuple)):
+            raise TypeError(f"state['gammas']: expected a list of numbers, got {type(gammas).__name__}")
+        gammas = [_checks.real(f"state['gammas'][{i}]", g) for i, g in enumerate(gammas)]
+        teacher = _checks.state_mapping("state['teacher']", state["teacher"])
+        for k, v in teacher.items():
+            _checks.tensor(f"state['teacher'][{k!r}]", v)
+            _checks.finite(f"state['teacher'][{k!r}]", v)
+        self.seen, self.gammas = seen, gammas
+        self.mem_y = mem_y.clone()
+        self.mem_x = mem_x.clone() if len(mem_y) else None
+        self._teacher_state = {k: v.clone() for k, v in teacher.items()} or None
         self._teacher = None

@@ -328,9 +328,7 @@ class ContinualEvaluation:
         if not isinstance(resample, bool):
             raise TypeError(f"resample: expected a bool, got {type(resample).__name__}")
         self.resample = resample
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
-        self.seed = int(seed)
+        self.seed = _checks.seed(seed)
         self.batch_size = _checks.positive_int("batch_size", batch_size)
         self.curves: dict[str, list] = {"step": [], "task": [], "acc": []}
 
@@ -377,8 +375,21 @@ class ContinualEvaluation:
         return {"curves": {k: [list(v) if isinstance(v, list) else v for v in vs] for k, vs in self.curves.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        c = state["curves"]
-        if not isinstance(c, Mapping) or set(c) != {"step", "task", "acc"}:
-            raise ValueError("state: expected {'curves': {'step', 'task', 'acc'}} from "
-                             "ContinualEvaluation.state_dict()")
-        self.curves = {k: [list(v) if isinstance(v, list) else v for v in vs] for k, vs in c.items()}
+        """Restore the curves, validated first (three lists of one length, non-negative steps
+        and task ids, rows of accuracies in [0, 1] or None); a state that fails changes nothing."""
+        _checks.state_mapping("state", state, ("curves",))
+        c = _checks.state_mapping("state['curves']", state["curves"], ("step", "task", "acc"))
+        if not all(isinstance(c[k], (list, tuple)) for k in ("step", "task", "acc")) or not (
+                len(c["step"]) == len(c["task"]) == len(c["acc"])):
+            raise ValueError("state['curves']: expected lists 'step', 'task' and 'acc' of one length")
+        for k in ("step", "task"):
+            for i, v in enumerate(c[k]):
+                _checks.state_int(f"state['curves'][{k!r}][{i}]", v)
+        for i, row in enumerate(c["acc"]):
+            if not isinstance(row, (list, tuple)):
+                raise TypeError(f"state['curves']['acc'][{i}]: expected a list, got {type(row).__name__}")
+            for a in row:
+                if a is not None:
+                    _checks.real(f"state['curves']['acc'][{i}]", a, low=0.0, high=1.0)
+        self.curves = {k: [list(v) if isinstance(v, (list, tuple)) else v for v in c[k]]
+                       for k in ("step", "task", "acc")}

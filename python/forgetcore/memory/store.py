@@ -8,6 +8,7 @@ weight of :class:`forgetcore.replay.PowerLawScheduler`).
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections import Counter
@@ -58,8 +59,10 @@ class MemoryStore:
         return sid
 
     def remove(self, session_id: int) -> None:
+        if isinstance(session_id, bool) or not isinstance(session_id, (int, np.integer)):
+            raise TypeError(f"session_id: expected an int, got {type(session_id).__name__}")
         if session_id not in self.ids:
-            raise KeyError(f"session_id: no session {session_id} in the store")
+            raise ValueError(f"session_id: no session {session_id} in the store")
         i = self.ids.index(session_id)
         for lst in (self.ids, self.texts, self.times):
             del lst[i]
@@ -86,10 +89,24 @@ class MemoryStore:
         return {"ids": list(self.ids), "texts": list(self.texts), "times": list(self.times), "next": self._next}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        ids, texts, times = list(state["ids"]), list(state["texts"]), [float(t) for t in state["times"]]
+        """Restore a :meth:`state_dict`, validated whole first (distinct increasing ids below
+        ``next``, non-empty texts, finite times, all of one length); a failure changes nothing."""
+        _checks.state_mapping("state", state, ("ids", "texts", "times", "next"))
+        for k in ("ids", "texts", "times"):
+            if not isinstance(state[k], (list, tuple)):
+                raise TypeError(f"state[{k!r}]: expected a list, got {type(state[k]).__name__}")
+        nxt = _checks.state_int("state['next']", state["next"])
+        ids = [_checks.state_int(f"state['ids'][{i}]", v, high=nxt - 1) for i, v in enumerate(state["ids"])]
+        if any(a >= b for a, b in itertools.pairwise(ids)):
+            raise ValueError("state['ids']: expected increasing session ids")
+        texts = list(state["texts"])
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip():
+                raise ValueError(f"state['texts'][{i}]: expected a non-empty string, got {t!r}")
+        times = [_checks.real(f"state['times'][{i}]", t) for i, t in enumerate(state["times"])]
         if not len(ids) == len(texts) == len(times):
             raise ValueError("state: ids, texts and times differ in length")
-        self.ids, self.texts, self.times, self._next = [int(i) for i in ids], texts, times, int(state["next"])
+        self.ids, self.texts, self.times, self._next = ids, texts, times, nxt
 
 
 class BM25:
