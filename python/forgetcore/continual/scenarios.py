@@ -63,11 +63,15 @@ class Scenario(Sequence[Task]):
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         self.tasks = tuple(tasks)
+        if not isinstance(name, str):
+            raise TypeError(f"name: expected a str, got {type(name).__name__}")
         self.name = name
         self.mode = mode
-        self.n_classes = int(n_classes)
-        self.input_shape = tuple(input_shape)
-        self.seed = int(seed)
+        self.n_classes = _checks.positive_int("n_classes", n_classes)
+        if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, (tuple, list, torch.Size)):
+            raise TypeError(f"input_shape: expected a tuple of ints, got {type(input_shape).__name__}")
+        self.input_shape = tuple(_checks.positive_int("input_shape", d) for d in input_shape)
+        self.seed = _checks.seed(seed)
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -90,8 +94,7 @@ def _check_common(dataset: str, n_tasks: int, seed: int, val_fraction: float,
     if not isinstance(dataset, str) or dataset not in datasets.NAMES:
         raise ValueError(f"dataset: expected one of {datasets.NAMES}, got {dataset!r}")
     n_tasks = _checks.positive_int("n_tasks", n_tasks)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    seed = _checks.seed(seed)
     val_fraction = _checks.real("val_fraction", val_fraction, low=0.0, high=1.0, high_open=True)
     test_fraction = _checks.real("test_fraction", test_fraction, low=0.0, high=1.0,
                                  low_open=True, high_open=True)

@@ -42,7 +42,7 @@ class Retrain:
         self.lr = _checks.real("lr", lr, low=0.0, low_open=True)
         self.batch_size = _checks.positive_int("batch_size", batch_size)
         self.weight_decay = _checks.real("weight_decay", weight_decay, low=0.0)
-        self.seed = int(seed)
+        self.seed = _checks.seed(seed)
         self.progress = progress
 
     def fit(self, model: nn.Module, data: UnlearnData) -> dict[str, Any]:
@@ -65,7 +65,7 @@ class RetainFinetune:
         self.epochs = _checks.positive_int("epochs", epochs)
         self.lr = _checks.real("lr", lr, low=0.0, low_open=True)
         self.batch_size = _checks.positive_int("batch_size", batch_size)
-        self.seed = int(seed)
+        self.seed = _checks.seed(seed)
         self.progress = progress
 
     def fit(self, model: nn.Module, data: UnlearnData) -> dict[str, Any]:
@@ -90,7 +90,7 @@ class GradientAscent:
         self.epochs = _checks.positive_int("epochs", epochs)
         self.lr = _checks.real("lr", lr, low=0.0, low_open=True)
         self.batch_size = _checks.positive_int("batch_size", batch_size)
-        self.seed = int(seed)
+        self.seed = _checks.seed(seed)
         self.progress = progress
 
     def fit(self, model: nn.Module, data: UnlearnData) -> dict[str, Any]:

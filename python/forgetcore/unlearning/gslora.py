@@ -120,7 +120,7 @@ class GSLoRA:
         if hinge not in ("sample", "batch"):
             raise ValueError(f"hinge: expected 'sample' or 'batch', got {hinge!r}")
         self.hinge = hinge
-        self.seed = int(seed)
+        self.seed = _checks.seed(seed)
         self.progress = progress
 
     # -- adapters -------------------------------------------------------------------------------

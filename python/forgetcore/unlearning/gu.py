@@ -132,7 +132,7 @@ class GU:
         self.eps = _checks.real("eps", eps, low=0.0, low_open=True)
         self.adam_eps = _checks.real("adam_eps", adam_eps, low=0.0, low_open=True)
         self.beta2 = _checks.real("beta2", beta2, low=0.0, high=1.0, high_open=True)
-        self.seed = int(seed)
+        self.seed = _checks.seed(seed)
         self.progress = progress
 
     def make_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:

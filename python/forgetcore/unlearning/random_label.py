@@ -56,8 +56,10 @@ class RandomLabelForgetting:
         self.batch_size = _checks.positive_int("batch_size", batch_size)
         self.max_epochs = _checks.positive_int("max_epochs", max_epochs)
         self.tol = _checks.real("tol", tol, low=0.0, high=1.0)
-        self.exclude_true = bool(exclude_true)
-        self.seed = int(seed)
+        if not isinstance(exclude_true, bool):
+            raise TypeError(f"exclude_true: expected a bool, got {type(exclude_true).__name__}")
+        self.exclude_true = exclude_true
+        self.seed = _checks.seed(seed)
         self.progress = progress
 
     def random_labels(self, y: torch.Tensor, options: Sequence[int]) -> torch.Tensor:

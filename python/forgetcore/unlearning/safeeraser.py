@@ -76,7 +76,7 @@ class SafeEraser:
         self.epochs = _checks.positive_int("epochs", epochs)
         self.lr = _checks.real("lr", lr, low=0.0, low_open=True)
         self.batch_size = _checks.positive_int("batch_size", batch_size)
-        self.seed = int(seed)
+        self.seed = _checks.seed(seed)
         self.progress = progress
         self.label = f"SafeEraser (PD {self.lambda_pd:g})" if self.lambda_pd > 0 else "PO (no PD)"
 
