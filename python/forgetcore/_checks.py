@@ -169,11 +169,12 @@ def state_mapping(name: str, state: Any, keys: Sequence[str] = ()) -> Any:
 
 
 def state_int(name: str, v: Any, *, low: int = 0, high: int | None = None) -> int:
-    """An int of a loaded state in ``[low, high]``: as strict as a constructor argument (no bool,
-    no float, nothing out of range)."""
+    """An int of a loaded state in ``[low, high]`` (``high`` defaults to 2**63 - 1): as strict as a
+    constructor argument (no bool, no float, nothing out of range)."""
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
         raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
-    if v < low or (high is not None and v > high):
-        rng = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name}: expected an int {'in ' if high is not None else ''}{rng}, got {v}")
+    if high is None:
+        high = 2**63 - 1  # counts, positions and ids of a state are int64 (tensors save them so)
+    if v < low or v > high:
+        raise ValueError(f"{name}: expected an int in [{low}, {high}], got {v}")
     return int(v)

@@ -28,6 +28,7 @@ independent buffer per rank instead, seed each with ``seed + rank``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -545,7 +546,18 @@ class ClassBalancedReservoir(_Buffer):
             if key not in classes:
                 raise ValueError(f"{name}: missing from the state dict")
             parts[key] = _checks.tensor(name, classes[key], dtype=dtype, ndim=1).tolist()
-        length = len(parts["slots"])
+        n_cls = len(parts["labels"])
+        for key in ("n_seen", "full"):
+            if len(parts[key]) != n_cls:
+                raise ValueError(f"state_dict['classes'][{key!r}]: expected one entry per class ({n_cls}), "
+                                 f"got {len(parts[key])}")
+        offsets, length = parts["offsets"], len(parts["slots"])
+        if (len(offsets) != n_cls + 1 or offsets[0] != 0 or offsets[-1] != length
+                or any(a > b for a, b in itertools.pairwise(offsets))):
+            raise ValueError(f"state_dict['classes']['offsets']: expected {n_cls + 1} non-decreasing offsets "
+                             f"from 0 to {length} (the slots' length)")
+        if len(set(parts["labels"])) != n_cls:
+            raise ValueError("state_dict['classes']['labels']: expected distinct class labels")
         if length != min(seen, self._capacity):
             raise ValueError(f"state_dict['classes']['slots']: expected min(seen, capacity) = "
                              f"{min(seen, self._capacity)} stored items, got {length}")

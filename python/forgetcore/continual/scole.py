@@ -148,6 +148,9 @@ class SCoLeReplay(Plugin):
             if cid not in occ:
                 raise ValueError(f"{name}: a class in memory that state['occurrences'] never counted")
             memory[cid] = {"x": x.clone(), "y": y.clone()}
+        if set(memory) != set(occ):  # after_task stores every class it counts
+            raise ValueError(f"state['memory']: expected one memory per counted class {sorted(occ)}, "
+                             f"got {sorted(memory)}")
         replayed = state["replayed"]
         if not isinstance(replayed, (list, tuple)) or len(replayed) not in (tasks_seen, tasks_seen + 1):
             raise ValueError(f"state['replayed']: expected one list of classes per task begun "

@@ -57,6 +57,8 @@ class UER(ER):
         if inference not in INFERENCE:
             raise ValueError(f"inference: expected one of {INFERENCE}, got {inference!r}")
         self.inference = inference
+        if head is not None and not isinstance(head, str):
+            raise TypeError(f"head: expected a module name (str) or None, got {type(head).__name__}")
         self.head_name = head
         super().__init__(capacity, batch_size=batch_size, seed=seed, device=device, buffer=buffer)
         self._tap: FeatureTap | None = None

@@ -221,7 +221,7 @@ class WA(Plugin):
         if len(mem_y) > self.memory:
             raise ValueError(f"state['mem_y']: {len(mem_y)} exemplars, more than memory = {self.memory}")
         mem_x = _checks.tensor("state['mem_x']", state["mem_x"])
-        if len(mem_y) and (mem_x.dim() == 0 or mem_x.shape[0] != len(mem_y)):
+        if mem_x.dim() == 0 or mem_x.shape[0] != len(mem_y):
             raise ValueError(f"state['mem_x']: expected {len(mem_y)} rows like state['mem_y'], got "
                              f"{_checks.describe(mem_x)}")
         _checks.finite("state['mem_x']", mem_x)
