@@ -387,3 +387,19 @@ def test_load_state_dict_tensor_shapes_drawn(case, extra, drop):
         v = torch.cat([t, torch.zeros((extra, *t.shape[1:]), dtype=t.dtype)])
     expect_clean_error(lambda: target.load_state_dict(_set(good, path, v)), arg=_name(path),
                        state=[target.state_dict])
+
+
+def test_issue_named_regressions():
+    """The cases issue 11 names, each explicitly (they were a KeyError, a ValueError from int(),
+    a silent truncation, and accepted corrupt counters)."""
+    er = make_er()
+    expect_clean_error(lambda: er.load_state_dict({}), arg="buffer", exc=(ValueError,), state=[er.state_dict])
+    expect_clean_error(lambda: GPM(seed="a"), arg="seed", exc=(TypeError,))
+    expect_clean_error(lambda: GPM(seed=1.5), arg="seed", exc=(TypeError,))
+    g = make_gpm()
+    for bad, exc in ((-3, ValueError), (1.7, TypeError)):
+        st_bad = {**g.state_dict(), "tasks_done": bad}
+        expect_clean_error(lambda s=st_bad: g.load_state_dict(s), arg="tasks_done", exc=(exc,), state=[g.state_dict])
+    not_orthonormal = {"subspace": {"bases": {"1": torch.ones(8, 2)}}, "tasks_done": 1}
+    expect_clean_error(lambda: g.load_state_dict(not_orthonormal), arg="bases", exc=(ValueError,),
+                       state=[g.state_dict])

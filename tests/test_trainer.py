@@ -572,3 +572,12 @@ def test_trainer_constructor_names_bad_arguments():
     expect_clean_error(lambda: trainer(m, seed=1.5), arg="seed", exc=(TypeError,))
     expect_clean_error(lambda: trainer(m, seed=-1), arg="seed", exc=(ValueError,))
     expect_clean_error(lambda: trainer(m, progress="no"), arg="progress", exc=(TypeError,))
+
+
+def test_resume_past_the_epochs_last_batch_is_refused(paused, split5):
+    """A progress whose batch lies past the epoch's batches skipped the rest of the epoch silently;
+    the number of batches is known only once the scenario is, so fit refuses it."""
+    tr = _fresh()
+    tr.load_state_dict(_corrupt(paused, ("progress", "batch"), 10**6))
+    with pytest.raises(ValueError, match=r"^state\['progress'\]\['batch'\]"):
+        tr.fit(first(split5, 2))

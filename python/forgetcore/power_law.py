@@ -182,7 +182,12 @@ class PowerLawScheduler:
     def sample_indices(self, counts: Sequence[int], sizes: Sequence[int]) -> list[torch.Tensor]:
         """Which examples to rehearse: for task ``i``, ``counts[i]`` indices into its
         ``sizes[i]`` examples, drawn without replacement (while ``counts[i] > sizes[i]``, each
-        whole pass is a fresh permutation, so every example appears ``q`` or ``q + 1`` times)."""
+        whole pass is a fresh permutation, so every example appears ``q`` or ``q + 1`` times).
+
+        Sizes are checked before anything is drawn or allocated: the result and the draw's work
+        array must fit in the host's physical memory (a ``ValueError`` naming ``counts[i]`` or
+        ``sizes[i]`` and the bytes), and a task may take at most 2**20 whole passes per call (a
+        loop of that many draws takes about a second)."""
         for name, v in (("counts", counts), ("sizes", sizes)):
             if isinstance(v, (str, bytes)) or not isinstance(v, (Sequence, np.ndarray, torch.Tensor)):
                 raise TypeError(f"{name}: expected a list of ints, got {type(v).__name__}")

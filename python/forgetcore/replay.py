@@ -391,7 +391,11 @@ class ReservoirBuffer(_Buffer):
     the buffer and identical on every rank and machine.
 
     Args:
-        capacity: how many items the buffer holds (>= 1).
+        capacity: how many items the buffer holds (>= 1). Sizes are checked before anything is
+            allocated, against the host's physical memory (the device's total memory for CUDA
+            storage): at construction, one byte per slot at least (CBRS: 17, its class tables);
+            at the first ``add`` (and a load), ``capacity`` rows of every field. A capacity
+            that cannot fit is a ``ValueError`` naming ``capacity`` and the bytes it would need.
         seed: seeds the buffer's xoshiro256++ stream (slot decisions and ``sample``).
         device: where storage lives; default: the device of the first batch. Later batches
             must be on it (no hidden transfers).

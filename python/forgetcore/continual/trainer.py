@@ -467,6 +467,9 @@ class Trainer:
             for epoch in range(p["epoch"], self.epochs):
                 ctx.epoch = p["epoch"] = epoch
                 batches = self._batches(task, epoch, n)
+                if p["batch"] > len(batches):  # only a resumed epoch starts past 0
+                    raise ValueError(f"state['progress']['batch']: the run was paused after batch {p['batch']} "
+                                     f"of task {t}, epoch {epoch}, which has {len(batches)} batches")
                 bar.total += len(batches) - p["batch"]
                 for b in range(p["batch"], len(batches)):
                     self._step(scenario, data, batches[b])
