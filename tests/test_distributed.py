@@ -365,8 +365,14 @@ def test_trainer_resumes_from_a_checkpoint_saved_once(ranks):
 
 def test_resume_on_another_world_size_is_refused():
     plugin = distributed.ShardBatches()
-    with pytest.raises(ValueError, match="^world_size: the checkpoint was written by 2 ranks"):
-        plugin.load_state_dict({"world_size": 2})
+    with pytest.raises(ValueError, match="^world_size: the checkpoint was written by 2 ranks inside a task"):
+        plugin.load_state_dict({"world_size": 2})  # no in_task: assumed inside a task
+    with pytest.raises(ValueError, match="^world_size"):
+        plugin.load_state_dict({"world_size": 2, "in_task": True})
+    with pytest.raises(TypeError, match=r"^state\['in_task'\]"):
+        plugin.load_state_dict({"world_size": 2, "in_task": 1})
+    plugin.load_state_dict({"world_size": 2, "in_task": False})  # a task boundary: any world size
+    assert plugin.state_dict() == {"world_size": 1, "in_task": False}
 
 
 def test_replicated_reservoir_equals_one_process_on_the_global_stream(ranks):
