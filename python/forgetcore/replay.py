@@ -218,7 +218,7 @@ class _Buffer:
                 raise ValueError(f"{name}: expected {n} rows like {first!r}, got {_checks.describe(t)}")
         return n, list(fields.values())
 
-    def _storage_bytes(self, rows: Mapping[str, torch.Tensor], device: torch.device) -> None:
+    def _storage_bytes(self, rows: Mapping[str, torch.Tensor], device: torch.device | None) -> None:
         """Refuse storage that cannot fit: ``capacity`` rows of every field, before allocating."""
         row = sum(math.prod(t.shape[1:]) * t.element_size() for t in rows.values())
         _checks.fits("capacity", self._capacity * (row + self._SLOT_BYTES), device,
