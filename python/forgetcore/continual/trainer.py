@@ -660,12 +660,14 @@ class Trainer:
         for k in own:
             if k not in st:
                 raise ValueError(f"state['model'][{k!r}]: missing from the state dict")
+        params = {k for k, _ in self.model.named_parameters()}
         for k, v in st.items():
             name = f"state['model'][{k!r}]"
             if k not in own:
                 raise ValueError(f"{name}: not an entry of this model's state_dict")
             _checks.tensor(name, v, dtype=own[k].dtype, shape=tuple(own[k].shape))
-            _checks.finite(name, v)
+            if k in params:  # buffers may hold inf by design (e.g. an attention mask)
+                _checks.finite(name, v)
         return dict(st)
 
     def _check_optim_state(self, st: Any, in_task: bool) -> dict | None:
