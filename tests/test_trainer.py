@@ -581,3 +581,15 @@ def test_resume_past_the_epochs_last_batch_is_refused(paused, split5):
     tr.load_state_dict(_corrupt(paused, ("progress", "batch"), 10**6))
     with pytest.raises(ValueError, match=r"^state\['progress'\]\['batch'\]"):
         tr.fit(first(split5, 2))
+
+
+def test_a_buffer_holding_inf_by_design_still_loads():
+    """Finiteness is required of parameters only: a mask buffer of -inf is a legitimate state."""
+    m = mlp()
+    m.register_buffer("mask", torch.tensor([0.0, -math.inf]))
+    a = trainer(m)
+    b_model = mlp(seed=3)
+    b_model.register_buffer("mask", torch.zeros(2))
+    b = trainer(b_model)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(b_model.mask, m.mask)
