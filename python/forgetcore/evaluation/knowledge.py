@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import lm
+from .. import _checks, lm
 
 MODES = ("once", "duplicate", "paraphrase")
 
@@ -141,7 +141,7 @@ def replace_in_batch(batch: list[str], texts: Sequence[str], *, seed: int) -> li
     if len(texts) > len(batch):
         raise ValueError(f"texts: {len(texts)} injections do not fit in a batch of {len(batch)}; "
                          f"raise batch_size or spread the injections over more steps")
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator().manual_seed(_checks.seed(seed))
     pos = torch.randperm(len(batch), generator=g)[: len(texts)].tolist()
     out = list(batch)
     for p, t in zip(pos, texts):
@@ -170,7 +170,7 @@ def run_injection(model: Any, tokenizer: Any, background: Sequence[str], schedul
         raise ValueError(f"schedule: injection steps must lie in [0, {steps}), got {sorted(bad)}")
     enc = encode_probes(tokenizer, probes)
     dev = next(model.parameters()).device
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator().manual_seed(_checks.seed(seed))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     v = [span_losses(model, tokenizer, encoded=enc, batch_size=probe_batch_size)]
     for s in tqdm(range(steps), desc="inject", disable=not progress, leave=False):

@@ -57,7 +57,7 @@ def subset_masks(n: int, n_runs: int, ratio: float = 0.7, seed: int = 0) -> torc
 
 
 def _run_seed(seed: int, run: int) -> int:
-    return (int(seed) * 1_000_003 + int(run)) % (2**63 - 1)
+    return (_checks.seed(seed) * 1_000_003 + int(run)) % (2**63 - 1)
 
 
 def estimate(masks: torch.Tensor, train_correct: torch.Tensor,
@@ -167,7 +167,7 @@ def memorization(x: torch.Tensor, y: torch.Tensor, model: Any, *, x_test: torch.
     job = {"kind": kind, "model": model, "x": x.cpu(), "y": y.cpu().long(),
            "x_test": None if x_test is None else x_test.cpu(),
            "y_test": None if y_test is None else y_test.cpu().long(),
-           "seed": int(seed), "recipe": {"epochs": 10, "lr": 1e-3, "batch_size": 64, **(recipe or {})}}
+           "seed": _checks.seed(seed), "recipe": {"epochs": 10, "lr": 1e-3, "batch_size": 64, **(recipe or {})}}
     chunks = [list(range(s, min(s + chunk_runs, n_runs))) for s in range(0, n_runs, chunk_runs)]
     args = [(job, c, masks[c[0]:c[-1] + 1]) for c in chunks]
     train_c = torch.zeros(n_runs, len(x), dtype=torch.bool)
@@ -218,7 +218,7 @@ def noisy_labels(y: torch.Tensor, fraction: float, seed: int,
     """Copy of ``y`` with a seeded ``fraction`` relabelled to a different class; returns ``(y_noisy, flipped mask)``."""
     fraction = _checks.real("fraction", fraction, low=0.0, high=1.0, high_open=True)
     k = int(n_classes or int(y.max()) + 1)
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator().manual_seed(_checks.seed(seed))
     idx = torch.randperm(len(y), generator=g)[: round(fraction * len(y))]
     yn = y.clone()
     yn[idx] = (y[idx] + torch.randint(1, k, (len(idx),), generator=g)) % k

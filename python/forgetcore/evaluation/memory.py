@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import lm
+from .. import _checks, lm
 
 CONDITIONS = ("natural", "paraphrase", "synonym", "random", "random_vs_natural", "gibberish")
 
@@ -202,7 +202,7 @@ def study(model: Any, tokenizer: Any, texts: Sequence[str], *, epochs: int = 1, 
     dev = _device(model)
     ids, mask = lm.encode(tokenizer, texts)
     labels = ids.masked_fill(mask == 0, -100)
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator().manual_seed(_checks.seed(seed))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     model.train()
     steps = 0
@@ -248,7 +248,7 @@ def retention(model: Any, tokenizer: Any, seen: Sequence[str], foils: Sequence[s
     dev = _device(model)
     ids, mask = lm.encode(tokenizer, other)
     labels = ids.masked_fill(mask == 0, -100)
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator().manual_seed(_checks.seed(seed))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     res: dict[str, list[float]] = {"step": [], "recognition": [], "recall": [], "loss": []}
 

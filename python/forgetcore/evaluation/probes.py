@@ -92,7 +92,7 @@ def linear_probe(model: nn.Module, train: Dataset, test: Dataset, *, layer: nn.M
     if len(torch.unique(ytr)) < 2:
         raise ValueError("train: expected at least two classes to fit a probe")
     scaler = StandardScaler().fit(ftr.numpy())
-    clf = LogisticRegression(C=C, max_iter=max_iter, random_state=int(seed))
+    clf = LogisticRegression(C=C, max_iter=max_iter, random_state=_checks.seed(seed))
     clf.fit(scaler.transform(ftr.numpy()), ytr.numpy())
     return {"probe_train_acc": float(clf.score(scaler.transform(ftr.numpy()), ytr.numpy())),
             "probe_test_acc": float(clf.score(scaler.transform(fte.numpy()), yte.numpy()))}
@@ -128,9 +128,9 @@ def two_task(name: str = "digits", seed: int = 0, fraction: float = 0.2) -> dict
     """
     fraction = _checks.real("fraction", fraction, low=0.0, high=1.0, low_open=True, high_open=True)
     x, y = datasets.load(name)
-    tr, va, te = datasets.stratified_split(y, (0.6, 0.2, 0.2), int(seed))
+    tr, va, te = datasets.stratified_split(y, (0.6, 0.2, 0.2), _checks.seed(seed))
     a_tr, b_tr = tr[y[tr] < 5], tr[y[tr] >= 5]
-    perm = a_tr[torch.randperm(len(a_tr), generator=torch.Generator().manual_seed(int(seed)))]
+    perm = a_tr[torch.randperm(len(a_tr), generator=torch.Generator().manual_seed(_checks.seed(seed)))]
     k = max(1, round(fraction * len(perm)))
     data = UnlearnData(forget=datasets.subset(x, y, perm[:k]),
                        retain=datasets.subset(x, y, torch.cat([perm[k:], b_tr])), test=datasets.subset(x, y, te))

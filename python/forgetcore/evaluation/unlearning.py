@@ -89,7 +89,7 @@ def random_subset(name: str = "digits", fraction: float = 0.1, seed: int = 0) ->
     """
     fraction = _checks.real("fraction", fraction, low=0.0, high=1.0, low_open=True, high_open=True)
     x, y, (tr, va, te) = _splits(name, seed)
-    perm = tr[torch.randperm(len(tr), generator=torch.Generator().manual_seed(int(seed) + 1))]
+    perm = tr[torch.randperm(len(tr), generator=torch.Generator().manual_seed(_checks.seed(seed) + 1))]
     k = max(1, round(fraction * len(tr)))
     f_tr, r_tr = torch.sort(perm[:k]).values, torch.sort(perm[k:]).values
     return UnlearnData(forget=datasets.subset(x, y, f_tr), retain=datasets.subset(x, y, r_tr),
@@ -101,7 +101,7 @@ def make_model(arch: str = "mlp", in_shape: Sequence[int] = (1, 8, 8), n_classes
     ``"cnn"`` (two conv layers; input ``(c, h, w)``)."""
     shape = tuple(int(s) for s in in_shape)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
+        torch.manual_seed(_checks.seed(seed))
         if arch == "mlp":
             return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), 128), nn.ReLU(), nn.Linear(128, 128),
                                  nn.ReLU(), nn.Linear(128, n_classes))
@@ -348,7 +348,7 @@ def two_factor(name: str = "digits", harmful_class: int = 3, seed: int = 0, q_sc
     ``utility_test`` (every test image with the benign question).
     """
     x, y = datasets.load(name)
-    tr, te = datasets.stratified_split(y, (0.7, 0.3), int(seed))
+    tr, te = datasets.stratified_split(y, (0.7, 0.3), _checks.seed(seed))
     flat = x.reshape(len(x), -1)
 
     def prompts(idx: torch.Tensor, harmful_q: bool) -> torch.Tensor:
@@ -402,8 +402,8 @@ def biased(name: str = "digits", forget_class: int = 3, seed: int = 0, conflicti
     """
     conflicting = _checks.real("conflicting", conflicting, low=0.0, high=1.0, low_open=True, high_open=True)
     x, y = datasets.load(name)
-    tr, te = datasets.stratified_split(y, (0.7, 0.3), int(seed))
-    g = torch.Generator().manual_seed(int(seed) + 17)
+    tr, te = datasets.stratified_split(y, (0.7, 0.3), _checks.seed(seed))
+    g = torch.Generator().manual_seed(_checks.seed(seed) + 17)
     k = int(y.max()) + 1
 
     def with_code(idx: torch.Tensor, p_conf: float) -> tuple[torch.Tensor, torch.Tensor]:

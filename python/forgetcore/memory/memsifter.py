@@ -298,7 +298,7 @@ def train_ranker(ranker: ProxyRanker, data: Sequence[Prepared], *, steps: int = 
     if not data:
         raise ValueError("data: expected prepared questions, got none")
     reader = ExtractiveReader()
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator().manual_seed(_checks.seed(seed))
     opt = torch.optim.Adam(ranker.parameters(), lr=lr)
     history = []
     for _ in tqdm(range(steps), desc="proxy ranker", disable=not progress, leave=False):

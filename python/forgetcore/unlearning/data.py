@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
+from .. import _checks
+
 #: The recipe of the harness's original models (Adam, cross-entropy, shuffled mini-batches);
 #: ``Retrain`` reuses it so that its model is the one training would have produced without the
 #: forget set.
@@ -98,7 +100,7 @@ class UnlearnData:
         if order not in ORDERS:
             raise ValueError(f"order: expected one of {ORDERS}, got {order!r}")
         nr, nf = len(self.retain), len(self.forget)  # type: ignore[arg-type]
-        g = torch.Generator().manual_seed(int(seed))
+        g = torch.Generator().manual_seed(_checks.seed(seed))
         if order == "shuffled":
             perm = torch.randperm(nr + nf, generator=g)
         else:
