@@ -182,3 +182,20 @@ def test_deployment_on_localhost_matches_in_process_fot(tmp_path):
     assert torch.tensor(got["R"]).sub(torch.tensor(out["R"])).abs().max() <= 1e-6
     for n in f.subspace.names():
         assert got["bases"][n].shape == f.subspace[n].shape
+
+
+@pytest.mark.slow_ci
+def test_deployment_node_that_fails_mid_round_leaves_the_round_to_the_other(tmp_path):
+    """Node 1's ClientApp raises in task 1 (server round 2): Flower's runtime turns that into an
+    error reply, the round completes with node 0, and the model and bases equal the in-process
+    strategy's with the same failure."""
+    rc = {**RC, "rounds": 1, "timeout": 120.0, "drop": "1:0:1"}
+    got = flower.deploy_local(rc, n_nodes=2, workdir=tmp_path, timeout=400)
+    torch.set_num_threads(1)
+    strategy, weights = run_strategy(InProcessGrid(2, rc, fail={(2, 1)}), rc)
+    assert got["clients_per_round"] == strategy.clients_per_round == [2, 1]
+    for k, v in weights.items():
+        assert (v - got["model"][k]).abs().max() <= 1e-6, k
+    for n in strategy.subspace.names():
+        assert (got["bases"][n] - strategy.subspace[n]).abs().max() <= 1e-6
+        subspace.check_orthonormal(n, got["bases"][n])

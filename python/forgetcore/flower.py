@@ -1,7 +1,9 @@
 """FOT on Flower: a ``ServerApp`` whose strategy runs FOT's server step, ``ClientApp`` clients.
 
 Bakman et al., "Federated Orthogonal Training", ICLR 2024 (see :mod:`forgetcore.continual.fot`).
-Needs the optional extra ``pip install forgetcore[fl]`` (Flower's Message API, ``flwr>=1.22``).
+Needs the optional extra ``pip install forgetcore[fl]``: the apps use Flower's Message API (1.21 on);
+:func:`deploy_local` starts the SuperLink and SuperNodes with the command lines of Flower 1.42
+(one HTTP port for the Fleet and Control APIs, ``--disable-runtime-dependency-installation``).
 
 - :class:`FOTStrategy` is a Flower ``Strategy``: each server round sends the global weights (and,
   at a task's last round, the layers' bases) to every node; :meth:`FOTStrategy.aggregate_train`
