@@ -50,10 +50,11 @@ class InProcessGrid(Grid):
     """Nodes 0..n-1 in this process: each message goes to ``flower.client_app`` with the node's
     config (``partition-id``, ``num-partitions``). ``fail``: (server round, node) pairs whose
     ClientApp raises and sends an error reply (what Flower's runtime does); ``silent``: pairs
-    that never answer (a node gone mid-round; the round's timeout ends the wait)."""
+    that never answer (a node gone mid-round; the round's timeout ends the wait); ``corrupt``:
+    pairs whose reply carries NaN weights (a diverged or broken node)."""
 
-    def __init__(self, n, run_config, fail=(), silent=()):
-        self.n, self.rc, self.fail, self.silent = n, run_config, set(fail), set(silent)
+    def __init__(self, n, run_config, fail=(), silent=(), corrupt=()):
+        self.n, self.rc, self.fail, self.silent, self.corrupt = n, run_config, set(fail), set(silent), set(corrupt)
         self.server_round = 0
         self._run = None
 
@@ -93,7 +94,11 @@ class InProcessGrid(Grid):
             if (self.server_round, node) in self.fail:
                 replies.append(Message(Error(code=1, reason="the ClientApp raised"), reply_to=m))
                 continue
-            replies.append(flower.client_app(m, ctx))
+            reply = flower.client_app(m, ctx)
+            if (self.server_round, node) in self.corrupt:
+                w = reply.content["arrays"].to_torch_state_dict()
+                reply.content["arrays"] = ArrayRecord(torch_state_dict={k: v * float("nan") for k, v in w.items()})
+            replies.append(reply)
         return replies
 
 
@@ -124,14 +129,16 @@ def test_strategy_and_client_app_equal_in_process_fot():
     assert strategy.clients_per_round == [2, 2, 2, 2]
 
 
-@pytest.mark.parametrize("how", ["error", "silent"])
+@pytest.mark.parametrize("how", ["error", "silent", "nan"])
 def test_a_node_lost_mid_round_leaves_the_round_to_the_others(how):
-    """Node 1 is lost in the sketch round of task 0 (server round 2): that round averages node 0
+    """Node 1 is lost (fails, never answers, or sends NaN weights) in the sketch round of task 0
+    (server round 2): that round averages node 0
     alone and the bases grow from node 0's sketches only: orthonormal, and equal to what FOT's
     own aggregate makes of node 0's update."""
     torch.set_num_threads(1)
     lost = {(2, 1)}
-    grid = InProcessGrid(2, RC, fail=lost if how == "error" else (), silent=lost if how == "silent" else ())
+    grid = InProcessGrid(2, RC, fail=lost if how == "error" else (), silent=lost if how == "silent" else (),
+                         corrupt=lost if how == "nan" else ())
     strategy, weights = run_strategy(grid)
     assert strategy.clients_per_round == [2, 1, 2, 2]
     assert all(torch.isfinite(v).all() for v in weights.values())

@@ -198,3 +198,20 @@ def test_fot_state_round_trip_weights_only():
     assert torch.equal(g.subspace["1"], f.subspace["1"]) and g.subspace.names() == ["1"]
     assert g.projector.subspace is g.subspace  # the projector still sees the loaded bases
     assert not math.isnan(float(g.subspace["1"].sum()))
+
+
+def test_fot_diverging_clients_name_the_model():
+    """Finite data, an absurd lr: the non-finite weights come from the model's training, so the
+    error names ``model`` (before the server averages them into the global model)."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 8, generator=g), torch.randint(0, 3, (40,), generator=g)
+    task = SimpleNamespace(train=TensorDataset(x, y), test=TensorDataset(x, y))
+    f = FOT(mlp(), n_clients=2, rounds=1, lr=1e30, progress=False)
+    before = f.state_dict()
+    with pytest.raises(ValueError, match="^model: client [01].s local training in task 0, round 0 made weights"):
+        f.fit([task])
+    assert all(torch.equal(v, f.model.state_dict()[k]) for k, v in before["model"].items())

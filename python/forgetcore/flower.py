@@ -143,9 +143,14 @@ class FOTStrategy(Strategy):
             c = msg.content
             meta = c["metrics"]
             sketches = c["sketches"].to_torch_state_dict() if "sketches" in c else {}
-            updates.append((int(meta["client"]), {
-                "weights": c["arrays"].to_torch_state_dict(), "n": int(meta["n"]), "sketches": sketches,
-                "ratios": {n: float(meta[f"ratio.{n}"]) for n in sketches}}))
+            update = {"weights": c["arrays"].to_torch_state_dict(), "n": int(meta["n"]), "sketches": sketches,
+                      "ratios": {n: float(meta[f"ratio.{n}"]) for n in sketches}}
+            bad = fot.nonfinite(update)
+            if bad is not None:  # a diverged or broken node: left out like a failed one
+                log.warning("FOT round %d: node %d sent non-finite %s; left out", server_round,
+                            msg.metadata.src_node_id, bad)
+                continue
+            updates.append((int(meta["client"]), update))
         updates.sort(key=lambda cu: cu[0])
         self.clients_per_round.append(len(updates))
         if not updates:  # nobody answered: the global model stays, the task's sketch is lost

@@ -61,7 +61,7 @@ from ..subspace import GradientProjector, Subspace
 log = logging.getLogger(__name__)
 
 __all__ = ["FOT", "server_step", "client_sketch", "expand_bases", "split_clients", "client_generator",
-           "local_train", "client_update", "aggregate"]
+           "local_train", "client_update", "nonfinite", "aggregate"]
 
 
 def _float_tensor(name: str, t: Any, ndim: int | None = None) -> torch.Tensor:
@@ -248,20 +248,31 @@ def client_update(projector: GradientProjector, state: Mapping[str, torch.Tensor
     return {"weights": weights, "n": len(y), "sketches": sketches, "ratios": ratios}
 
 
+def nonfinite(update: Mapping[str, Any]) -> str | None:
+    """The name of the first non-finite tensor of a client update (weights, then sketches), else None."""
+    for group in ("weights", "sketches"):
+        for k, v in update[group].items():
+            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                return f"{group}[{k!r}]"
+    return None
+
+
 def aggregate(global_state: Mapping[str, torch.Tensor], updates: Sequence[Mapping[str, Any]],
-              bases: Mapping[str, torch.Tensor], *, weighted: bool,
+              bases: Mapping[str, torch.Tensor], *, weighted: bool, validated: bool = False,
               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float]]:
     """The server's round over the clients that answered (in client order): the new global
     weights (:func:`server_step`), the summed sketches and the sample-weighted mean norm ratios.
 
     Fractions and ratio weights are renormalised over ``updates``, so a round that lost a client
-    is the round of the others.
+    is the round of the others. ``validated=True`` skips :func:`server_step`'s checks of the
+    weights (for updates already checked with :func:`nonfinite`).
     """
     if not updates:
         raise ValueError("updates: expected at least one client update")
     sizes = np.array([u["n"] for u in updates], dtype=np.float64)
     fractions = (sizes / sizes.sum()).tolist() if weighted and sizes.sum() > 0 else None
-    new = server_step(global_state, [u["weights"] for u in updates], bases, client_fractions=fractions)
+    new = server_step(global_state, [u["weights"] for u in updates], bases, client_fractions=fractions,
+                      validated=validated)
     sums: dict[str, torch.Tensor] = {}
     ratios: dict[str, float] = {}
     total = sizes.sum()
@@ -346,8 +357,18 @@ class FOT:
         """Train on every task of ``scenario`` (items with ``.train`` and ``.test`` TensorDatasets).
 
         Returns ``{"R": accuracy matrix (list of rows), "ranks": per-task subspace ranks,
-        "ratios": per-task mean norm ratios}``.
+        "ratios": per-task mean norm ratios}``. A fit that raises (e.g. a client whose training
+        diverged) restores the model and the bases it started from.
         """
+        start = self.state_dict()
+        try:
+            return self._fit(scenario)
+        except BaseException:
+            self.model.load_state_dict(start["model"])
+            self.subspace.load_state_dict(start["subspace"])
+            raise
+
+    def _fit(self, scenario: Sequence[Any]) -> dict[str, Any]:
         rows, ranks, ratio_log = [], [], []
         n_tasks = len(scenario)
         bar = tqdm(total=n_tasks * self.rounds, desc="FOT" if self.orthogonal else "FedAvg",
@@ -366,8 +387,14 @@ class FOT:
                                          client_generator(self.seed, t, rnd, c), bases=layer_bases,
                                          sketch=sketch, **hp)
                         for c in range(self.rank, self.n_clients, self.world)}
-                new, sums, ratios = aggregate(global_state, self._gather(mine), self.param_bases(),
-                                              weighted=self.weighted)
+                updates = self._gather(mine)
+                for c, u in enumerate(updates):  # on every rank alike, so no rank is left waiting
+                    bad = nonfinite(u)
+                    if bad is not None:
+                        raise ValueError(f"model: client {c}'s local training in task {t}, round {rnd} made "
+                                         f"{bad} non-finite (lr={self.lr} too large?)")
+                new, sums, ratios = aggregate(global_state, updates, self.param_bases(),
+                                              weighted=self.weighted, validated=True)
                 self.model.load_state_dict(new)
                 bar.update(1)
             if self.orthogonal:
