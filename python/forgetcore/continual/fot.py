@@ -242,7 +242,8 @@ def client_update(projector: GradientProjector, state: Mapping[str, torch.Tensor
                           batch_size=batch_size, local_epochs=local_epochs)
     sketches: dict[str, torch.Tensor] = {}
     ratios: dict[str, float] = {}
-    if sketch and len(y):
+    diverged = any(v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in weights.values())
+    if sketch and len(y) and not diverged:  # a diverged client is reported by the server (nonfinite)
         for n, a in projector.representations(x).items():  # the client's own trained model
             sketches[n], ratios[n] = client_sketch(a, (bases or {}).get(n), generator)
     return {"weights": weights, "n": len(y), "sketches": sketches, "ratios": ratios}
