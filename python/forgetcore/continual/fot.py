@@ -30,7 +30,7 @@ functions in the three engines: :class:`FOT` in one process, :class:`FOT` under
 updates are all-gathered in client order, every rank runs the same server step) and the Flower
 apps of :mod:`forgetcore.flower`. Each client draws its batch order and its sketch from its own
 generator, seeded by (seed, task, round, client) (:func:`client_generator`), so the three give
-the same result (ours: the official code shares one global random stream across clients).
+the same result (this seeding is ours: it is what makes the three engines agree).
 
 Departures from the official code: client weights are averaged by sample count when
 ``weighted=True`` (the code uses 1/#clients, our default); Conv2d activations are unfolded with
