@@ -11,11 +11,17 @@ throughput_1)``. Rows:
 - ``ssd``: ``SSD(alpha=10, fisher="empirical").fit`` forgetting class 3 (two Fishers, one
   dampening per rank).
 
+A second table times the memorisation estimator's process pool
+(``forgetcore.evaluation.memorization.memorization(workers=W)``, Feldman & Zhang subsampling runs
+of a small MLP on sklearn's digits) on 1 and 2 worker processes in the same invocation, and checks
+that the scores are bit-identical whatever the worker count.
+
 Efficiency cannot exceed ``cores / W`` on a machine with fewer cores than processes, and on a
 shared machine it measures the load as much as the code: the script prints the core count.
 
     PYTHONPATH=python python benches/bench_distributed.py            # 1, 2, 4 processes
     PYTHONPATH=python python benches/bench_distributed.py --quick    # smoke: 1,000 images, 1 repeat
+    PYTHONPATH=python python benches/bench_distributed.py --mem-workers 1,2 --mem-runs 32
 """
 
 from __future__ import annotations
@@ -157,25 +163,64 @@ def ddp_smoke(device: str = "cuda") -> dict:
             "ok": step_diff <= 1e-5 and fisher_diff <= 1e-5, "seconds": time.perf_counter() - t0}
 
 
+def mem_mlp() -> torch.nn.Module:
+    """The memorisation runs' model (module-level, so the spawned workers can unpickle it)."""
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+
+
+def run_memorization(workers, n_runs, repeats):
+    """Seconds (median) of ``memorization`` per worker count, and whether every count gave the same scores."""
+    from forgetcore import datasets
+    from forgetcore.evaluation.memorization import memorization
+
+    x, y = datasets.load("digits")
+    x = x.reshape(len(x), -1)
+    times, ref, same = {}, None, True
+    for w in workers:
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = memorization(x, y, mem_mlp, n_runs=n_runs, seed=0, workers=w, chunk_runs=max(1, n_runs // 8),
+                               recipe={"epochs": 3})
+            ts.append(time.perf_counter() - t0)
+        times[w] = statistics.median(ts)
+        ref = out["mem"] if ref is None else ref
+        same = same and torch.equal(ref, out["mem"])
+    return times, same
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worlds", default="1,2,4")
     ap.add_argument("--n", type=int, default=5000, help="MNIST images (at most 5,000)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="1,000 images, one repeat (smoke run)")
+    ap.add_argument("--quick", action="store_true", help="1,000 images, one repeat, 8 memorisation runs (smoke)")
+    ap.add_argument("--mem-workers", default="1,2", help="worker counts for the memorisation pool ('' skips it)")
+    ap.add_argument("--mem-runs", type=int, default=32, help="memorisation subsampling runs per timing")
     args = ap.parse_args()
     if args.quick:
-        args.n, args.repeats = 1000, 1
-    worlds = [int(w) for w in args.worlds.split(",")]
-    res = run(worlds, args.n, args.repeats)
-    print(f"torch.distributed (gloo, CPU), MNIST n={args.n}, {os.cpu_count()} cores, median of {args.repeats}")
-    print(f"{'what':<18}{'procs':>6}{'seconds':>10}{'examples/s':>12}{'efficiency':>12}")
-    base = worlds[0]
-    for row in ROWS:
+        args.n, args.repeats, args.mem_runs = 1000, 1, 8
+    worlds = [int(w) for w in args.worlds.split(",") if w]
+    if worlds:
+        res = run(worlds, args.n, args.repeats)
+        print(f"torch.distributed (gloo, CPU), MNIST n={args.n}, {os.cpu_count()} cores, median of {args.repeats}")
+        print(f"{'what':<18}{'procs':>6}{'seconds':>10}{'examples/s':>12}{'efficiency':>12}")
+    base = worlds[0] if worlds else 1
+    for row in ROWS if worlds else ():
         for w in worlds:
             t = res[w][row]
             eff = (res[base][row] * base) / (t * w)
             print(f"{row:<18}{w:>6}{t:>10.3f}{args.n / t:>12.0f}{eff:>12.2f}")
+    mem_workers = [int(w) for w in args.mem_workers.split(",") if w]
+    if mem_workers:
+        times, same = run_memorization(mem_workers, args.mem_runs, args.repeats)
+        print(f"\nmemorisation process pool (spawn), digits n=1797, MLP 64-64-10, 3 epochs, {args.mem_runs} runs, "
+              f"{os.cpu_count()} cores, median of {args.repeats}; scores identical across worker counts: {same}")
+        print(f"{'what':<18}{'procs':>6}{'seconds':>10}{'runs/s':>12}{'efficiency':>12}")
+        b = mem_workers[0]
+        for w in mem_workers:
+            eff = (times[b] * b) / (times[w] * w)
+            print(f"{'memorization':<18}{w:>6}{times[w]:>10.3f}{args.mem_runs / times[w]:>12.2f}{eff:>12.2f}")
 
 
 if __name__ == "__main__":

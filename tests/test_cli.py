@@ -54,3 +54,42 @@ def test_demo_options_reach_run(monkeypatch, tmp_path):
 def test_resolve_unknown_demo_names_the_argument():
     with pytest.raises(ValueError, match="name: expected one of"):
         resolve("nope")
+
+
+def test_jobs_reaches_demos_whose_seeds_are_independent(monkeypatch, tmp_path, capsys):
+    got = {}
+
+    def fake_run(out_dir, seeds, quick, progress, **options):
+        got.update(options)
+        return {}
+
+    monkeypatch.setattr(Demo, "load", lambda self: fake_run)
+    assert DEMOS["subspace"].jobs
+    assert cli.main(["demo", "subspace", "--jobs", "2", "--flower", "--out", str(tmp_path)]) == 0
+    assert got == {"flower": True, "jobs": 2}
+    got.clear()
+    assert cli.main(["demo", "kv", "--jobs", "2", "--out", str(tmp_path)]) == 0  # not a jobs demo: a note
+    assert "jobs" not in got and "runs its seeds in one process" in capsys.readouterr().out
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit):
+            cli.main(["demo", "subspace", "--jobs", bad, "--out", str(tmp_path)])
+        assert "jobs: expected an int >= 1" in capsys.readouterr().err
+
+
+def test_subspace_seeds_across_processes_equal_the_sequential_run():
+    """The demo's per-seed work (`--jobs`) in 2 spawned workers gives the sequential numbers
+    (a shortened schedule: 2 tasks, 1 epoch, 1 round, to stay within the test budget)."""
+    import torch
+
+    from forgetcore.demos import subspace
+    from forgetcore.distributed import sweep
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what every worker runs with
+    try:
+        seq = sweep(subspace.one_seed, [0, 1], processes=1, progress=False, epochs=1, rounds=1, n_tasks=2)
+    finally:
+        torch.set_num_threads(threads)
+    par = sweep(subspace.one_seed, [0, 1], processes=2, progress=False, epochs=1, rounds=1, n_tasks=2)
+    assert seq == par
+    assert set(seq[0]) == {"Finetune", "ER", "GPM", "FedAvg", "FOT"} and seq[0] != seq[1]

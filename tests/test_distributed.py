@@ -246,8 +246,24 @@ def check_bad_input(world, r, tmp):
     return errors
 
 
-CHECKS = {"trainer_gpm": check_trainer_gpm, "trainer_er": check_trainer_er, "trainer_resume": check_trainer_resume,
-          "trainer_boundary": check_trainer_boundary,
+def _fot_fit(n_clients=3):
+    """FOT on two permuted-digits tasks, 3 clients (so 2 ranks hold 2 and 1 of them)."""
+    from forgetcore.continual import FOT
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32, bias=False), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 10, bias=False))
+    f = FOT(model, n_clients=n_clients, rounds=2, lr=0.1, epsilon=0.95, seed=3, progress=False)
+    out = f.fit(scenarios.permuted("digits", n_tasks=2, seed=0))
+    return {"R": out["R"], "model": f.model.state_dict(), "bases": f.subspace.state_dict()["bases"]}
+
+
+def check_fot(world, r):
+    return _fot_fit()
+
+
+CHECKS = {"fot": check_fot, "trainer_gpm": check_trainer_gpm, "trainer_er": check_trainer_er,
+          "trainer_resume": check_trainer_resume,
           "reservoir": check_reservoir, "gu": check_gu, "gu_fit": check_gu_fit_agrees, "ssd": check_ssd,
           "fsdp": check_fsdp, "kappatune": check_kappatune, "bad_input": check_bad_input}
 NEEDS_TMP = {"trainer_resume", "bad_input"}
@@ -464,6 +480,24 @@ def test_bad_input_is_refused_on_every_rank_naming_the_rank(ranks):
         assert e["gu_multi"].startswith("ValueError: mode: 'multi'"), e["gu_multi"]
         assert e["gu_multi_unchanged"]
         assert e["gu_steps"].startswith("ValueError: data: ranks disagree"), e["gu_steps"]
+
+
+def test_fot_clients_across_ranks_equal_the_single_process_run(ranks):
+    """Each rank simulates the clients c with c % world == rank; with one generator per
+    (seed, task, round, client) and the updates gathered in client order, every rank holds
+    bitwise the single-process model and bases (3 clients: the ranks hold unequal shares)."""
+    world, results = ranks
+    got = _get(results, "fot")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks run one thread each
+    try:
+        ref = _fot_fit()
+    finally:
+        torch.set_num_threads(threads)
+    for g in got:
+        _close(g["model"], ref["model"], 0.0)
+        _close(g["bases"], ref["bases"], 0.0)
+        assert g["R"] == ref["R"]
 
 
 def test_single_process_helpers_are_the_identity():

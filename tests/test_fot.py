@@ -75,12 +75,18 @@ def test_non_iid_split_covers_data_once():
     assert max(len(torch.unique(y[p])) for p in parts) <= 4
 
 
-def test_fot_forgets_clearly_less_than_fedavg():
-    sc = permuted_digits(5, 0)
-    r_avg = FOT(mlp(), n_clients=10, rounds=10, lr=0.1, orthogonal=False, progress=False).fit(sc)["R"]
-    fot = FOT(mlp(), n_clients=10, rounds=10, lr=0.1, epsilon=0.95, progress=False)
+@pytest.mark.parametrize("seed", [0, 1, 2])  # chosen before any result was seen
+def test_fot_forgets_clearly_less_than_fedavg(seed):
+    """Permuted digits, 5 tasks, 10 IID clients, 10 rounds per task: on every seed FOT's mean
+    forgetting is at most half of FedAvg's and its final mean accuracy is not below FedAvg's."""
+    torch.set_num_threads(1)
+    sc = permuted_digits(5, seed)
+    kw = dict(n_clients=10, rounds=10, lr=0.1, seed=seed, progress=False)
+    r_avg = FOT(mlp(), orthogonal=False, **kw).fit(sc)["R"]
+    fot = FOT(mlp(), epsilon=0.95, **kw)
     r_fot = fot.fit(sc)["R"]
     (a_avg, f_avg), (a_fot, f_fot) = metrics(r_avg), metrics(r_fot)
-    print(f"FedAvg ACC {a_avg:.3f} FGT {f_avg:.3f} | FOT ACC {a_fot:.3f} FGT {f_fot:.3f} ranks {fot.subspace.ranks()}")
+    print(f"seed {seed}: FedAvg ACC {a_avg:.3f} FGT {f_avg:.3f} | FOT ACC {a_fot:.3f} FGT {f_fot:.3f} "
+          f"ranks {fot.subspace.ranks()}")
     assert f_fot <= 0.5 * f_avg
     assert a_fot >= a_avg

@@ -23,11 +23,26 @@ def _demo(args: argparse.Namespace) -> int:
     for name in names:
         demo = resolve(name)
         options = {o.dest: getattr(args, o.dest) for o in demo.options}
+        if demo.jobs:
+            options["jobs"] = args.jobs
+        elif args.jobs > 1:
+            print(f"== note: demo {name} runs its seeds in one process (--jobs applies to: "
+                  f"{', '.join(k for k, v in DEMOS.items() if v.jobs)})", flush=True)
         print(f"== forgetcore demo {name}: {demo.description}", flush=True)
         t0 = time.perf_counter()
         demo.load()(out_dir=out, seeds=args.seeds, quick=args.quick, progress=not args.no_progress, **options)
         print(f"== {name} finished in {time.perf_counter() - t0:.1f} s; outputs in {out}/", flush=True)
     return 0
+
+
+def _jobs(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"jobs: expected an int >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"jobs: expected an int >= 1, got {n}")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the demo's own)")
     d.add_argument("--quick", action="store_true", help="a smaller run for smoke tests")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    d.add_argument("--jobs", type=_jobs, default=1, metavar="N",
+                   help="run independent seeds in N spawned processes, one torch thread each (same results; "
+                        "demos: " + ", ".join(k for k, v in DEMOS.items() if v.jobs) + ")")
     seen: set[str] = set()
     for name, demo in DEMOS.items():  # each demo's own flags (e.g. `demo subspace --flower`)
         for o in demo.options:

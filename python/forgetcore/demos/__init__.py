@@ -2,7 +2,9 @@
 
 Each demo module has ``run(out_dir, seeds, quick, progress, **options) -> dict``: it prints its
 table and writes PNG/JSON files to ``out_dir``. ``options`` are the demo's own command-line
-flags, declared in :data:`DEMOS` so that ``forgetcore demo NAME --help`` lists them.
+flags, declared in :data:`DEMOS` so that ``forgetcore demo NAME --help`` lists them. A demo
+whose seeds are independent declares ``jobs=True`` and takes ``run(..., jobs=N)``: its seeds
+run in N spawned processes (``forgetcore.distributed.sweep``), with the sequential results.
 
 Demos sit above the methods and the evaluation code (they import both); nothing in the package
 imports a demo.
@@ -36,6 +38,7 @@ class Demo:
     module: str  # under forgetcore.demos
     description: str
     options: tuple[Option, ...] = field(default_factory=tuple)
+    jobs: bool = False  # its seeds are independent: `--jobs N` runs them across processes
 
     def load(self) -> Callable[..., dict[str, Any]]:
         # Imported on use, so `forgetcore --help` does not import torch or transformers.
@@ -52,7 +55,9 @@ DEMOS: dict[str, Demo] = {
                     "with MIA; SafeEraser, CUPID and memorisation studies",
                     (Option("--iau-gr", "train IAU its gradient-restricted original (slower)"),)),
     "kv": Demo("kvcache", "KV-cache eviction on SmolLM2: A2SF, H2O, RecentWindow; every press on passkey retrieval"),
-    "subspace": Demo("subspace", "Permuted-Digits: GPM vs Finetune vs ER; federated FOT vs FedAvg"),
+    "subspace": Demo("subspace", "Permuted-Digits: GPM vs Finetune vs ER; federated FOT vs FedAvg",
+                     (Option("--flower", "also run FOT on Flower's deployment engine on localhost "
+                             "(1 SuperLink, 2 SuperNodes; needs forgetcore[fl])"),), jobs=True),
     "finetune": Demo("finetune", "Selective fine-tuning on SmolLM2-135M: KappaTune, HFT, GeRe vs full fine-tuning"),
     "memory": Demo("memory", "LM memory on SmolLM2: recognition/recall/retention, knowledge decay, MemSifter",
                    (Option("--tiny", "run the tiny LM instead of SmolLM2 (what --quick does)"),)),
