@@ -263,7 +263,7 @@ def check_fot(world, r):
 
 
 CHECKS = {"fot": check_fot, "trainer_gpm": check_trainer_gpm, "trainer_er": check_trainer_er,
-          "trainer_resume": check_trainer_resume,
+          "trainer_resume": check_trainer_resume, "trainer_boundary": check_trainer_boundary,
           "reservoir": check_reservoir, "gu": check_gu, "gu_fit": check_gu_fit_agrees, "ssd": check_ssd,
           "fsdp": check_fsdp, "kappatune": check_kappatune, "bad_input": check_bad_input}
 NEEDS_TMP = {"trainer_resume", "bad_input"}
