@@ -46,6 +46,38 @@ def test_unlearn_step_by_hand():
         assert torch.allclose(p, want, atol=1e-6), n
 
 
+class _Spy:
+    """After Refresh's transform_batch: the batch and the parameters the learning step starts from."""
+
+    def transform_batch(self, ctx, batch):
+        self.batch = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
+        self.params = [p.detach().clone() for p in ctx.model.parameters()]
+        return batch
+
+
+def test_unlearn_runs_before_the_learning_step_on_the_same_batch():
+    # The official observe() (CL-refresh-learning@7c90da5, models/derpp.py) calls unlearn first: the
+    # learning step's gradient, and the logits DER++ stores, are those of the refreshed model.
+    sc = scenarios.split("digits", n_tasks=2, mode="class", seed=0)
+    model = mlp()
+    start = [p.detach().clone() for p in model.parameters()]
+    spy = _Spy()
+    refresh, der = Refresh(delta=1e-2, seed=3), DERpp(20, seed=3)
+    Trainer(model, lambda m: torch.optim.SGD(m.parameters(), lr=0.05), [refresh, spy, der], batch_size=10,
+            progress=False, eval_every=None, seed=0).fit(sc, max_steps=1)
+    assert all(not torch.equal(a, b) for a, b in zip(start, spy.params))  # refreshed before the forward
+    probe = mlp()
+    with torch.no_grad():
+        for q, v in zip(probe.parameters(), spy.params):
+            q.copy_(v)
+    x, y = spy.batch["x"], spy.batch["y"]
+    assert torch.equal(spy.batch["x"], der.buffer.data()["x"])  # the same stream batch
+    assert torch.allclose(der.buffer.data()["logits"], probe(x), atol=1e-6)  # logits of the refreshed model
+    grads = torch.autograd.grad(F.cross_entropy(probe(x), y), list(probe.parameters()))
+    for p, v, g in zip(model.parameters(), spy.params, grads):
+        assert torch.allclose(p, v - 0.05 * g, atol=1e-6)  # then one plain step from there
+
+
 def test_weighted_fisher_and_tau():
     model = mlp()
     x, y = torch.randn(7, 64), torch.randint(10, (7,))  # 7 examples, batches of 5: a partial last batch

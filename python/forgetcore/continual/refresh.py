@@ -93,9 +93,12 @@ class Refresh(Plugin):
       weighted by ``p(y|x)``), normalised by ``num_batches * batch_size`` as the official code
       does (slightly more than the example count when the last batch is partial).
 
-    Order: the unlearn step runs BEFORE the learning step, as the spec reads the repository's last
-    commit (7c90da5: "the last two commits only move the unlearn call in front of the learning
-    step"); the stored version at 2484f2a still calls it after ``opt.step()``. Departures: the
+    Order: the unlearn step runs BEFORE the learning step, on the same stream batch, as the official
+    code's last version does: ``Derpp.observe`` in ``models/derpp.py`` calls ``self.unlearn(inputs,
+    labels)`` first and then takes the DER++ step (commit 575e441, "revision", moved the call from
+    after ``self.opt.step()`` to the top of ``observe``; 7c90da5, the last commit, only removes blank
+    lines there). So the DER++ logits stored in the buffer are those of the refreshed model, before its
+    learning step, as in the official code. Departures: the
     noise comes from the plugin's own seeded generator (the official ``randn_like`` draws from
     the global one), and the official optimiser's weight decay 1e-4 is the trainer's
     ``make_optimizer``'s business (pass ``SGD(..., weight_decay=1e-4)`` to match it).
