@@ -116,7 +116,8 @@ class FinetuneCallback(_callback_base()):  # type: ignore[misc]
 
     The penalty is added once per optimiser step, at ``on_step_begin``, as the gradient of
     ``penalty(model, None, None)`` (before gradient clipping); a method whose penalty needs the
-    batch (GeRe) cannot be driven this way and raises there.
+    batch (GeRe) cannot be driven this way and raises there: use
+    :class:`~forgetcore.finetune.GeReCallback`, which sets GeRe's objective in a forward hook.
     """
 
     def __init__(self, method: FinetuneMethod, model: torch.nn.Module | None = None) -> None:

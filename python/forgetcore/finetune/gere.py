@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks
-from .base import FinetuneMethod, FinetunePlugin
+from .base import FinetuneCallback, FinetuneMethod, FinetunePlugin
 from .losses import threshold_margin_loss
 
-__all__ = ["GeRe", "GeRePlugin"]
+__all__ = ["GeRe", "GeReCallback", "GeRePlugin"]
 
 
 class GeRe(FinetuneMethod):
@@ -238,3 +238,117 @@ class GeRePlugin(FinetunePlugin):
 
     def loss(self, ctx: Any, batch: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
         return self.method.loss(ctx.model, batch, output)
+
+
+class GeReCallback(FinetuneCallback):
+    """GeRe in a Hugging Face ``transformers.Trainer`` run: add it to ``callbacks=[...]``.
+
+    Why the generic :class:`FinetuneCallback` cannot drive GeRe: its penalty is a function of the
+    parameters alone, added at ``on_step_begin``, and a ``TrainerCallback`` never sees the batch
+    nor the loss; GeRe's objective needs a forward pass of general samples and mixes their CE with
+    the task's CE (``(CE_task + CE_general) / 2 + w * L_TM``, with ``w = "dy"`` reading that mixed
+    CE), so it cannot be written as a separate gradient added before or after the task's.
+
+    What this callback does instead: at ``on_train_begin`` it records GeRe's references (unless
+    ``model=`` did so already) and puts a forward hook on the model. In training mode, when the
+    model's output holds the task ``loss`` (the Trainer passes ``labels``), the hook runs the
+    model on the next ``k`` general samples (``model(input_ids=general_x[i], labels=general_y[i])``,
+    a forward of its own, as the official ``GeReTrainer.compute_loss`` does), reads ``L_TM`` on the
+    ``features`` output, and replaces ``outputs.loss`` with the official objective; the Trainer then
+    backpropagates it as usual, so gradient accumulation, clipping and mixed precision all apply.
+    Under gradient accumulation the Trainer divides the model's summed loss by the number of target
+    tokens of the whole accumulated batch (``num_items_in_batch``): the general part gets the same
+    factor as the task part, so each micro-batch carries the official objective at the Trainer's
+    scale.
+
+    The general samples come in a fixed order: the general set reshuffled on every pass by a
+    generator seeded with ``(seed, pass)``; ``drawn`` (in :meth:`state_dict`) counts the samples
+    used, so a resumed run continues the same order. Departures from the official sampler: the
+    official ``InterpolateRandomSampler`` puts general samples into the Trainer's own batches;
+    here every micro-batch gets exactly ``k`` (GeRe's ``k``; ``k = 0`` means 1) extra ones. The
+    model must return a ``ModelOutput`` (``return_dict``, the default) and compute its own loss
+    from ``labels`` (no ``compute_loss_func``, no label smoothing, which replace ``outputs.loss``).
+    """
+
+    def __init__(self, method: GeRe, model: torch.nn.Module | None = None) -> None:
+        if not isinstance(method, GeRe):
+            raise TypeError(f"method: expected a GeRe, got {type(method).__name__}")
+        super().__init__(method, model)
+        self.method: GeRe = method
+        self.drawn = 0
+        self.losses: list[tuple[float, float]] = []  # (CE of the general samples, L_TM) per forward
+        self._hook: Any = None
+        self._inside = False
+        if model is not None:
+            self._attach(model)
+
+    def _next(self) -> torch.Tensor:
+        """The next ``k`` indices of the general set in the fixed reshuffled order."""
+        n, k = len(self.method.general_x), max(self.method.k, 1)
+        out = []
+        for j in range(self.drawn, self.drawn + k):
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.method.seed * 1_000_003 + j // n))
+            out.append(perm[j % n])
+        self.drawn += k
+        return torch.stack(out)
+
+    def _attach(self, model: torch.nn.Module) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+        self.method.reapply(model)
+        self._hook = model.register_forward_hook(self._replace_loss, with_kwargs=True)
+
+    def _replace_loss(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
+        if self._inside or not module.training:
+            return None
+        if not isinstance(out, dict):
+            raise ValueError("model: GeReCallback needs a ModelOutput with .loss (return_dict=True)")
+        loss = out.get("loss")
+        if loss is None:
+            return None
+        idx = self._next()
+        dev = loss.device
+        self._inside = True
+        try:
+            g = module(input_ids=self.method.general_x[idx].to(dev), labels=self.method.general_y[idx].to(dev))
+        finally:
+            self._inside = False
+        tm = self.method.tm_loss(self.method.last_features, idx)
+        scale = 1.0
+        if kwargs.get("num_items_in_batch") is not None:  # the model summed over tokens / all items of the step
+            mean = _causal_lm_ce(out["logits"].detach(), kwargs["labels"])
+            scale = float(loss.detach()) / max(float(mean), 1e-30)
+        ce = (loss / scale + g.loss) / 2  # the official averaging, at the per-token mean scale
+        out["loss"] = scale * (ce + self.method.weight(ce, tm) * tm)
+        self.losses.append((float(g.loss.detach()), float(tm.detach())))
+        return out
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        super().on_train_begin(args, state, control, model=model, **kwargs)
+        self._attach(model)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        pass  # the objective is set in the forward hook, not as a separate penalty
+
+    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.method.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"drawn": self.drawn, "method": self.method.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or not {"drawn", "method"} <= state.keys():
+            raise ValueError("state: expected keys ['drawn', 'method']")
+        drawn = _checks.positive_int("state", state["drawn"], allow_zero=True)
+        self.method.load_state_dict(state["method"])
+        self.drawn = drawn
+        self.prepared = self.method.pos_thr is not None
+
+
+def _causal_lm_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token CE over the targets that are not -100 (what a causal LM's loss averages)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
+                           ignore_index=-100)
