@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .. import _checks
 from ..importance import fisher_diagonal
 from ..replay import ReservoirBuffer
+from .kfpf import _check_generator_state
 from .scenarios import Task
 from .trainer import Batch, Context, Plugin
 
@@ -71,6 +72,8 @@ class DERpp(Plugin):
         return {"buffer": self.buffer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or "buffer" not in state:
+            raise ValueError(f"state: expected keys ['buffer'], got {_checks.describe(state)}")
         self.buffer.load_state_dict(state["buffer"])
 
 
@@ -155,8 +158,17 @@ class Refresh(Plugin):
         return {"gen": self.gen.get_state(), "fisher": {n: f.clone() for n, f in self.fisher.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or not {"gen", "fisher"} <= state.keys():
+            raise ValueError(f"state: expected keys ['fisher', 'gen'], got {_checks.describe(state)}")
+        _check_generator_state(state["gen"], self.gen)
+        fisher = state["fisher"]
+        if not isinstance(fisher, dict) or not all(isinstance(n, str) and isinstance(f, torch.Tensor)
+                                                   and torch.is_floating_point(f) for n, f in fisher.items()):
+            raise TypeError(f"state: fisher must map parameter names to float tensors, got {_checks.describe(fisher)}")
+        if not all(bool(torch.isfinite(f).all()) and bool((f >= 0).all()) for f in fisher.values()):
+            raise ValueError("state: fisher must be finite and >= 0")
         self.gen.set_state(state["gen"])
-        self.fisher = {n: f.clone() for n, f in state["fisher"].items()}
+        self.fisher = {n: f.clone() for n, f in fisher.items()}
 
 
 def derpp_plugins(seed: int, capacity: int = 200) -> list[Plugin]:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks
-from .base import FinetuneCallback, FinetuneMethod, FinetunePlugin
+from .base import FinetuneCallback, FinetuneMethod, FinetunePlugin, check_state
 from .losses import threshold_margin_loss
 
 __all__ = ["GeRe", "GeReCallback", "GeRePlugin"]
@@ -198,13 +198,29 @@ class GeRe(FinetuneMethod):
                 "neg_thr": self.neg_thr if self.neg_thr is not None else torch.empty(0)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        need = {"w", "k", "seed", "ref", "pos_thr", "neg_thr"}
-        if not isinstance(state, dict) or not need <= state.keys():
-            raise ValueError(f"state: expected keys {sorted(need)}")
-        self.w, self.k, self.seed = state["w"], int(state["k"]), int(state["seed"])
-        self.ref = list(state["ref"])
-        self.pos_thr = state["pos_thr"] if state["pos_thr"].numel() else None
-        self.neg_thr = state["neg_thr"] if state["neg_thr"].numel() else None
+        check_state(state, {"w", "k", "seed", "ref", "pos_thr", "neg_thr"}, {"k": 0, "seed": 0})
+        w = state["w"]
+        if w != "dy" and (isinstance(w, (bool, str)) or not isinstance(w, (int, float)) or not w >= 0
+                          or not math.isfinite(w)):
+            raise ValueError(f"state: w must be a number >= 0 or 'dy', got {w!r}")
+        ref, pos, neg = state["ref"], state["pos_thr"], state["neg_thr"]
+        tensors = [pos, neg, *ref] if isinstance(ref, list) else None
+        if tensors is None or not all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in tensors):
+            raise TypeError("state: ref must be a list of float32 tensors, pos_thr and neg_thr float32 tensors")
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise ValueError("state: ref, pos_thr and neg_thr must be finite")
+        if ref:
+            h = pos.shape
+            if len(ref) != len(self.general_x) or pos.dim() != 1 or neg.shape != h or any(
+                    r.shape[-1:] != h for r in ref):
+                raise ValueError(f"state: expected {len(self.general_x)} references and thresholds of their "
+                                 f"width, got {len(ref)} references, thresholds {tuple(pos.shape)}, {tuple(neg.shape)}")
+        elif pos.numel() or neg.numel():
+            raise ValueError("state: thresholds without references")
+        self.w, self.k, self.seed = (w if w == "dy" else float(w)), state["k"], state["seed"]
+        self.ref = list(ref)
+        self.pos_thr = pos if pos.numel() else None
+        self.neg_thr = neg if neg.numel() else None
 
 
 class GeRePlugin(FinetunePlugin):
@@ -340,11 +356,9 @@ class GeReCallback(FinetuneCallback):
         return {"drawn": self.drawn, "method": self.method.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or not {"drawn", "method"} <= state.keys():
-            raise ValueError("state: expected keys ['drawn', 'method']")
-        drawn = _checks.positive_int("state", state["drawn"], allow_zero=True)
-        self.method.load_state_dict(state["method"])
-        self.drawn = drawn
+        check_state(state, {"drawn", "method"}, {"drawn": 0})
+        self.method.load_state_dict(state["method"])  # checks its own state before it applies any
+        self.drawn = state["drawn"]
         self.prepared = self.method.pos_thr is not None
 
 
