@@ -47,6 +47,10 @@ class GeRe(FinetuneMethod):
         k: general samples per batch for :class:`GeRePlugin` (0: the random mixing of the
             official default, where the general fraction of a batch varies).
 
+    Loops: :class:`GeRePlugin` in forgetcore's ``Trainer``; :class:`GeReCallback` in a Hugging Face
+    ``transformers.Trainer`` run (the generic :class:`~forgetcore.finetune.FinetuneCallback` cannot
+    carry this loss: see there).
+
     Departure: in forgetcore's ``Trainer`` the general and task rows share one forward pass
     (the official code runs two); the same for models without batch-coupled layers (no
     batch-norm in training mode).
