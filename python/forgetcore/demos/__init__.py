@@ -53,7 +53,8 @@ DEMOS: dict[str, Demo] = {
                     (Option("--iau-gr", "train IAU its gradient-restricted original (slower)"),)),
     "kv": Demo("kvcache", "KV-cache eviction on SmolLM2: A2SF, H2O, RecentWindow; every press on passkey retrieval"),
     "subspace": Demo("subspace", "Permuted-Digits: GPM vs Finetune vs ER; federated FOT vs FedAvg"),
-    "finetune": Demo("finetune", "Selective fine-tuning on SmolLM2-135M: KappaTune, HFT, GeRe vs full fine-tuning"),
+    "finetune": Demo("finetune", "Selective fine-tuning on SmolLM2-135M: KappaTune, HFT, GeRe vs full fine-tuning "
+                                   "(about 8 CPU-minutes; --quick about 2.5)"),
     "memory": Demo("memory", "LM memory on SmolLM2: recognition/recall/retention, knowledge decay, MemSifter",
                    (Option("--tiny", "run the tiny LM instead of SmolLM2 (what --quick does)"),)),
 }

@@ -17,7 +17,8 @@
 
 Time: the full run (1 seed, 40 steps per arm) took 482 CPU-seconds on one thread (441 s user, 41 s
 system; peak memory 4.8 GB): about 8 minutes on an idle core, 54 minutes of wall time on a shared
-2-core machine at load 8-60 (2026-11-30). ``--quick`` (8 steps, shorter texts) is the smoke run.
+2-core machine at load 8-60 (2026-11-30). ``--quick`` (8 steps, shorter texts), the smoke run:
+142 CPU-seconds on one thread (337 s of wall time at load 8-11).
 That run (seed 0; perplexity before: new facts 431.7, prose 23.26):
 
     arm      trainable    facts ppl   prose ppl (change)
