@@ -10,7 +10,7 @@ from torch.utils.data import TensorDataset
 
 from forgetcore import datasets
 from forgetcore.continual import Scenario, Task, Trainer
-from forgetcore.finetune import GeRe, GeRePlugin
+from forgetcore.finetune import GeRe, GeReCallback, GeRePlugin
 from forgetcore.finetune.losses import threshold_margin_loss
 
 
@@ -113,6 +113,70 @@ def test_plugin_trains_through_the_hook_and_resumes_bit_identically():
     assert resumed.fit(scenario)["R"] == want
     for p, q in zip(model.parameters(), full.model.parameters()):
         assert torch.equal(p, q)
+
+
+def _tiny_llama(seed=0):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _hf_run(tmp_path, model, callback, data, steps):
+    transformers = pytest.importorskip("transformers")
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=2,
+                                          optim="sgd", learning_rate=0.5, lr_scheduler_type="constant",
+                                          weight_decay=0.0, max_grad_norm=0.0, report_to=[], save_strategy="no",
+                                          logging_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+    transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]).train()
+
+
+def test_hf_callback_runs_the_official_objective_on_a_tiny_llama(tmp_path):
+    # GeRe through a transformers Trainer: the callback's forward hook replaces outputs.loss with
+    # (CE_task + CE_general) / 2 + w * L_TM ("dy"), so one SGD step of the Trainer equals one SGD step
+    # on that objective computed by hand (the references frozen before the model was perturbed).
+    g = torch.Generator().manual_seed(0)
+    task = torch.randint(0, 96, (2, 12), generator=g)
+    general = torch.randint(0, 96, (2, 10), generator=g)
+    data = [{"input_ids": ids, "labels": ids} for ids in task]
+
+    def setup(hook=True):
+        model = _tiny_llama()
+        gere = GeRe(general, general, features="model.norm", w="dy", k=2, seed=1)
+        callback = GeReCallback(gere, model=model) if hook else gere.prepare(model)  # references of the initial model
+        with torch.no_grad():
+            torch.manual_seed(7)
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))  # training moved it: L_TM > 0 from here
+        return model, gere, callback
+
+    model, _, callback = setup()
+    _hf_run(tmp_path, model, callback, data, steps=1)
+    assert callback.drawn == 2 and callback.losses[0][1] > 0
+
+    ref, gere, _ = setup(hook=False)
+    ref.train()
+    ce_t = ref(input_ids=task, labels=task).loss
+    ce_g = ref(input_ids=general, labels=general).loss  # k = 2: the whole general set, in any order
+    tm = gere.tm_loss(gere.last_features, torch.arange(2))
+    ce = (ce_t + ce_g) / 2
+    loss = ce + float(ce.detach()) / (float(tm.detach()) + 1e-8) * tm
+    grads = torch.autograd.grad(loss, list(ref.parameters()))
+    for (n, p), q, gr in zip(model.named_parameters(), ref.parameters(), grads):
+        assert torch.allclose(p, q - 0.5 * gr, atol=1e-5, rtol=1e-4), n
+
+    fresh = _tiny_llama()  # unperturbed: L_TM is exactly 0 at the first step
+    callback = GeReCallback(GeRe(general, general, features="model.norm", w=100, k=1, seed=1))
+    _hf_run(tmp_path, fresh, callback, data, steps=3)
+    assert callback.losses[0][1] == 0 and callback.drawn == 3 and callback.prepared
+    assert not fresh._forward_hooks and not fresh.model.norm._forward_hooks  # removed at the end
+    state = callback.state_dict()
+    other = GeReCallback(GeRe(general, general, features="model.norm", w=100, k=1, seed=1))
+    other.load_state_dict(state)
+    assert other.drawn == 3 and torch.equal(other._next(), callback._next())  # a resumed run continues the order
+    with pytest.raises(TypeError, match="^method"):
+        GeReCallback(object())
 
 
 def test_bad_input():

@@ -46,6 +46,38 @@ def test_unlearn_step_by_hand():
         assert torch.allclose(p, want, atol=1e-6), n
 
 
+class _Spy:
+    """After Refresh's transform_batch: the batch and the parameters the learning step starts from."""
+
+    def transform_batch(self, ctx, batch):
+        self.batch = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
+        self.params = [p.detach().clone() for p in ctx.model.parameters()]
+        return batch
+
+
+def test_unlearn_runs_before_the_learning_step_on_the_same_batch():
+    # The official observe() (CL-refresh-learning@7c90da5, models/derpp.py) calls unlearn first: the
+    # learning step's gradient, and the logits DER++ stores, are those of the refreshed model.
+    sc = scenarios.split("digits", n_tasks=2, mode="class", seed=0)
+    model = mlp()
+    start = [p.detach().clone() for p in model.parameters()]
+    spy = _Spy()
+    refresh, der = Refresh(delta=1e-2, seed=3), DERpp(20, seed=3)
+    Trainer(model, lambda m: torch.optim.SGD(m.parameters(), lr=0.05), [refresh, spy, der], batch_size=10,
+            progress=False, eval_every=None, seed=0).fit(sc, max_steps=1)
+    assert all(not torch.equal(a, b) for a, b in zip(start, spy.params))  # refreshed before the forward
+    probe = mlp()
+    with torch.no_grad():
+        for q, v in zip(probe.parameters(), spy.params):
+            q.copy_(v)
+    x, y = spy.batch["x"], spy.batch["y"]
+    assert torch.equal(spy.batch["x"], der.buffer.data()["x"])  # the same stream batch
+    assert torch.allclose(der.buffer.data()["logits"], probe(x), atol=1e-6)  # logits of the refreshed model
+    grads = torch.autograd.grad(F.cross_entropy(probe(x), y), list(probe.parameters()))
+    for p, v, g in zip(model.parameters(), spy.params, grads):
+        assert torch.allclose(p, v - 0.05 * g, atol=1e-6)  # then one plain step from there
+
+
 def test_weighted_fisher_and_tau():
     model = mlp()
     x, y = torch.randn(7, 64), torch.randint(10, (7,))  # 7 examples, batches of 5: a partial last batch
@@ -129,21 +161,23 @@ def test_bad_input():
 # --- the delta sweep in miniature ----------------------------------------------------------------
 #
 # The spec's setting with the continual demo's training: Split-Digits
-# class-IL (5 tasks), MLP 64-128-128-10, SGD lr 0.05, 5 epochs, stream batches of 10, buffer 200,
+# class-IL (5 tasks), MLP 64-128-128-10, SGD lr 0.05, stream batches of 10, buffer 200,
 # DER++ alpha 0.1, beta 0.5; refresh with the official tau = 1e-5 and unlearning lr 0.01.
-# Sweep on seeds 0-2 (final average accuracy):
-#   finetune 0.191; DER++ 0.841 +- 0.002; refresh delta 1e-5: 0.843, 1e-4: 0.844, 1e-3: 0.845 +- 0.007,
-#   1e-2: 0.146 (the refresh step destroys the model).
-# No delta helps beyond the seed spread: a null result at this scale, as the spec expected (the
-# paper reports +1-3 points on CIFAR). The test runs seeds 20-22, fixed before they were run. Measured:
-#   DER++ 0.781 +- 0.057; refresh delta 1e-3: 0.800 +- 0.045 (ahead by +0.012 +0.008 +0.037);
-#   delta 1e-2: 0.115 +- 0.054.
-# So: no gain on the tuning seeds (+0.004), a small one on the held-out seeds (+0.019, 3 of 3), within
-# the DER++ seed spread (0.057): not established either way. The planned bound |gain| < 0.02 passed
-# by a hair (0.0193), so the test asserts the band the two seed sets share, -0.02 < gain < 0.05, and
-# that the step is live (delta 1e-2 collapses the model), so the null result is not an inert plugin.
+# First version, 5 epochs per task (10.1 s on a quiet machine). Sweep on seeds 0-2 (final average
+# accuracy): finetune 0.191; DER++ 0.841 +- 0.002; refresh delta 1e-5: 0.843, 1e-4: 0.844,
+# 1e-3: 0.845 +- 0.007, 1e-2: 0.146 (the refresh step destroys the model). Seeds 20-22, fixed before
+# they were run: DER++ 0.781 +- 0.057; delta 1e-3: 0.800 +- 0.045 (+0.012 +0.008 +0.037); 1e-2: 0.115.
+# Now 3 epochs per task, to fit the CI budget (the only change). Seeds 0-2 first: DER++ 0.717 +- 0.062,
+# delta 1e-3 0.716 (-0.001), 1e-2 0.066; the DER++ bound was lowered to 0.6 from those (finetune
+# stays near 0.19). Then seeds 20-22, once: DER++ 0.723 +- 0.040; delta 1e-3 0.715 +- 0.030
+# (-0.014 +0.005 -0.016); delta 1e-2 0.076 +- 0.036.
+# No delta helps beyond the seed spread at either length: a null result at this scale, as the spec
+# expected (the paper reports +1-3 points on CIFAR). The test asserts the band all four runs share,
+# -0.02 < gain < 0.05, and that the step is live (delta 1e-2 collapses the model), so the null
+# result is not an inert plugin.
 
 SEEDS = range(20, 22 + 1)
+EPOCHS = 3
 ARMS = {"derpp": None, "refresh-1e-3": 1e-3, "refresh-1e-2": 1e-2}
 
 
@@ -156,20 +190,20 @@ def run_claim(seeds=SEEDS, arms=ARMS):
             torch.manual_seed(seed)
             model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 128), torch.nn.ReLU(),
                                         torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
-            res = Trainer(model, lambda m: torch.optim.SGD(m.parameters(), lr=0.05), plugins, epochs=5,
+            res = Trainer(model, lambda m: torch.optim.SGD(m.parameters(), lr=0.05), plugins, epochs=EPOCHS,
                           batch_size=10, progress=False, eval_every=None, seed=seed).fit(sc)
             rows.append({"seed": seed, "arm": arm, "acc": summary(np.array(res["R"]))["acc"]})
     return rows
 
 
-@pytest.mark.slow  # over 10 s of CPU: see the report
+@pytest.mark.slow
 def test_claim_refresh_delta_sweep_is_null_but_live():
     torch.set_num_threads(1)
     rows = run_claim()
     by = {(r["seed"], r["arm"]): r["acc"] for r in rows}
     seeds = sorted({r["seed"] for r in rows})
     der = np.array([by[s, "derpp"] for s in seeds])
-    assert der.mean() > 0.7  # DER++ itself works (finetune stays near 0.19)
+    assert der.mean() > 0.6  # DER++ itself works (finetune stays near 0.19)
     gap = np.array([by[s, "refresh-1e-3"] for s in seeds]) - der
     assert -0.02 < gap.mean() < 0.05, gap  # no harm, no large gain
     big = np.array([by[s, "refresh-1e-2"] for s in seeds])

@@ -93,6 +93,8 @@ class KFPF(Plugin):
         if prone is not None and (not isinstance(prone, list) or not all(isinstance(p, str) for p in prone)):
             raise TypeError(f"prone: expected a list of module names or None, got {prone!r}")
         self.prone = prone
+        if not isinstance(variant, str):
+            raise TypeError(f"variant: expected 'ce' or 'kd', got {type(variant).__name__}")
         if variant not in ("ce", "kd"):
             raise ValueError(f"variant: expected 'ce' or 'kd', got {variant!r}")
         self.variant = variant
@@ -188,13 +190,38 @@ class KFPF(Plugin):
                 "last_state": dict(self._last_state) if self._last_state is not None else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.buffer.load_state_dict(state["buffer"])
+        need = {"buffer", "gen", "period", "calls", "drift", "replay_examples", "last_state"}
+        if not isinstance(state, dict) or not need <= state.keys():
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"state: expected keys {sorted(need)}, got {got}")
+        for key in ("period", "replay_examples"):
+            _checks.positive_int(f"state: {key}", state[key], allow_zero=True)
+        _check_generator_state(state["gen"], self.gen)
+        calls, drift, last = state["calls"], state["drift"], state["last_state"]
+        if not isinstance(calls, list) or not all(isinstance(c, list) and all(isinstance(n, str) for n in c)
+                                                  for c in calls):
+            raise TypeError(f"state: calls must be a list of lists of module names, got {_checks.describe(calls)}")
+        if not isinstance(drift, list) or not all(
+                isinstance(d, dict) and all(isinstance(n, str) and isinstance(v, float) and v >= 0
+                                            for n, v in d.items()) for d in drift):
+            raise ValueError(f"state: drift must be a list of dicts name -> float >= 0, got {_checks.describe(drift)}")
+        if not isinstance(last, dict) or not all(isinstance(n, str) and isinstance(v, torch.Tensor)
+                                                 for n, v in last.items()):
+            raise TypeError(f"state: last_state must map names to tensors, got {_checks.describe(last)}")
+        self.buffer.load_state_dict(state["buffer"])  # the buffer checks its own state before it applies any
         self.gen.set_state(state["gen"])
-        self.period = int(state["period"])
-        self.calls = [list(c) for c in state["calls"]]
-        self.drift = [dict(d) for d in state["drift"]]
-        self.replay_examples = int(state["replay_examples"])
-        self._last_state = dict(state["last_state"]) or None
+        self.period, self.replay_examples = state["period"], state["replay_examples"]
+        self.calls = [list(c) for c in calls]
+        self.drift = [dict(d) for d in drift]
+        self._last_state = dict(last) or None
+
+
+def _check_generator_state(gen_state: Any, gen: torch.Generator) -> None:
+    """A torch CPU generator's state: a uint8 tensor of the size the generator's own has."""
+    like = gen.get_state()
+    if not isinstance(gen_state, torch.Tensor) or gen_state.dtype != torch.uint8 or gen_state.shape != like.shape:
+        raise ValueError(f"state: gen must be a generator state (uint8, {tuple(like.shape)}), "
+                         f"got {_checks.describe(gen_state)}")
 
 
 def kfpf_plugins(seed: int, capacity: int = 200, k: int = 10) -> list[Plugin]:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .. import _checks
 from ..importance import fisher_diagonal
 from ..replay import ReservoirBuffer
+from .kfpf import _check_generator_state
 from .scenarios import Task
 from .trainer import Batch, Context, Plugin
 
@@ -71,6 +72,8 @@ class DERpp(Plugin):
         return {"buffer": self.buffer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or "buffer" not in state:
+            raise ValueError(f"state: expected keys ['buffer'], got {_checks.describe(state)}")
         self.buffer.load_state_dict(state["buffer"])
 
 
@@ -93,9 +96,12 @@ class Refresh(Plugin):
       weighted by ``p(y|x)``), normalised by ``num_batches * batch_size`` as the official code
       does (slightly more than the example count when the last batch is partial).
 
-    Order: the unlearn step runs BEFORE the learning step, as the spec reads the repository's last
-    commit (7c90da5: "the last two commits only move the unlearn call in front of the learning
-    step"); the stored version at 2484f2a still calls it after ``opt.step()``. Departures: the
+    Order: the unlearn step runs BEFORE the learning step, on the same stream batch, as the official
+    code's last version does: ``Derpp.observe`` in ``models/derpp.py`` calls ``self.unlearn(inputs,
+    labels)`` first and then takes the DER++ step (commit 575e441, "revision", moved the call from
+    after ``self.opt.step()`` to the top of ``observe``; 7c90da5, the last commit, only removes blank
+    lines there). So the DER++ logits stored in the buffer are those of the refreshed model, before its
+    learning step, as in the official code. Departures: the
     noise comes from the plugin's own seeded generator (the official ``randn_like`` draws from
     the global one), and the official optimiser's weight decay 1e-4 is the trainer's
     ``make_optimizer``'s business (pass ``SGD(..., weight_decay=1e-4)`` to match it).
@@ -152,8 +158,17 @@ class Refresh(Plugin):
         return {"gen": self.gen.get_state(), "fisher": {n: f.clone() for n, f in self.fisher.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or not {"gen", "fisher"} <= state.keys():
+            raise ValueError(f"state: expected keys ['fisher', 'gen'], got {_checks.describe(state)}")
+        _check_generator_state(state["gen"], self.gen)
+        fisher = state["fisher"]
+        if not isinstance(fisher, dict) or not all(isinstance(n, str) and isinstance(f, torch.Tensor)
+                                                   and torch.is_floating_point(f) for n, f in fisher.items()):
+            raise TypeError(f"state: fisher must map parameter names to float tensors, got {_checks.describe(fisher)}")
+        if not all(bool(torch.isfinite(f).all()) and bool((f >= 0).all()) for f in fisher.values()):
+            raise ValueError("state: fisher must be finite and >= 0")
         self.gen.set_state(state["gen"])
-        self.fisher = {n: f.clone() for n, f in state["fisher"].items()}
+        self.fisher = {n: f.clone() for n, f in fisher.items()}
 
 
 def derpp_plugins(seed: int, capacity: int = 200) -> list[Plugin]:

@@ -58,7 +58,8 @@ DEMOS: dict[str, Demo] = {
     "subspace": Demo("subspace", "Permuted-Digits: GPM vs Finetune vs ER; federated FOT vs FedAvg",
                      (Option("--flower", "also run FOT on Flower's deployment engine on localhost "
                              "(1 SuperLink, 2 SuperNodes; needs forgetcore[fl])"),), jobs=True),
-    "finetune": Demo("finetune", "Selective fine-tuning on SmolLM2-135M: KappaTune, HFT, GeRe vs full fine-tuning"),
+    "finetune": Demo("finetune", "Selective fine-tuning on SmolLM2-135M: KappaTune, HFT, RegLoRA, GeRe vs full "
+                                 "fine-tuning (about 8 CPU-minutes; --quick about 2.5)"),
     "memory": Demo("memory", "LM memory on SmolLM2: recognition/recall/retention, knowledge decay, MemSifter",
                    (Option("--tiny", "run the tiny LM instead of SmolLM2 (what --quick does)"),)),
 }

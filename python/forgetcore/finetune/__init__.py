@@ -6,10 +6,10 @@ knew survives. Each method has the shape of :class:`FinetuneMethod` (``prepare``
 from __future__ import annotations
 
 from .base import FinetuneCallback, FinetuneMethod, FinetunePlugin, trainable_parameters
-from .gere import GeRe, GeRePlugin
+from .gere import GeRe, GeReCallback, GeRePlugin
 from .hft import HFT, GatedMLP
 from .kappatune import KappaTune
 from .reglora import RegLoRA
 
-__all__ = ["HFT", "FinetuneCallback", "FinetuneMethod", "FinetunePlugin", "GatedMLP", "GeRe", "GeRePlugin",
-           "KappaTune", "RegLoRA", "trainable_parameters"]
+__all__ = ["HFT", "FinetuneCallback", "FinetuneMethod", "FinetunePlugin", "GatedMLP", "GeRe", "GeReCallback",
+           "GeRePlugin", "KappaTune", "RegLoRA", "trainable_parameters"]

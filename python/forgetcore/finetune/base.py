@@ -21,13 +21,27 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FinetuneCallback", "FinetuneMethod", "FinetunePlugin", "trainable_parameters"]
+__all__ = ["FinetuneCallback", "FinetuneMethod", "FinetunePlugin", "check_state", "trainable_parameters"]
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The parameters that require grad: build the optimiser from these only, so that frozen
     tensors get no optimiser state and weight decay cannot move them."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def check_state(state: Any, need: set[str], ints: dict[str, int] = {}) -> None:  # noqa: B006 (read only)
+    """Raise unless ``state`` is a dict with the keys ``need`` and, for each ``ints`` key, an int at
+    least its value (the shared first checks of every ``load_state_dict`` of this family)."""
+    if not isinstance(state, dict) or not need <= state.keys():
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"state: expected keys {sorted(need)}, got {got}")
+    for key, low in ints.items():
+        v = state[key]
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"state: {key} must be an int, got {type(v).__name__}")
+        if v < low:
+            raise ValueError(f"state: {key} must be >= {low}, got {v}")
 
 
 class FinetuneMethod:
@@ -88,8 +102,11 @@ class FinetunePlugin:
         return {"prepared": self.prepared, "method": self.method.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.method.load_state_dict(state["method"])
-        self.prepared = bool(state["prepared"])
+        check_state(state, {"prepared", "method"})
+        if not isinstance(state["prepared"], bool):
+            raise TypeError(f"state: prepared must be a bool, got {type(state['prepared']).__name__}")
+        self.method.load_state_dict(state["method"])  # checks its own state before it applies any
+        self.prepared = state["prepared"]
 
 
 def _callback_base() -> type:
@@ -116,7 +133,8 @@ class FinetuneCallback(_callback_base()):  # type: ignore[misc]
 
     The penalty is added once per optimiser step, at ``on_step_begin``, as the gradient of
     ``penalty(model, None, None)`` (before gradient clipping); a method whose penalty needs the
-    batch (GeRe) cannot be driven this way and raises there.
+    batch (GeRe) cannot be driven this way and raises there: use
+    :class:`~forgetcore.finetune.GeReCallback`, which sets GeRe's objective in a forward hook.
     """
 
     def __init__(self, method: FinetuneMethod, model: torch.nn.Module | None = None) -> None:

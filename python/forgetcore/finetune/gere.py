@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks
-from .base import FinetuneMethod, FinetunePlugin
+from .base import FinetuneCallback, FinetuneMethod, FinetunePlugin, check_state
 from .losses import threshold_margin_loss
 
-__all__ = ["GeRe", "GeRePlugin"]
+__all__ = ["GeRe", "GeReCallback", "GeRePlugin"]
 
 
 class GeRe(FinetuneMethod):
@@ -46,6 +46,10 @@ class GeRe(FinetuneMethod):
         w: the margin loss's weight (see above).
         k: general samples per batch for :class:`GeRePlugin` (0: the random mixing of the
             official default, where the general fraction of a batch varies).
+
+    Loops: :class:`GeRePlugin` in forgetcore's ``Trainer``; :class:`GeReCallback` in a Hugging Face
+    ``transformers.Trainer`` run (the generic :class:`~forgetcore.finetune.FinetuneCallback` cannot
+    carry this loss: see there).
 
     Departure: in forgetcore's ``Trainer`` the general and task rows share one forward pass
     (the official code runs two); the same for models without batch-coupled layers (no
@@ -198,13 +202,29 @@ class GeRe(FinetuneMethod):
                 "neg_thr": self.neg_thr if self.neg_thr is not None else torch.empty(0)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        need = {"w", "k", "seed", "ref", "pos_thr", "neg_thr"}
-        if not isinstance(state, dict) or not need <= state.keys():
-            raise ValueError(f"state: expected keys {sorted(need)}")
-        self.w, self.k, self.seed = state["w"], int(state["k"]), int(state["seed"])
-        self.ref = list(state["ref"])
-        self.pos_thr = state["pos_thr"] if state["pos_thr"].numel() else None
-        self.neg_thr = state["neg_thr"] if state["neg_thr"].numel() else None
+        check_state(state, {"w", "k", "seed", "ref", "pos_thr", "neg_thr"}, {"k": 0, "seed": 0})
+        w = state["w"]
+        if w != "dy" and (isinstance(w, (bool, str)) or not isinstance(w, (int, float)) or not w >= 0
+                          or not math.isfinite(w)):
+            raise ValueError(f"state: w must be a number >= 0 or 'dy', got {w!r}")
+        ref, pos, neg = state["ref"], state["pos_thr"], state["neg_thr"]
+        tensors = [pos, neg, *ref] if isinstance(ref, list) else None
+        if tensors is None or not all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in tensors):
+            raise TypeError("state: ref must be a list of float32 tensors, pos_thr and neg_thr float32 tensors")
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise ValueError("state: ref, pos_thr and neg_thr must be finite")
+        if ref:
+            h = pos.shape
+            if len(ref) != len(self.general_x) or pos.dim() != 1 or neg.shape != h or any(
+                    r.shape[-1:] != h for r in ref):
+                raise ValueError(f"state: expected {len(self.general_x)} references and thresholds of their "
+                                 f"width, got {len(ref)} references, thresholds {tuple(pos.shape)}, {tuple(neg.shape)}")
+        elif pos.numel() or neg.numel():
+            raise ValueError("state: thresholds without references")
+        self.w, self.k, self.seed = (w if w == "dy" else float(w)), state["k"], state["seed"]
+        self.ref = list(ref)
+        self.pos_thr = pos if pos.numel() else None
+        self.neg_thr = neg if neg.numel() else None
 
 
 class GeRePlugin(FinetunePlugin):
@@ -238,3 +258,115 @@ class GeRePlugin(FinetunePlugin):
 
     def loss(self, ctx: Any, batch: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
         return self.method.loss(ctx.model, batch, output)
+
+
+class GeReCallback(FinetuneCallback):
+    """GeRe in a Hugging Face ``transformers.Trainer`` run: add it to ``callbacks=[...]``.
+
+    Why the generic :class:`FinetuneCallback` cannot drive GeRe: its penalty is a function of the
+    parameters alone, added at ``on_step_begin``, and a ``TrainerCallback`` never sees the batch
+    nor the loss; GeRe's objective needs a forward pass of general samples and mixes their CE with
+    the task's CE (``(CE_task + CE_general) / 2 + w * L_TM``, with ``w = "dy"`` reading that mixed
+    CE), so it cannot be written as a separate gradient added before or after the task's.
+
+    What this callback does instead: at ``on_train_begin`` it records GeRe's references (unless
+    ``model=`` did so already) and puts a forward hook on the model. In training mode, when the
+    model's output holds the task ``loss`` (the Trainer passes ``labels``), the hook runs the
+    model on the next ``k`` general samples (``model(input_ids=general_x[i], labels=general_y[i])``,
+    a forward of its own, as the official ``GeReTrainer.compute_loss`` does), reads ``L_TM`` on the
+    ``features`` output, and replaces ``outputs.loss`` with the official objective; the Trainer then
+    backpropagates it as usual, so gradient accumulation, clipping and mixed precision all apply.
+    Under gradient accumulation the Trainer divides the model's summed loss by the number of target
+    tokens of the whole accumulated batch (``num_items_in_batch``): the general part gets the same
+    factor as the task part, so each micro-batch carries the official objective at the Trainer's
+    scale.
+
+    The general samples come in a fixed order: the general set reshuffled on every pass by a
+    generator seeded with ``(seed, pass)``; ``drawn`` (in :meth:`state_dict`) counts the samples
+    used, so a resumed run continues the same order. Departures from the official sampler: the
+    official ``InterpolateRandomSampler`` puts general samples into the Trainer's own batches;
+    here every micro-batch gets exactly ``k`` (GeRe's ``k``; ``k = 0`` means 1) extra ones. The
+    model must return a ``ModelOutput`` (``return_dict``, the default) and compute its own loss
+    from ``labels`` (no ``compute_loss_func``, no label smoothing, which replace ``outputs.loss``).
+    """
+
+    def __init__(self, method: GeRe, model: torch.nn.Module | None = None) -> None:
+        if not isinstance(method, GeRe):
+            raise TypeError(f"method: expected a GeRe, got {type(method).__name__}")
+        super().__init__(method, model)
+        self.method: GeRe = method
+        self.drawn = 0
+        self.losses: list[tuple[float, float]] = []  # (CE of the general samples, L_TM) per forward
+        self._hook: Any = None
+        self._inside = False
+        if model is not None:
+            self._attach(model)
+
+    def _next(self) -> torch.Tensor:
+        """The next ``k`` indices of the general set in the fixed reshuffled order."""
+        n, k = len(self.method.general_x), max(self.method.k, 1)
+        out = []
+        for j in range(self.drawn, self.drawn + k):
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.method.seed * 1_000_003 + j // n))
+            out.append(perm[j % n])
+        self.drawn += k
+        return torch.stack(out)
+
+    def _attach(self, model: torch.nn.Module) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+        self.method.reapply(model)
+        self._hook = model.register_forward_hook(self._replace_loss, with_kwargs=True)
+
+    def _replace_loss(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
+        if self._inside or not module.training:
+            return None
+        if not isinstance(out, dict):
+            raise ValueError("model: GeReCallback needs a ModelOutput with .loss (return_dict=True)")
+        loss = out.get("loss")
+        if loss is None:
+            return None
+        idx = self._next()
+        dev = loss.device
+        self._inside = True
+        try:
+            g = module(input_ids=self.method.general_x[idx].to(dev), labels=self.method.general_y[idx].to(dev))
+        finally:
+            self._inside = False
+        tm = self.method.tm_loss(self.method.last_features, idx)
+        scale = 1.0
+        if kwargs.get("num_items_in_batch") is not None:  # the model summed over tokens / all items of the step
+            mean = _causal_lm_ce(out["logits"].detach(), kwargs["labels"])
+            scale = float(loss.detach()) / max(float(mean), 1e-30)
+        ce = (loss / scale + g.loss) / 2  # the official averaging, at the per-token mean scale
+        out["loss"] = scale * (ce + self.method.weight(ce, tm) * tm)
+        self.losses.append((float(g.loss.detach()), float(tm.detach())))
+        return out
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        super().on_train_begin(args, state, control, model=model, **kwargs)
+        self._attach(model)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        pass  # the objective is set in the forward hook, not as a separate penalty
+
+    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.method.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"drawn": self.drawn, "method": self.method.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state(state, {"drawn", "method"}, {"drawn": 0})
+        self.method.load_state_dict(state["method"])  # checks its own state before it applies any
+        self.drawn = state["drawn"]
+        self.prepared = self.method.pos_thr is not None
+
+
+def _causal_lm_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token CE over the targets that are not -100 (what a causal LM's loss averages)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
+                           ignore_index=-100)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .. import _checks
-from .base import FinetuneMethod
+from .base import FinetuneMethod, check_state
 
 __all__ = ["HFT", "GatedMLP"]
 
@@ -137,9 +137,13 @@ class HFT(FinetuneMethod):
         return {"seed": self.seed, "stage": self.stage, "trainable": list(self.trainable)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or not {"seed", "stage", "trainable"} <= state.keys():
-            raise ValueError("state: expected keys ['seed', 'stage', 'trainable']")
-        self.seed, self.stage, self.trainable = int(state["seed"]), int(state["stage"]), list(state["trainable"])
+        check_state(state, {"seed", "stage", "trainable"}, {"seed": 0, "stage": -1})
+        trainable = state["trainable"]
+        if not isinstance(trainable, list) or not all(isinstance(n, str) for n in trainable):
+            raise TypeError(f"state: trainable must be a list of names, got {_checks.describe(trainable)}")
+        if state["stage"] == -1 and trainable:
+            raise ValueError("state: trainable must be empty before the first mask (stage -1)")
+        self.seed, self.stage, self.trainable = state["seed"], state["stage"], list(trainable)
 
 
 def _prefixes(name: str) -> list[str]:

@@ -81,6 +81,8 @@ class KappaTune:
                  method: str = "auto", progress: bool = True) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {_checks.describe(model)}")
+        if not isinstance(select, str):
+            raise TypeError(f"select: expected one of {SELECT}, got {type(select).__name__}")
         if select not in SELECT:
             raise ValueError(f"select: expected one of {SELECT}, got {select!r}")
         if (k is None) == (fraction is None):
@@ -130,7 +132,7 @@ class KappaTune:
             if missing:
                 raise ValueError(f"kappa: no value for {len(missing)} eligible weights, e.g. {missing[:3]}; "
                                  "the cache belongs to another model or other include/max_dim")
-            return {n: float(given[n]) for n in eligible}
+            return {n: _kappa_value("kappa", n, given[n]) for n in eligible}
         kap = condition_numbers(model, include=lambda n: n in set(eligible), method=method, progress=progress)
         if path is not None:
             KappaTune.save_kappa(kap, path)
@@ -147,7 +149,7 @@ class KappaTune:
         data = json.loads(Path(path).read_text())
         if not isinstance(data, dict):
             raise ValueError(f"kappa: expected a JSON object name -> kappa in {path}, got {type(data).__name__}")
-        return {str(n): float(v) for n, v in data.items()}
+        return {str(n): _kappa_value("kappa", n, float(v) if v == "inf" else v) for n, v in data.items()}
 
     def _rank(self, eligible: list[str]) -> list[str]:
         """Every eligible name in selection order; the selection is its first k."""
@@ -161,6 +163,9 @@ class KappaTune:
 
     @staticmethod
     def _check_extra(model: torch.nn.Module, extra: list[str]) -> None:
+        wrong = [n for n in extra if not isinstance(n, str)]
+        if wrong:
+            raise TypeError(f"trainable_extra: expected parameter or module names, got {wrong[:3]}")
         params = dict(model.named_parameters())
         modules = dict(model.named_modules())
         bad = [n for n in extra if n not in params and (n not in modules or n == "")]
@@ -241,22 +246,60 @@ class KappaTune:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore kappa and the selection, and freeze the model accordingly (not in LoRA mode:
-        a peft model is wrapped once, at construction)."""
+        a peft model is wrapped once, at construction). The whole state is checked first, as
+        strictly as the constructor's arguments (names, finite or inf kappa > 0, one kappa per
+        name, ``select``, ``k``, ``seed``, and the selection being what they determine); a state
+        that fails changes nothing."""
         need = {"names", "kappa", "selected", "select", "k", "seed", "trainable_extra"}
         if not isinstance(state, dict) or not need <= state.keys():
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"state: expected keys {sorted(need)}, got {got}")
         if self.lora is not None:
             raise ValueError("state: load_state_dict is not supported in LoRA mode; build a new KappaTune")
+        names, kap, selected = state["names"], state["kappa"], state["selected"]
+        for key, v in (("names", names), ("selected", selected), ("trainable_extra", state["trainable_extra"])):
+            if not isinstance(v, list) or not all(isinstance(n, str) for n in v):
+                raise TypeError(f"state: {key} must be a list of names, got {_checks.describe(v)}")
+        if not isinstance(kap, torch.Tensor) or kap.dtype != torch.float64 or kap.dim() != 1:
+            raise TypeError(f"state: kappa must be a 1-D float64 tensor, got {_checks.describe(kap)}")
+        if len(kap) != len(names) or len(set(names)) != len(names) or not names:
+            raise ValueError(f"state: expected one kappa per distinct name, got {len(kap)} values for "
+                             f"{len(names)} names ({len(set(names))} distinct)")
+        kappa = {n: _kappa_value("state", n, v) for n, v in zip(names, kap.tolist())}
+        select = state["select"]
+        if not isinstance(select, str) or select not in SELECT:
+            raise ValueError(f"state: select must be one of {SELECT}, got {select!r}")
+        if isinstance(state["k"], bool) or not isinstance(state["k"], int) or not 1 <= state["k"] <= len(names):
+            raise ValueError(f"state: k must be an int in [1, {len(names)}], got {state['k']!r}")
+        if isinstance(state["seed"], bool) or not isinstance(state["seed"], int) or state["seed"] < 0:
+            raise ValueError(f"state: seed must be an int >= 0, got {state['seed']!r}")
         params = dict(self.model.named_parameters())
-        unknown = [n for n in state["selected"] if n not in params]
+        unknown = [n for n in names if n not in params or params[n].dim() < 2]
         if unknown:
-            raise ValueError(f"state: selected weights {unknown[:3]} are not parameters of this model")
-        self._check_extra(self.model, list(state["trainable_extra"]))
-        self.kappa = dict(zip(state["names"], state["kappa"].tolist()))
-        self.select, self.k, self.seed = state["select"], int(state["k"]), int(state["seed"])
-        self._ranking = self._rank(list(self.kappa))
-        self.selected = list(state["selected"])
+            raise ValueError(f"state: weights {unknown[:3]} are not matrices of this model")
+        try:
+            self._check_extra(self.model, list(state["trainable_extra"]))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"state: {e}") from None
+        old = (self.kappa, self.select, self.seed)
+        self.kappa, self.select, self.seed = kappa, select, state["seed"]
+        ranking = self._rank(names)
+        self.kappa, self.select, self.seed = old
+        if selected != ranking[:state["k"]]:
+            raise ValueError(f"state: selected {selected[:3]}... is not the first k={state['k']} of the "
+                             f"{select!r} ranking of its kappa (seed {state['seed']})")
+        self.kappa, self.select, self.k, self.seed = kappa, select, state["k"], state["seed"]
+        self._ranking = ranking
+        self.selected = list(selected)
         self.trainable_extra = list(state["trainable_extra"])
         self._apply()
 
+
+def _kappa_value(arg: str, name: str, v: Any) -> float:
+    """A condition number: a real > 0, inf allowed (a singular matrix), NaN not."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{arg}: kappa of {name!r} must be a number, got {type(v).__name__}")
+    v = float(v)
+    if math.isnan(v) or v <= 0:
+        raise ValueError(f"{arg}: kappa of {name!r} must be > 0 (inf for a singular matrix), got {v}")
+    return v

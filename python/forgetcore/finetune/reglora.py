@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .. import _checks
-from .base import FinetuneMethod
+from .base import FinetuneMethod, check_state
 
 __all__ = ["RegLoRA"]
 
@@ -125,7 +125,13 @@ class RegLoRA(FinetuneMethod):
         return {"stage": self.stage, "seed": self.seed, "keys": {n: v.clone() for n, v in self.keys.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or not {"stage", "seed", "keys"} <= state.keys():
-            raise ValueError("state: expected keys ['keys', 'seed', 'stage']")
-        self.stage, self.seed = int(state["stage"]), int(state["seed"])
-        self.keys = {str(n): v.clone().long() for n, v in state["keys"].items()}
+        check_state(state, {"keys", "seed", "stage"}, {"seed": 0, "stage": -1})
+        keys = state["keys"]
+        if not isinstance(keys, dict) or not all(
+                isinstance(n, str) and isinstance(v, torch.Tensor) and v.dim() == 1 and v.dtype == torch.long
+                for n, v in keys.items()):
+            raise TypeError(f"state: keys must map module names to 1-D int64 tensors, got {_checks.describe(keys)}")
+        if any(len(v) and int(v.min()) < 0 for v in keys.values()):
+            raise ValueError("state: keys must hold flat indices >= 0")
+        self.stage, self.seed = state["stage"], state["seed"]
+        self.keys = {n: v.clone() for n, v in keys.items()}
