@@ -129,3 +129,108 @@ def replay_buffer(name: str, buffer: Any) -> Any:
         raise TypeError(f"{name}: expected a replay buffer with add, sample, len, state_dict and "
                         f"load_state_dict, got {type(buffer).__name__} without {missing}")
     return buffer
+
+
+def tensor_list(name: str, v: Any) -> list[Any]:
+    """``v`` as a list (a sequence of tensors is expected): ``None``, a single tensor, a string or
+    anything not iterable is a TypeError naming ``name``, not Python's "'NoneType' object is not
+    iterable"."""
+    if v is None or isinstance(v, (torch.Tensor, str, bytes)) or not hasattr(v, "__iter__"):
+        what = f"a single tensor {describe(v)}" if isinstance(v, torch.Tensor) else describe(v)
+        raise TypeError(f"{name}: expected a list of tensors, got {what}")
+    return list(v)
+
+
+# Above this many bytes per tensor the exact overlap test (one int64 per byte touched) is skipped
+# and intersecting byte ranges count as an overlap: conservative, and said so in the message.
+_EXACT_OVERLAP_BYTES = 1 << 24
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) bytes of memory that ``t``'s elements touch (absolute addresses)."""
+    lo = hi = 0
+    for size, stride in zip(t.shape, t.stride()):
+        if stride < 0:
+            lo += (size - 1) * stride
+        else:
+            hi += (size - 1) * stride
+    es = t.element_size()
+    return t.data_ptr() + lo * es, t.data_ptr() + (hi + 1) * es
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """Sorted absolute addresses of every byte ``t``'s elements touch (int64, on the CPU)."""
+    offsets = torch.zeros((), dtype=torch.int64)
+    for size, stride in zip(t.shape, t.stride()):
+        offsets = (offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride)
+    es = t.element_size()
+    out = (offsets.reshape(-1, 1) * es + torch.arange(es, dtype=torch.int64)).reshape(-1) + t.data_ptr()
+    return out.sort().values
+
+
+def _exact(a: torch.Tensor, b: torch.Tensor | None) -> bool | None:
+    """Whether ``a`` and ``b`` share a byte (``b=None``: whether ``a`` touches a byte twice).
+    ``None`` when too large to tell exactly."""
+    if a.numel() * a.element_size() > _EXACT_OVERLAP_BYTES or (
+            b is not None and b.numel() * b.element_size() > _EXACT_OVERLAP_BYTES):
+        return None
+    x = _bytes(a)
+    if b is None:
+        return bool((x[1:] == x[:-1]).any()) if x.numel() > 1 else False
+    return bool(torch.isin(x, _bytes(b)).any())
+
+
+def self_overlapping(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` share memory (an ``expand``-ed or ``as_strided`` view)."""
+    if t.numel() <= 1 or t.is_contiguous():
+        return False
+    if any(s == 0 and n > 1 for n, s in zip(t.shape, t.stride())):
+        return True
+    lo, hi = _byte_range(t)
+    if hi - lo < t.numel() * t.element_size():
+        return True
+    # Sorted by stride, each stride must clear the extent of the smaller dims: no overlap then.
+    dims = sorted((abs(s), n) for n, s in zip(t.shape, t.stride()) if n > 1)
+    extent = 1
+    for s, n in dims:
+        if s < extent:
+            return _exact(t, None) is not False
+        extent = s * (n - 1) + extent
+    return False
+
+
+def disjoint(name: str, written: Sequence[torch.Tensor], read: Sequence[torch.Tensor] = (),
+             read_name: str | None = None) -> None:
+    """Refuse in-place arguments that share memory: two ``written`` tensors, a written tensor with
+    one of ``read``, or a written tensor whose own elements overlap. Any layout: the test is on
+    absolute byte ranges (so views of one storage and tensors sharing a numpy buffer are both
+    caught), refined exactly for strided views whose ranges interleave (e.g. ``x[:, 0]`` and
+    ``x[:, 1]`` are disjoint); above 16 MiB such interleaved views are refused conservatively.
+    An in-place kernel given the same memory twice would apply its update twice (or race).
+    """
+    spans = []
+    for kind, ts in (("w", written), ("r", read)):
+        for i, t in enumerate(ts):
+            if t.numel() and t.device.type != "meta":  # meta tensors have no memory
+                lo, hi = _byte_range(t)
+                spans.append((str(t.device), lo, hi, kind, i, t))
+    for i, t in enumerate(written):
+        if t.device.type != "meta" and self_overlapping(t):
+            raise ValueError(f"{name}[{i}]: its elements share memory ({describe(t)} with strides {t.stride()}); "
+                             f"an in-place update would write them twice: pass a tensor that owns its memory")
+    spans.sort(key=lambda s: (s[0], s[1]))
+    for j, (dev, _, hi, kind, i, t) in enumerate(spans):
+        for dev2, lo2, _, kind2, i2, t2 in spans[j + 1:]:
+            if dev2 != dev or lo2 >= hi:
+                break
+            if "w" not in (kind, kind2):
+                continue
+            exact = _exact(t, t2)
+            if exact is False:
+                continue
+            (ka, ia), (kb, ib) = sorted([(kind, i), (kind2, i2)], key=lambda p: (p[0] != "w", p[1]))
+            label_a = f"{name}[{ia}]"
+            label_b = f"{name}[{ib}]" if kb == "w" else f"{read_name or 'an input'}[{ib}]"
+            how = "shares memory with" if exact else "may share memory with (their byte ranges intersect)"
+            raise ValueError(f"{label_a}: {how} {label_b}; an in-place update would apply twice: "
+                             f"pass tensors that do not overlap (e.g. .clone() one)")

@@ -68,10 +68,13 @@ def project_out_(grads: Sequence[torch.Tensor], bases: Sequence[torch.Tensor], *
     """``G <- G - (G U) U^T`` in place for every (out, in) gradient and its (in, rank) basis.
 
     Every argument is checked before anything is written: a NaN gradient, a basis of the wrong
-    dimension or one that is not orthonormal (a cheap O(in * rank) probe when ``check``) raises
-    and leaves all gradients unchanged. Non-contiguous gradients are projected through a copy.
+    dimension or one that is not orthonormal (a cheap O(in * rank) probe when ``check``), or two
+    gradients that share memory (the same tensor twice, overlapping views: it would project
+    twice) raises and leaves all gradients unchanged. Non-contiguous gradients are projected
+    through a copy. Not differentiable: gradients and bases that require grad are written and
+    read through detached views (``forgetcore.ops.project_grad`` is the differentiable form).
     """
-    grads, bases = list(grads), list(bases)
+    grads, bases = _checks.tensor_list("grads", grads), _checks.tensor_list("bases", bases)
     if len(grads) != len(bases):
         raise ValueError(f"bases: expected one basis per gradient ({len(grads)}), got {len(bases)}")
     if not grads:
@@ -87,7 +90,11 @@ def project_out_(grads: Sequence[torch.Tensor], bases: Sequence[torch.Tensor], *
                              f"columns), got {_checks.describe(u)}")
         if u.shape[1] > u.shape[0]:
             raise ValueError(f"bases[{i}]: rank {u.shape[1]} exceeds the dimension {u.shape[0]}")
+    _checks.disjoint("grads", grads, bases, "bases")
+    grads = [g.detach() for g in grads]  # writes through: same memory, outside autograd
+    bases = [u.detach() for u in bases]
     if _backend.dispatch("subspace.project_out_", device) == _backend.RUST:
+        # The kernel checks every gradient and basis before it writes any (all-or-nothing).
         work = [g if g.is_contiguous() else g.contiguous() for g in grads]
         _core.project_out_([_checks.numpy_view(g) for g in work],
                            [_checks.numpy_view(u.contiguous()) for u in bases], check)
@@ -100,11 +107,16 @@ def project_out_(grads: Sequence[torch.Tensor], bases: Sequence[torch.Tensor], *
     if check:
         for i, u in enumerate(bases):
             check_orthonormal(f"bases[{i}]", u)
-    reference.project_out_(grads, bases)
+    with torch.no_grad():
+        reference.project_out_(grads, bases)
 
 
 def project_out_flat_(g: torch.Tensor, vectors: torch.Tensor, *, check: bool = True) -> None:
-    """``g <- g - V^T (V g)`` in place for a flat (n,) vector and orthonormal rows ``V`` (rank, n)."""
+    """``g <- g - V^T (V g)`` in place for a flat (n,) vector and orthonormal rows ``V`` (rank, n).
+
+    Checked before writing (NaN, orthonormality when ``check``, ``g`` sharing memory with
+    ``vectors``); inputs that require grad are used through detached views (not differentiable).
+    """
     _f32("g", g, 1)
     _f32("vectors", vectors, 2)
     _same_device("vectors", vectors, g.device)
@@ -112,6 +124,8 @@ def project_out_flat_(g: torch.Tensor, vectors: torch.Tensor, *, check: bool = T
         raise ValueError(f"vectors: expected shape (*, {g.shape[0]}), got {_checks.describe(vectors)}")
     if g.numel() and vectors.shape[0] > g.shape[0]:
         raise ValueError(f"vectors: rank {vectors.shape[0]} exceeds the dimension {g.shape[0]}")
+    _checks.disjoint("g", [g], [vectors], "vectors")
+    g, vectors = g.detach(), vectors.detach()
     unsupported = None if g.is_contiguous() else f"g is not contiguous (stride {g.stride()})"
     if _backend.dispatch("subspace.project_out_flat_", g.device, unsupported=unsupported) == _backend.RUST:
         _core.project_out_flat_(_checks.numpy_view(g), _checks.numpy_view(vectors.contiguous()), check)
@@ -120,7 +134,8 @@ def project_out_flat_(g: torch.Tensor, vectors: torch.Tensor, *, check: bool = T
     _checks.finite("vectors", vectors)
     if check:
         check_orthonormal("vectors", vectors.T)
-    reference.project_out_flat_(g, vectors)
+    with torch.no_grad():
+        reference.project_out_flat_(g, vectors)
 
 
 def orthonormalize(vectors: torch.Tensor, tol: float | None = None) -> tuple[torch.Tensor, list[int]]:
@@ -401,9 +416,12 @@ class GradientProjector:
         """Input representation matrices (dim, n_columns) of every layer for the inputs ``x``.
 
         Runs the model in eval mode (restored afterwards) and records each layer's input:
-        Linear inputs as columns, Conv2d inputs as unfolded patches.
+        Linear inputs as columns, Conv2d inputs as unfolded patches. ``x`` must be finite, and so
+        must what the model feeds its layers (a NaN there is an error naming ``model``): a basis
+        grown from NaN representations would be NaN.
         """
         _checks.tensor("x", x)
+        _checks.finite("x", x)
         batch_size = _checks.positive_int("batch_size", batch_size)
         cols: dict[str, list[torch.Tensor]] = {n: [] for n in self.layers}
 
@@ -426,4 +444,9 @@ class GradientProjector:
             for h in handles:
                 h.remove()
             self.model.train(was_training)
-        return {n: torch.cat(c, dim=1).contiguous() for n, c in cols.items() if c}
+        reps = {n: torch.cat(c, dim=1).contiguous() for n, c in cols.items() if c}
+        for n, r in reps.items():
+            if not bool(torch.isfinite(r).all()):
+                raise ValueError(f"model: produced non-finite inputs to layer {n!r} from finite x "
+                                 f"({int((~torch.isfinite(r)).sum())} NaN/inf of {r.numel()})")
+        return reps
