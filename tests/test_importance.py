@@ -416,3 +416,11 @@ def test_none_for_grads_or_importances_is_a_type_error_naming_it():
         imp.ssd_dampen_([torch.zeros(3)], None, [torch.zeros(3)], 1.0)
     with pytest.raises(TypeError, match="^imp_forget: expected a list of tensors, got int"):
         imp.ssd_dampen_([torch.zeros(3)], [torch.zeros(3)], 3, 1.0)
+
+
+def test_validated_must_be_a_bool():
+    # Before: validated="no" was truthy and skipped the NaN pass.
+    with pytest.raises(TypeError, match="^validated: expected a bool, got str"):
+        imp.accumulate_([torch.zeros(3)], [torch.tensor([math.nan, 0.0, 0.0])], validated="no")
+    with pytest.raises(TypeError, match="^validated: expected a bool, got int"):
+        imp.ssd_dampen_([torch.ones(3)], [torch.ones(3)], [torch.ones(3)], 1.0, validated=1)

@@ -383,3 +383,24 @@ def test_representations_refuse_nan_input_and_nan_produced_by_the_model():
         model[0].weight[0, 0] = float("inf")
     with pytest.raises(ValueError, match="^model: produced non-finite inputs to layer '1'"):
         proj.representations(torch.randn(5, 3))
+
+
+def test_wrong_types_are_type_errors_naming_the_argument():
+    # Each failed before its fix with Python's or pyo3's own message (or was accepted).
+    u = _basis(6, 2, 6)
+    with pytest.raises(TypeError, match="^check: expected a bool, got str"):
+        subspace.project_out_([torch.zeros(2, 6)], [u], check="no")
+    with pytest.raises(TypeError, match="^bases: expected a list of tensors"):
+        subspace.extend_bases(None, None, 0.9)
+    with pytest.raises(TypeError, match="^reps: expected a mapping"):
+        Subspace().extend(None, 0.9)
+    with pytest.raises(TypeError, match="^grads: expected a mapping"):
+        Subspace().project_(None)
+    with pytest.raises(TypeError, match=r"^state\['bases'\]: expected str layer names"):
+        Subspace().load_state_dict({"bases": {3: u}})
+    with pytest.raises(TypeError, match="^state: expected a mapping"):
+        Subspace().load_state_dict(None)
+    with pytest.raises(ValueError, match="^device: expected a device"):
+        Subspace(device="nope")
+    with pytest.raises(ValueError, match=r"^x: the model cannot run on x"):
+        GradientProjector(nn.Linear(3, 2), Subspace()).representations(torch.randn(2, 4))

@@ -234,3 +234,22 @@ def disjoint(name: str, written: Sequence[torch.Tensor], read: Sequence[torch.Te
             how = "shares memory with" if exact else "may share memory with (their byte ranges intersect)"
             raise ValueError(f"{label_a}: {how} {label_b}; an in-place update would apply twice: "
                              f"pass tensors that do not overlap (e.g. .clone() one)")
+
+
+def flag(name: str, v: Any) -> bool:
+    """A bool argument (``check=``, ``validated=``): a string or a number is a TypeError, not truthy."""
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
+    return bool(v)
+
+
+def device(name: str, v: Any) -> torch.device:
+    """A torch device from a ``torch.device`` or a string; an unknown string is a ValueError naming ``name``."""
+    if isinstance(v, torch.device):
+        return v
+    if not isinstance(v, str):
+        raise TypeError(f"{name}: expected a torch.device or a str, got {type(v).__name__}")
+    try:
+        return torch.device(v)
+    except RuntimeError as e:
+        raise ValueError(f"{name}: expected a device such as 'cpu' or 'cuda:0', got {v!r} ({e})") from None

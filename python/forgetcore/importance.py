@@ -184,6 +184,7 @@ def accumulate_(acc: ImpLike | ParamsLike, grads: ImpLike, scale: float = 1.0, m
     if mode not in ("sq", "abs"):
         raise ValueError(f"mode: expected 'sq' or 'abs', got {mode!r}")
     scale = _checks.real("scale", scale)
+    validated = _checks.flag("validated", validated)
     names, accs = _named("acc", acc)
     for i, a in enumerate(accs):
         _checks.tensor(f"acc[{i}]", a, dtype=torch.float32)
@@ -257,6 +258,7 @@ def ssd_dampen_(params: ParamsLike, imp_full: ImpLike, imp_forget: ImpLike, alph
     """
     alpha = _checks.real("alpha", alpha, low=0.0)
     lam = _checks.real("lam", lam, low=0.0)
+    validated = _checks.flag("validated", validated)
     names, plist = _named("params", params)
     _check_params("params", plist)
     full = _match("imp_full", imp_full, names, plist)

@@ -75,6 +75,7 @@ def project_out_(grads: Sequence[torch.Tensor], bases: Sequence[torch.Tensor], *
     read through detached views (``forgetcore.ops.project_grad`` is the differentiable form).
     """
     grads, bases = _checks.tensor_list("grads", grads), _checks.tensor_list("bases", bases)
+    check = _checks.flag("check", check)
     if len(grads) != len(bases):
         raise ValueError(f"bases: expected one basis per gradient ({len(grads)}), got {len(bases)}")
     if not grads:
@@ -119,6 +120,7 @@ def project_out_flat_(g: torch.Tensor, vectors: torch.Tensor, *, check: bool = T
     """
     _f32("g", g, 1)
     _f32("vectors", vectors, 2)
+    check = _checks.flag("check", check)
     _same_device("vectors", vectors, g.device)
     if vectors.shape[1] != g.shape[0]:
         raise ValueError(f"vectors: expected shape (*, {g.shape[0]}), got {_checks.describe(vectors)}")
@@ -174,7 +176,7 @@ def extend_bases(
 
     Returns new tensors; the inputs are never modified.
     """
-    bases, reps = list(bases), list(reps)
+    bases, reps = _checks.tensor_list("bases", bases), _checks.tensor_list("reps", reps)
     _check_criterion(criterion, count)
     if len(reps) != len(bases):
         raise ValueError(f"reps: expected one matrix per basis ({len(bases)}), got {len(reps)}")
@@ -250,8 +252,10 @@ class Subspace:
     """
 
     def __init__(self, bases: Mapping[str, torch.Tensor] | None = None, *, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
+        self.device = _checks.device("device", device)
         self._bases: dict[str, torch.Tensor] = {}
+        if bases is not None and not isinstance(bases, Mapping):
+            raise TypeError(f"bases: expected a mapping name -> (dim, rank) tensor, got {type(bases).__name__}")
         for name, u in (bases or {}).items():
             self.set(name, u)
 
@@ -291,8 +295,12 @@ class Subspace:
         Layers not seen before start empty. Returns the number of directions added per layer;
         raises before changing anything.
         """
+        if not isinstance(reps, Mapping):
+            raise TypeError(f"reps: expected a mapping layer name -> (dim, n) tensor, got {type(reps).__name__}")
         names = list(reps)
         for name in names:
+            if not isinstance(name, str):
+                raise TypeError(f"reps: expected str layer names, got {type(name).__name__} {name!r}")
             a = _f32(f"reps[{name!r}]", reps[name], 2)
             if name in self._bases and self._bases[name].shape[0] != a.shape[0]:
                 raise ValueError(f"reps[{name!r}]: expected {self._bases[name].shape[0]} rows, "
@@ -311,6 +319,8 @@ class Subspace:
 
     def project_(self, grads: Mapping[str, torch.Tensor]) -> None:
         """Remove the span of each named basis from the (out, dim) gradient of the same name."""
+        if not isinstance(grads, Mapping):
+            raise TypeError(f"grads: expected a mapping layer name -> (out, dim) tensor, got {type(grads).__name__}")
         names = [n for n in grads if n in self._bases and self._bases[n].shape[1] > 0]
         if names:
             project_out_([grads[n] for n in names], [self._bases[n] for n in names], check=False)
@@ -319,10 +329,14 @@ class Subspace:
         return {"bases": {k: u.detach().cpu().clone() for k, u in self._bases.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        bases = state.get("bases") if isinstance(state, Mapping) else None
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state: expected a mapping, got {type(state).__name__}")
+        bases = state.get("bases")
         if not isinstance(bases, Mapping):
             raise ValueError("state: expected a mapping with a 'bases' mapping")
-        for name, u in bases.items():
+        for name, u in bases.items():  # everything is checked before anything is replaced
+            if not isinstance(name, str):
+                raise TypeError(f"state['bases']: expected str layer names, got {type(name).__name__} {name!r}")
             check_orthonormal(f"state['bases'][{name!r}]", u)
         self._bases = {k: u.detach().to(self.device).contiguous().clone() for k, u in bases.items()}
 
@@ -439,7 +453,10 @@ class GradientProjector:
         self.model.eval()
         try:
             for s in range(0, len(x), batch_size):
-                self.model(x[s:s + batch_size])
+                try:
+                    self.model(x[s:s + batch_size])
+                except RuntimeError as e:  # a shape or dtype the model cannot take
+                    raise ValueError(f"x: the model cannot run on x ({_checks.describe(x)}): {e}") from e
         finally:
             for h in handles:
                 h.remove()
