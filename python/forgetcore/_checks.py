@@ -57,6 +57,8 @@ def tensor(
 
 def finite(name: str, t: torch.Tensor) -> torch.Tensor:
     """Raise ValueError if ``t`` holds NaN or inf (one reduction; a host sync on CUDA)."""
+    if t.device.type == "meta":
+        raise ValueError(f"{name}: expected a tensor with values, got a meta tensor {describe(t)}")
     if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name}: expected finite values, got {bad} NaN/inf of {t.numel()}")

@@ -140,9 +140,20 @@ def _tensors(name: str, v: Any) -> list[torch.Tensor]:
     return out
 
 
+def _one_device(**lists: list[torch.Tensor]) -> None:
+    """Every tensor on one device, checked before the op dispatches: torch sends a call with any
+    meta tensor to the op's fake implementation, which checks nothing."""
+    first = next((t.device for ts in lists.values() for t in ts), None)
+    for name, ts in lists.items():
+        for i, t in enumerate(ts):
+            if t.device != first:
+                raise ValueError(f"{name}[{i}]: expected every tensor on {first}, got {_checks.describe(t)}")
+
+
 def project_out_(grads: Sequence[torch.Tensor], bases: Sequence[torch.Tensor], *, check: bool = True) -> None:
     """``G <- G - (G U) U^T`` in place for (out, in) gradients and (in, rank) bases, as a torch op."""
     grads, bases, check = _tensors("grads", grads), _tensors("bases", bases), _checks.flag("check", check)
+    _one_device(grads=grads, bases=bases)
     with torch.no_grad():
         torch.ops.forgetcore.project_out_(grads, _detached(bases), check)
 
@@ -151,6 +162,8 @@ def project_out(grad: torch.Tensor, basis: torch.Tensor, *, check: bool = True) 
     """A new tensor ``g - (g U) U^T``, ``g`` being ``grad`` viewed as (rows, dim); same shape as ``grad``."""
     _checks.tensor("grad", grad)
     _checks.tensor("basis", basis)
+    if grad.device != basis.device:
+        raise ValueError(f"basis: expected a tensor on {grad.device}, got {_checks.describe(basis)}")
     return torch.ops.forgetcore.project_out(grad.detach(), basis.detach(), _checks.flag("check", check))
 
 
@@ -162,6 +175,7 @@ def accumulate_(acc: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], scal
     schema takes ``Tensor[]``): leave such pairs out of both lists.
     """
     acc, grads = _tensors("acc", acc), _tensors("grads", grads)
+    _one_device(acc=acc, grads=grads)
     scale = _checks.real("scale", scale)
     if not isinstance(mode, str):
         raise TypeError(f"mode: expected a str, got {type(mode).__name__}")
@@ -175,6 +189,7 @@ def ssd_dampen_(params: Sequence[torch.Tensor], imp_full: Sequence[torch.Tensor]
     params, imp_full, imp_forget = _tensors("params", params), _tensors("imp_full", imp_full), \
         _tensors("imp_forget", imp_forget)
     alpha, lam = _checks.real("alpha", alpha, low=0.0), _checks.real("lam", lam, low=0.0)
+    _one_device(params=params, imp_full=imp_full, imp_forget=imp_forget)
     with torch.no_grad():
         return torch.ops.forgetcore.ssd_dampen_(params, _detached(imp_full), _detached(imp_forget),
                                                 alpha, lam, _checks.flag("validated", validated))
