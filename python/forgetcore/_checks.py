@@ -8,7 +8,7 @@ Checks run before anything is modified, so a call that raises leaves all state a
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -201,41 +201,49 @@ def self_overlapping(t: torch.Tensor) -> bool:
     return False
 
 
-def disjoint(name: str, written: Sequence[torch.Tensor], read: Sequence[torch.Tensor] = (),
-             read_name: str | None = None) -> None:
+def disjoint(name: str, written: Sequence[torch.Tensor],
+             reads: Mapping[str, Sequence[torch.Tensor]] | None = None) -> None:
     """Refuse in-place arguments that share memory: two ``written`` tensors, a written tensor with
-    one of ``read``, or a written tensor whose own elements overlap. Any layout: the test is on
-    absolute byte ranges (so views of one storage and tensors sharing a numpy buffer are both
-    caught), refined exactly for strided views whose ranges interleave (e.g. ``x[:, 0]`` and
-    ``x[:, 1]`` are disjoint); above 16 MiB such interleaved views are refused conservatively.
-    An in-place kernel given the same memory twice would apply its update twice (or race).
+    one of ``reads`` (argument name -> tensors), or a written tensor whose own elements overlap.
+    Any layout: the test is on absolute byte ranges (so views of one storage and tensors sharing a
+    numpy buffer are both caught), refined exactly for strided views whose ranges interleave
+    (e.g. ``x[:, 0]`` and ``x[:, 1]`` are disjoint); above 16 MiB such interleaved views are
+    refused conservatively, and the message says so. An in-place kernel given the same memory
+    twice would apply its update twice (or race). Tensors are on one device (checked before).
     """
-    spans = []
-    for kind, ts in (("w", written), ("r", read)):
+    tensors: list[tuple[str, torch.Tensor]] = []
+    spans: list[tuple[int, int, int]] = []  # (first byte, end, index into tensors)
+    groups = [(name, written)] + list((reads or {}).items())
+    for g, (label, ts) in enumerate(groups):
         for i, t in enumerate(ts):
-            if t.numel() and t.device.type != "meta":  # meta tensors have no memory
-                lo, hi = _byte_range(t)
-                spans.append((str(t.device), lo, hi, kind, i, t))
-    for i, t in enumerate(written):
-        if t.device.type != "meta" and self_overlapping(t):
-            raise ValueError(f"{name}[{i}]: its elements share memory ({describe(t)} with strides {t.stride()}); "
-                             f"an in-place update would write them twice: pass a tensor that owns its memory")
-    spans.sort(key=lambda s: (s[0], s[1]))
-    for j, (dev, _, hi, kind, i, t) in enumerate(spans):
-        for dev2, lo2, _, kind2, i2, t2 in spans[j + 1:]:
-            if dev2 != dev or lo2 >= hi:
-                break
-            if "w" not in (kind, kind2):
+            if not t.numel() or t.device.type == "meta":  # meta tensors have no memory
                 continue
-            exact = _exact(t, t2)
+            if t.is_contiguous():  # the common case: no Python loop over dimensions
+                lo = t.data_ptr()
+                hi = lo + t.numel() * t.element_size()
+            else:
+                if g == 0 and self_overlapping(t):
+                    raise ValueError(f"{label}[{i}]: its elements share memory ({describe(t)} with strides "
+                                     f"{t.stride()}); an in-place update would write them twice: pass a tensor "
+                                     f"that owns its memory")
+                lo, hi = _byte_range(t)
+            spans.append((lo, hi, len(tensors)))
+            tensors.append((f"{label}[{i}]", t))
+    n_written = sum(1 for t in written if t.numel() and t.device.type != "meta")
+    spans.sort()
+    for j, (_, hi, a) in enumerate(spans):
+        for lo2, _, b in spans[j + 1:]:
+            if lo2 >= hi:
+                break
+            if a >= n_written and b >= n_written:
+                continue  # two read-only arguments may share memory
+            exact = _exact(tensors[a][1], tensors[b][1])
             if exact is False:
                 continue
-            (ka, ia), (kb, ib) = sorted([(kind, i), (kind2, i2)], key=lambda p: (p[0] != "w", p[1]))
-            label_a = f"{name}[{ia}]"
-            label_b = f"{name}[{ib}]" if kb == "w" else f"{read_name or 'an input'}[{ib}]"
+            first, second = sorted((a, b))
             how = "shares memory with" if exact else "may share memory with (their byte ranges intersect)"
-            raise ValueError(f"{label_a}: {how} {label_b}; an in-place update would apply twice: "
-                             f"pass tensors that do not overlap (e.g. .clone() one)")
+            raise ValueError(f"{tensors[first][0]}: {how} {tensors[second][0]}; an in-place update would "
+                             f"apply twice: pass tensors that do not overlap (e.g. .clone() one)")
 
 
 def flag(name: str, v: Any) -> bool:

@@ -211,7 +211,7 @@ def accumulate_(acc: ImpLike | ParamsLike, grads: ImpLike, scale: float = 1.0, m
         return
     a_l, g_l = [a for a, _ in pairs], [g for _, g in pairs]
     # Every path (kernels and reference): an accumulator aliasing another or a gradient would add twice.
-    _checks.disjoint("acc", a_l, g_l, "grads")
+    _checks.disjoint("acc", a_l, {"grads": g_l})
     backend = _backend.dispatch("importance.accumulate_", a_l[0].device, cuda_kernel=True,
                                 unsupported=_unsupported("acc", a_l))
     if not validated:
@@ -270,8 +270,7 @@ def ssd_dampen_(params: ParamsLike, imp_full: ImpLike, imp_forget: ImpLike, alph
                                 unsupported=_unsupported("params", plist))
     use_rust, use_cuda = backend == _backend.RUST, backend == _backend.CUDA
     # Every path: a parameter given twice (or overlapping another / an importance) would be dampened twice.
-    _checks.disjoint("params", plist, full, "imp_full")
-    _checks.disjoint("params", plist, forget, "imp_forget")
+    _checks.disjoint("params", plist, {"imp_full": full, "imp_forget": forget})
     if not validated:
         # NaN/inf parameters would pass through the dampening silently: one read pass, before any write.
         _check_finite("params", plist, list(range(len(plist))), names, use_rust)

@@ -91,7 +91,7 @@ def project_out_(grads: Sequence[torch.Tensor], bases: Sequence[torch.Tensor], *
                              f"columns), got {_checks.describe(u)}")
         if u.shape[1] > u.shape[0]:
             raise ValueError(f"bases[{i}]: rank {u.shape[1]} exceeds the dimension {u.shape[0]}")
-    _checks.disjoint("grads", grads, bases, "bases")
+    _checks.disjoint("grads", grads, {"bases": bases})
     grads = [g.detach() for g in grads]  # writes through: same memory, outside autograd
     bases = [u.detach() for u in bases]
     if _backend.dispatch("subspace.project_out_", device) == _backend.RUST:
@@ -126,7 +126,7 @@ def project_out_flat_(g: torch.Tensor, vectors: torch.Tensor, *, check: bool = T
         raise ValueError(f"vectors: expected shape (*, {g.shape[0]}), got {_checks.describe(vectors)}")
     if g.numel() and vectors.shape[0] > g.shape[0]:
         raise ValueError(f"vectors: rank {vectors.shape[0]} exceeds the dimension {g.shape[0]}")
-    _checks.disjoint("g", [g], [vectors], "vectors")
+    _checks.disjoint("g", [g], {"vectors": [vectors]})
     g, vectors = g.detach(), vectors.detach()
     unsupported = None if g.is_contiguous() else f"g is not contiguous (stride {g.stride()})"
     if _backend.dispatch("subspace.project_out_flat_", g.device, unsupported=unsupported) == _backend.RUST:
