@@ -404,3 +404,12 @@ def test_wrong_types_are_type_errors_naming_the_argument():
         Subspace(device="nope")
     with pytest.raises(ValueError, match=r"^x: the model cannot run on x"):
         GradientProjector(nn.Linear(3, 2), Subspace()).representations(torch.randn(2, 4))
+
+
+def test_subspace_extend_threshold_mapping_is_checked():
+    # Before: a KeyError for a layer without a threshold, float()'s unnamed ValueError for a string.
+    reps = {"a": torch.randn(6, 4, generator=torch.Generator().manual_seed(7))}
+    with pytest.raises(ValueError, match=r"^threshold: expected a threshold for every layer"):
+        Subspace().extend(reps, {"b": 0.9})
+    with pytest.raises(TypeError, match="^threshold: expected a real number, got str"):
+        Subspace().extend(reps, {"a": "x"})

@@ -306,7 +306,13 @@ class Subspace:
                 raise ValueError(f"reps[{name!r}]: expected {self._bases[name].shape[0]} rows, "
                                  f"got {_checks.describe(a)}")
         old = [self._bases.get(n, torch.zeros((reps[n].shape[0], 0), device=self.device)) for n in names]
-        th = [float(threshold[n]) if isinstance(threshold, Mapping) else threshold for n in names]
+        if isinstance(threshold, Mapping):
+            missing = [n for n in names if n not in threshold]
+            if missing:
+                raise ValueError(f"threshold: expected a threshold for every layer of reps, missing {missing[:3]}")
+            th = [threshold[n] for n in names]
+        else:
+            th = [threshold] * len(names)
         rs = None if ratios is None else [ratios.get(n) for n in names]
         new = extend_bases(old, [reps[n].detach().to(self.device) for n in names], th,
                            criterion=criterion, count=count, ratios=rs)
