@@ -63,8 +63,11 @@ test-python:
 
 # Tests too slow for the CI budget (world size 4, long fuzzing, Flower's simulation engine).
 # (pytest's exit status 5, "no tests collected", is not a failure here.)
+# PROPTEST_CASES: the kernel crate's property tests at full strength (CI runs them CI-sized).
+PROPTEST_SLOW_CASES ?= 4096
 test-slow: build
 	PYTHONPATH=python $(PY) -m pytest -m slow_ci --durations=25 $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	PROPTEST_CASES=$(PROPTEST_SLOW_CASES) cargo test --release --quiet --lib -- importance:: subspace::
 
 # Every benches/bench_*.py in one run, ending with one summary table: each ratio, its target,
 # met or missed (run it alone on the machine: the triad and load average are printed with it).

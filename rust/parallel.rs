@@ -129,6 +129,20 @@ pub fn num_threads() -> usize {
     }
 }
 
+/// Case count of a property test: `PROPTEST_CASES` when set (the long run of `make test-slow`),
+/// else `default`, sized so that `cargo test` stays within the CI budget.
+#[cfg(test)]
+pub(crate) fn proptest_cases(default: u32) -> proptest::test_runner::Config {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default);
+    proptest::test_runner::Config {
+        cases,
+        ..proptest::test_runner::Config::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@ from badinput import TALLY, expect_clean_error
 @pytest.fixture(autouse=True)
 def _keep_tally():
     saved = TALLY.copy()
+    TALLY.clear()  # count only this test's cases, whatever ran before it
     yield
     TALLY.clear()
     TALLY.update(saved)

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from forgetcore import _core, importance, spectral, subspace
+from forgetcore import _core, importance, kvscore, spectral, subspace
 from forgetcore.replay import ClassBalancedReservoir, ReservoirBuffer
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darwin",
@@ -66,8 +66,32 @@ def _kappa() -> float:
     return float(k.sum())
 
 
+def _basis() -> float:
+    # extend_bases (faer SVD across layers) and orthonormalize + project_out_flat_ (GU)
+    reps = [torch.randn(128, 400, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    bases = subspace.extend_bases([torch.zeros(128, 0)] * 4, reps, 0.9)
+    v, _ = subspace.orthonormalize(torch.randn(4, N // 8, generator=torch.Generator().manual_seed(5)))
+    g = torch.randn(N // 8, generator=torch.Generator().manual_seed(6))
+    subspace.project_out_flat_(g, v)
+    assert float((v @ g).abs().max()) < 1e-2
+    return float(sum(b.shape[1] for b in bases)) + float(g.square().sum())
+
+
+def _spectral_norm() -> float:
+    mats = [torch.randn(256, 128, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    return float(spectral.spectral_norm(mats, seed=0).sum())
+
+
+def _kvscore() -> float:
+    scores = torch.zeros(1, 8, 8192)
+    attn = torch.full((1, 8, 32, 8192), 1.0 / 8192)
+    kvscore.accumulate_(scores, attn, 1.0)
+    return float(scores.sum())
+
+
 FAMILIES = {"replay": _replay, "accumulate_": _accumulate, "ssd_dampen_": _ssd,
-            "project_out_": _project, "kappa": _kappa}
+            "project_out_": _project, "kappa": _kappa, "basis": _basis, "spectral_norm": _spectral_norm,
+            "kvscore": _kvscore}
 
 
 def _run_in_fork(fn) -> None:
@@ -137,6 +161,19 @@ def test_dataloader_fork_workers_run_every_kernel():
                                          timeout=TIMEOUT_S)
     got = torch.cat([b for b in loader])
     assert torch.equal(got, want)
+
+
+def _call(name: str) -> float:
+    return FAMILIES[name]()
+
+
+def test_multiprocessing_fork_pool_runs_every_kernel():
+    import multiprocessing
+
+    want = [fn() for fn in FAMILIES.values()]  # the parent's pool is up
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        got = pool.map_async(_call, list(FAMILIES)).get(timeout=TIMEOUT_S)
+    assert got == want
 
 
 def test_num_threads_is_the_pool_size():

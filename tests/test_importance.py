@@ -52,7 +52,9 @@ def test_ssd_dampen_bit_identical_to_reference(shapes, seed, alpha, lam, huge, n
     params, full, forget = make(shapes, seed, huge=huge, nan_params=nan_params)
     a = [p.clone() for p in params]
     b = [p.clone() for p in params]
-    got = imp.ssd_dampen_(a, full, forget, alpha, lam)
+    # validated=True: NaN/inf parameters (refused by the checked path) still go through the
+    # kernel exactly as through the reference.
+    got = imp.ssd_dampen_(a, full, forget, alpha, lam, validated=True)
     want = ref.ssd_dampen_(b, full, forget, alpha, lam)
     assert got.dtype == torch.int64 and got.shape == (len(shapes),)
     assert torch.equal(got, want)
@@ -300,15 +302,15 @@ def test_aliasing_is_refused_not_raced():
     # importance, would be a data race; it is refused and nothing changes.
     p = torch.rand(10)
     before = p.clone()
-    with pytest.raises(ValueError, match="^params: tensor 1 shares memory with another tensor of the list"):
+    with pytest.raises(ValueError, match=r"^params\[0\]: shares memory with params\[1\]"):
         imp.ssd_dampen_([p, p], [torch.rand(10)] * 2, [torch.rand(10)] * 2, 0.0)
-    with pytest.raises(ValueError, match="^params: tensor 0 shares memory with an importance"):
+    with pytest.raises(ValueError, match=r"^params\[0\]: shares memory with imp_forget\[0\]"):
         imp.ssd_dampen_([p], [torch.rand(10)], [p.view(10)], 0.0)
     big = torch.rand(20)
-    with pytest.raises(ValueError, match="^params: tensor 1 shares memory"):
+    with pytest.raises(ValueError, match=r"^params\[0\]: shares memory with params\[1\]"):
         imp.ssd_dampen_([big[:12], big[10:]], [torch.rand(12), torch.rand(10)], [torch.rand(12), torch.rand(10)], 0.0)
     assert torch.equal(p, before)
-    with pytest.raises(ValueError, match="^acc: tensor 1 shares memory"):
+    with pytest.raises(ValueError, match=r"^acc\[0\]: shares memory with acc\[1\]"):
         imp.accumulate_([p, p], [torch.rand(10)] * 2)
     assert torch.equal(p, before)
     # disjoint views of one buffer are fine
@@ -337,3 +339,88 @@ def test_validation_finds_the_same_first_bad_value_on_both_backends(sizes, seed,
             msgs.append(str(e))
     assert msgs[0] == msgs[1]
     assert (msgs[0] is None) == all(bool(((t >= 0) & (t < math.inf)).all()) for t in imps)
+
+
+# --- issue 11: aliasing on every path, NaN parameters, None (each failed before its fix) ---
+
+
+@pytest.mark.parametrize("backend", ["rust", "reference"])
+def test_ssd_dampen_refuses_the_same_parameter_twice_on_every_path(monkeypatch, backend):
+    if backend == "reference":
+        monkeypatch.setenv("FORGETCORE_BACKEND", "reference")
+    q = torch.rand(6, 4) + 0.5
+    q0 = q.clone()
+    full, forget = [torch.ones(4, 6)] * 2, [torch.full((4, 6), 100.0)] * 2
+    # q.T is non-contiguous: before the fix that path dampened it twice.
+    with pytest.raises(ValueError, match=r"^params\[0\]: shares memory with params\[1\]"):
+        imp.ssd_dampen_([q.T, q.T], full, forget, 1.0)
+    with pytest.raises(ValueError, match=r"^params\[0\]: shares memory with params\[1\]"):
+        imp.ssd_dampen_([q[:4], q[2:]], [torch.ones(4, 4)] * 2, [torch.full((4, 4), 100.0)] * 2, 1.0)
+    assert torch.equal(q, q0)
+
+
+@pytest.mark.parametrize("backend", ["rust", "reference"])
+def test_accumulate_refuses_aliased_accumulators_on_every_path(monkeypatch, backend):
+    if backend == "reference":
+        monkeypatch.setenv("FORGETCORE_BACKEND", "reference")
+    acc = torch.zeros(4, 6)
+    with pytest.raises(ValueError, match=r"^acc\[0\]: shares memory with acc\[1\]"):
+        imp.accumulate_([acc.T, acc.T], [torch.ones(6, 4)] * 2)
+    with pytest.raises(ValueError, match=r"^acc\[0\]: shares memory with grads\[0\]"):
+        imp.accumulate_([acc.T], [acc.T])
+    assert torch.equal(acc, torch.zeros(4, 6))
+
+
+def test_accumulate_takes_disjoint_interleaved_views():
+    acc = torch.zeros(4, 6)
+    imp.accumulate_([acc[:, 0::2], acc[:, 1::2]], [torch.ones(4, 3), torch.full((4, 3), 2.0)])
+    assert torch.equal(acc[:, 0::2], torch.ones(4, 3)) and torch.equal(acc[:, 1::2], torch.full((4, 3), 4.0))
+
+
+def test_accumulate_refuses_an_expanded_accumulator():
+    acc = torch.zeros(1).expand(5)
+    with pytest.raises(ValueError, match=r"^acc\[0\]: its elements share memory"):
+        imp.accumulate_([acc], [torch.ones(5)])
+
+
+@pytest.mark.parametrize("backend", ["rust", "reference"])
+def test_ssd_dampen_refuses_nan_parameters_unless_validated(monkeypatch, backend):
+    if backend == "reference":
+        monkeypatch.setenv("FORGETCORE_BACKEND", "reference")
+    ok = torch.ones(3)
+    p = torch.tensor([float("nan"), 1.0])
+    full, forget = [torch.ones(3), torch.ones(2)], [torch.full((3,), 100.0), torch.full((2,), 100.0)]
+    with pytest.raises(ValueError, match=r"^params\[1\]: expected finite values, got nan at flat index 0"):
+        imp.ssd_dampen_([ok, p], full, forget, 1.0)
+    assert torch.equal(ok, torch.ones(3))
+    # validated=True: the caller vouches for its inputs; the pass is skipped (the fast path)
+    imp.ssd_dampen_([ok, p], full, forget, 1.0, validated=True)
+    assert torch.equal(ok, torch.full((3,), 0.01))
+
+
+@pytest.mark.parametrize("backend", ["rust", "reference"])
+def test_accumulate_refuses_nan_and_inf_gradients_before_writing(monkeypatch, backend):
+    if backend == "reference":
+        monkeypatch.setenv("FORGETCORE_BACKEND", "reference")
+    accs = [torch.zeros(3), torch.zeros(2)]
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"^grads\[1\]: expected finite values"):
+            imp.accumulate_(accs, [torch.ones(3), torch.tensor([1.0, bad])])
+        assert all(torch.equal(a, torch.zeros_like(a)) for a in accs)
+
+
+def test_none_for_grads_or_importances_is_a_type_error_naming_it():
+    with pytest.raises(TypeError, match="^grads: expected a list of tensors, got NoneType"):
+        imp.accumulate_([torch.zeros(3)], None)
+    with pytest.raises(TypeError, match="^imp_full: expected a list of tensors, got NoneType"):
+        imp.ssd_dampen_([torch.zeros(3)], None, [torch.zeros(3)], 1.0)
+    with pytest.raises(TypeError, match="^imp_forget: expected a list of tensors, got int"):
+        imp.ssd_dampen_([torch.zeros(3)], [torch.zeros(3)], 3, 1.0)
+
+
+def test_validated_must_be_a_bool():
+    # Before: validated="no" was truthy and skipped the NaN pass.
+    with pytest.raises(TypeError, match="^validated: expected a bool, got str"):
+        imp.accumulate_([torch.zeros(3)], [torch.tensor([math.nan, 0.0, 0.0])], validated="no")
+    with pytest.raises(TypeError, match="^validated: expected a bool, got int"):
+        imp.ssd_dampen_([torch.ones(3)], [torch.ones(3)], [torch.ones(3)], 1.0, validated=1)

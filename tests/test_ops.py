@@ -284,3 +284,23 @@ def test_ops_on_cuda_match_cpu_eager_and_compiled():
     for got in (run(step, "cuda"), run(_compile(step), "cuda")):
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_op_wrappers_name_the_argument_of_a_wrong_type():
+    # Before: list(None) ("'NoneType' object is not iterable"), float("a") ("could not convert"),
+    # torch's schema RuntimeError for a non-tensor entry, AttributeError for grad=None.
+    import numpy as np
+
+    u = torch.linalg.qr(torch.randn(6, 2))[0]
+    with pytest.raises(TypeError, match="^grads: expected a list of tensors, got NoneType"):
+        ops.project_out_(None, [u])
+    with pytest.raises(TypeError, match=r"^grads\[0\]: expected a torch.Tensor, got numpy"):
+        ops.project_out_([np.zeros((2, 6), np.float32)], [u])
+    with pytest.raises(TypeError, match="^scale: expected a real number, got str"):
+        ops.accumulate_([torch.zeros(3)], [torch.ones(3)], "a")
+    with pytest.raises(TypeError, match=r"^grads\[0\]: expected a torch.Tensor, got NoneType"):
+        ops.accumulate_([torch.zeros(3)], [None])
+    with pytest.raises(TypeError, match="^grad: expected a torch.Tensor, got NoneType"):
+        ops.project_out(None, u)
+    with pytest.raises(TypeError, match="^validated: expected a bool"):
+        ops.ssd_dampen_([torch.ones(3)], [torch.ones(3)], [torch.ones(3)], 1.0, validated="yes")

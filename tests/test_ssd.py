@@ -209,3 +209,23 @@ def test_bad_input(originals):
     with pytest.raises(TypeError, match="^data: expected an UnlearnData"):
         SSD().fit(model, (data.forget, data.retain))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_one_nan_forget_input_is_refused_and_nothing_is_dampened(originals):
+    # Before the fix: NaN importances select nothing and fit returned normally, dampened = 0.
+    data = ev.full_class("digits", 3, 0)
+    x, y = data.forget.tensors
+    x = x.clone()
+    x.view(-1)[0] = float("nan")
+    bad = UnlearnData(forget=TensorDataset(x, y), retain=data.retain, forget_classes=(3,))
+    model = ev.make_model("mlp", (1, 8, 8), 10, 0)
+    model.load_state_dict(originals[0].state_dict())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^data.forget: tensor 0 holds 1 NaN/inf"):
+        SSD(alpha=10.0).fit(model, bad)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # the same NaN made by the model from finite data names the model
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^model: produced non-finite"):
+        SSD(alpha=10.0).fit(model, data)

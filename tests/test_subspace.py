@@ -282,3 +282,134 @@ def test_flat_nan_and_overflow_leave_g_unchanged():
     with pytest.raises(ValueError, match="^g: V g overflows"):
         subspace.project_out_flat_(huge, ones)
     assert torch.equal(huge, torch.full((50,), 3e38)) and torch.equal(g, c)
+
+
+# --- issue 11: aliasing, all-or-nothing, NaN, None (regression tests: each failed before its fix) ---
+
+def _basis(d: int, r: int, seed: int) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(d, r, generator=torch.Generator().manual_seed(seed)))[0]
+
+
+@pytest.mark.parametrize("backend", ["rust", "reference"])
+@pytest.mark.parametrize("case", ["same", "rows", "transposed"])
+def test_project_out_refuses_aliased_gradients(monkeypatch, backend, case):
+    if backend == "reference":
+        monkeypatch.setenv("FORGETCORE_BACKEND", "reference")
+    u = _basis(6, 2, 0)
+    big = torch.randn(8, 6)
+    if case == "same":
+        gs = [big, big]  # projected twice before the fix: g - 2 (gU) U^T
+    elif case == "rows":
+        gs = [big[:5], big[3:]]  # overlapping row views of one storage
+    else:
+        sq = torch.randn(6, 6)
+        gs = [sq, sq.T]
+    before = big.clone(), [g.clone() for g in gs]
+    with pytest.raises(ValueError, match=r"^grads\[0\]: shares memory with grads\[1\]"):
+        subspace.project_out_(gs, [u, u])
+    assert torch.equal(big, before[0]) and all(torch.equal(g, b) for g, b in zip(gs, before[1]))
+
+
+def test_project_out_takes_interleaved_views_that_do_not_overlap():
+    # Columns 0:3 and 3:6 of one (4, 6) tensor interleave in memory but share no element.
+    u = _basis(3, 1, 1)
+    x = torch.randn(4, 6)
+    want = [reference.project_out_([x[:, :3].clone()], [u]), reference.project_out_([x[:, 3:].clone()], [u])]
+    a, b = x[:, :3].clone(), x[:, 3:].clone()
+    reference.project_out_([a], [u])
+    reference.project_out_([b], [u])
+    subspace.project_out_([x[:, :3], x[:, 3:]], [u, u])
+    assert want == [None, None]
+    torch.testing.assert_close(x, torch.cat([a, b], 1), rtol=1e-6, atol=1e-6)
+
+
+def test_project_out_refuses_a_gradient_that_is_its_basis():
+    u = _basis(4, 4, 2)
+    with pytest.raises(ValueError, match=r"^grads\[0\]: shares memory with bases\[0\]"):
+        subspace.project_out_([u], [u])
+
+
+@pytest.mark.parametrize("backend", ["rust", "reference"])
+def test_project_out_writes_nothing_when_a_later_gradient_is_bad(monkeypatch, backend):
+    if backend == "reference":
+        monkeypatch.setenv("FORGETCORE_BACKEND", "reference")
+    u = _basis(6, 2, 3)
+    a = torch.randn(4, 6)
+    a0 = a.clone()
+    bad = torch.randn(6, 4).T.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"^grads\[1\]: expected finite"):
+        subspace.project_out_([a, bad], [u, u])
+    assert torch.equal(a, a0)
+
+
+def test_project_out_detaches_gradients_that_require_grad():
+    # Before the fix: `a` was projected, then the non-contiguous view of a leaf that requires
+    # grad failed in copy_ with autograd's RuntimeError (state changed, then raised).
+    u = _basis(6, 2, 4)
+    a = torch.randn(4, 6)
+    leaf = torch.randn(6, 4, requires_grad=True)
+    b = leaf.T
+    want_a = a - a @ u @ u.T
+    want_b = (b - b @ u @ u.T).detach()
+    subspace.project_out_([a, b], [u, u])
+    torch.testing.assert_close(a, want_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(leaf.detach().T, want_b, rtol=1e-5, atol=1e-5)
+
+
+def test_none_for_grads_or_bases_is_a_type_error_naming_it():
+    u = _basis(6, 2, 5)
+    with pytest.raises(TypeError, match="^grads: expected a list of tensors, got NoneType"):
+        subspace.project_out_(None, [u])
+    with pytest.raises(TypeError, match="^bases: expected a list of tensors"):
+        subspace.project_out_([torch.zeros(2, 6)], u)
+
+
+def test_project_out_flat_refuses_g_inside_vectors():
+    v = torch.eye(4)
+    with pytest.raises(ValueError, match=r"^g\[0\]: shares memory with vectors\[0\]"):
+        subspace.project_out_flat_(v[1], v)
+
+
+def test_representations_refuse_nan_input_and_nan_produced_by_the_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    proj = GradientProjector(model, Subspace())
+    x = torch.randn(5, 3)
+    x[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="^x: expected finite values"):
+        proj.representations(x)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="^model: produced non-finite inputs to layer '1'"):
+        proj.representations(torch.randn(5, 3))
+
+
+def test_wrong_types_are_type_errors_naming_the_argument():
+    # Each failed before its fix with Python's or pyo3's own message (or was accepted).
+    u = _basis(6, 2, 6)
+    with pytest.raises(TypeError, match="^check: expected a bool, got str"):
+        subspace.project_out_([torch.zeros(2, 6)], [u], check="no")
+    with pytest.raises(TypeError, match="^bases: expected a list of tensors"):
+        subspace.extend_bases(None, None, 0.9)
+    with pytest.raises(TypeError, match="^reps: expected a mapping"):
+        Subspace().extend(None, 0.9)
+    with pytest.raises(TypeError, match="^grads: expected a mapping"):
+        Subspace().project_(None)
+    with pytest.raises(TypeError, match=r"^state\['bases'\]: expected str layer names"):
+        Subspace().load_state_dict({"bases": {3: u}})
+    with pytest.raises(TypeError, match="^state: expected a mapping"):
+        Subspace().load_state_dict(None)
+    with pytest.raises(ValueError, match="^device: expected a device"):
+        Subspace(device="nope")
+    with pytest.raises(ValueError, match=r"^x: the model cannot run on x"):
+        GradientProjector(nn.Linear(3, 2), Subspace()).representations(torch.randn(2, 4))
+
+
+def test_subspace_extend_threshold_mapping_is_checked():
+    # Before: a KeyError for a layer without a threshold, float()'s unnamed ValueError for a string.
+    reps = {"a": torch.randn(6, 4, generator=torch.Generator().manual_seed(7))}
+    with pytest.raises(ValueError, match=r"^threshold: expected a threshold for every layer"):
+        Subspace().extend(reps, {"b": 0.9})
+    with pytest.raises(TypeError, match="^threshold: expected a real number, got str"):
+        Subspace().extend(reps, {"a": "x"})

@@ -8,7 +8,7 @@ Checks run before anything is modified, so a call that raises leaves all state a
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -57,6 +57,8 @@ def tensor(
 
 def finite(name: str, t: torch.Tensor) -> torch.Tensor:
     """Raise ValueError if ``t`` holds NaN or inf (one reduction; a host sync on CUDA)."""
+    if t.device.type == "meta":
+        raise ValueError(f"{name}: expected a tensor with values, got a meta tensor {describe(t)}")
     if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name}: expected finite values, got {bad} NaN/inf of {t.numel()}")
@@ -178,3 +180,135 @@ def state_int(name: str, v: Any, *, low: int = 0, high: int | None = None) -> in
     if v < low or v > high:
         raise ValueError(f"{name}: expected an int in [{low}, {high}], got {v}")
     return int(v)
+
+
+def tensor_list(name: str, v: Any) -> list[Any]:
+    """``v`` as a list (a sequence of tensors is expected): ``None``, a single tensor, a string or
+    anything not iterable is a TypeError naming ``name``, not Python's "'NoneType' object is not
+    iterable"."""
+    if v is None or isinstance(v, (torch.Tensor, str, bytes)) or not hasattr(v, "__iter__"):
+        what = f"a single tensor {describe(v)}" if isinstance(v, torch.Tensor) else describe(v)
+        raise TypeError(f"{name}: expected a list of tensors, got {what}")
+    return list(v)
+
+
+# Above this many bytes per tensor the exact overlap test (one int64 per byte touched) is skipped
+# and intersecting byte ranges count as an overlap: conservative, and said so in the message.
+_EXACT_OVERLAP_BYTES = 1 << 24
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) bytes of memory that ``t``'s elements touch (absolute addresses)."""
+    lo = hi = 0
+    for size, stride in zip(t.shape, t.stride()):
+        if stride < 0:
+            lo += (size - 1) * stride
+        else:
+            hi += (size - 1) * stride
+    es = t.element_size()
+    return t.data_ptr() + lo * es, t.data_ptr() + (hi + 1) * es
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """Sorted absolute addresses of every byte ``t``'s elements touch (int64, on the CPU)."""
+    offsets = torch.zeros((), dtype=torch.int64)
+    for size, stride in zip(t.shape, t.stride()):
+        offsets = (offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride)
+    es = t.element_size()
+    out = (offsets.reshape(-1, 1) * es + torch.arange(es, dtype=torch.int64)).reshape(-1) + t.data_ptr()
+    return out.sort().values
+
+
+def _exact(a: torch.Tensor, b: torch.Tensor | None) -> bool | None:
+    """Whether ``a`` and ``b`` share a byte (``b=None``: whether ``a`` touches a byte twice).
+    ``None`` when too large to tell exactly."""
+    if a.numel() * a.element_size() > _EXACT_OVERLAP_BYTES or (
+            b is not None and b.numel() * b.element_size() > _EXACT_OVERLAP_BYTES):
+        return None
+    x = _bytes(a)
+    if b is None:
+        return bool((x[1:] == x[:-1]).any()) if x.numel() > 1 else False
+    return bool(torch.isin(x, _bytes(b)).any())
+
+
+def self_overlapping(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` share memory (an ``expand``-ed or ``as_strided`` view)."""
+    if t.numel() <= 1 or t.is_contiguous():
+        return False
+    if any(s == 0 and n > 1 for n, s in zip(t.shape, t.stride())):
+        return True
+    lo, hi = _byte_range(t)
+    if hi - lo < t.numel() * t.element_size():
+        return True
+    # Sorted by stride, each stride must clear the extent of the smaller dims: no overlap then.
+    dims = sorted((abs(s), n) for n, s in zip(t.shape, t.stride()) if n > 1)
+    extent = 1
+    for s, n in dims:
+        if s < extent:
+            return _exact(t, None) is not False
+        extent = s * (n - 1) + extent
+    return False
+
+
+def disjoint(name: str, written: Sequence[torch.Tensor],
+             reads: Mapping[str, Sequence[torch.Tensor]] | None = None) -> None:
+    """Refuse in-place arguments that share memory: two ``written`` tensors, a written tensor with
+    one of ``reads`` (argument name -> tensors), or a written tensor whose own elements overlap.
+    Any layout: the test is on absolute byte ranges (so views of one storage and tensors sharing a
+    numpy buffer are both caught), refined exactly for strided views whose ranges interleave
+    (e.g. ``x[:, 0]`` and ``x[:, 1]`` are disjoint); above 16 MiB such interleaved views are
+    refused conservatively, and the message says so. An in-place kernel given the same memory
+    twice would apply its update twice (or race). Tensors are on one device (checked before).
+    """
+    tensors: list[tuple[str, torch.Tensor]] = []
+    spans: list[tuple[int, int, int]] = []  # (first byte, end, index into tensors)
+    groups = [(name, written)] + list((reads or {}).items())
+    for g, (label, ts) in enumerate(groups):
+        for i, t in enumerate(ts):
+            if not t.numel() or t.device.type == "meta":  # meta tensors have no memory
+                continue
+            if t.is_contiguous():  # the common case: no Python loop over dimensions
+                lo = t.data_ptr()
+                hi = lo + t.numel() * t.element_size()
+            else:
+                if g == 0 and self_overlapping(t):
+                    raise ValueError(f"{label}[{i}]: its elements share memory ({describe(t)} with strides "
+                                     f"{t.stride()}); an in-place update would write them twice: pass a tensor "
+                                     f"that owns its memory")
+                lo, hi = _byte_range(t)
+            spans.append((lo, hi, len(tensors)))
+            tensors.append((f"{label}[{i}]", t))
+    n_written = sum(1 for t in written if t.numel() and t.device.type != "meta")
+    spans.sort()
+    for j, (_, hi, a) in enumerate(spans):
+        for lo2, _, b in spans[j + 1:]:
+            if lo2 >= hi:
+                break
+            if a >= n_written and b >= n_written:
+                continue  # two read-only arguments may share memory
+            exact = _exact(tensors[a][1], tensors[b][1])
+            if exact is False:
+                continue
+            first, second = sorted((a, b))
+            how = "shares memory with" if exact else "may share memory with (their byte ranges intersect)"
+            raise ValueError(f"{tensors[first][0]}: {how} {tensors[second][0]}; an in-place update would "
+                             f"apply twice: pass tensors that do not overlap (e.g. .clone() one)")
+
+
+def flag(name: str, v: Any) -> bool:
+    """A bool argument (``check=``, ``validated=``): a string or a number is a TypeError, not truthy."""
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
+    return bool(v)
+
+
+def device(name: str, v: Any) -> torch.device:
+    """A torch device from a ``torch.device`` or a string; an unknown string is a ValueError naming ``name``."""
+    if isinstance(v, torch.device):
+        return v
+    if not isinstance(v, str):
+        raise TypeError(f"{name}: expected a torch.device or a str, got {type(v).__name__}")
+    try:
+        return torch.device(v)
+    except RuntimeError as e:
+        raise ValueError(f"{name}: expected a device such as 'cpu' or 'cuda:0', got {v!r} ({e})") from None

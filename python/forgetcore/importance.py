@@ -75,7 +75,7 @@ def _match(arg: str, imps: Any, names: list[str] | None, params: list[torch.Tens
             raise TypeError(f"{arg}: got a dict but the parameters are unnamed; pass a list in parameter order")
         if isinstance(imps, torch.Tensor):
             raise TypeError(f"{arg}: expected a list or dict of tensors, got a single tensor {_checks.describe(imps)}")
-        out = list(imps)
+        out = _checks.tensor_list(arg, imps)
         if len(out) != len(params):
             raise ValueError(f"{arg}: expected {len(params)} tensors (one per parameter), got {len(out)}")
     for i, (t, p) in enumerate(zip(out, params)):
@@ -153,28 +153,6 @@ def _check_finite(arg: str, ts: list[torch.Tensor], index: list[int], names: lis
         raise ValueError(f"{label}: expected finite values, got {v} at flat index {i}")
 
 
-def _check_disjoint(arg: str, written: list[torch.Tensor], read: list[torch.Tensor]) -> None:
-    """Refuse written tensors that share memory with each other or with what is read.
-
-    The kernels write chunks of every tensor in parallel: an alias would be a data race.
-    """
-    spans = []
-    for kind, ts in (("w", written), ("r", read)):
-        for i, t in enumerate(ts):
-            if t.numel():
-                start = t.data_ptr()
-                spans.append((start, start + t.numel() * t.element_size(), kind, i))
-    spans.sort()
-    end, owner = -1, None
-    for s, e, kind, i in spans:
-        if owner is not None and s < end and "w" in (kind, owner[0]):
-            a, b = sorted([owner, (kind, i)])
-            raise ValueError(f"{arg}: tensor {b[1] if b[0] == 'w' else a[1]} shares memory with "
-                             f"{'another tensor of the list' if a[0] == b[0] else 'an importance/gradient tensor'}")
-        if e > end:
-            end, owner = e, (kind, i)
-
-
 def _bump_version(params: list[torch.Tensor]) -> None:
     # Writes through numpy bypass autograd's version counter; bump it so a graph that saved
     # these tensors notices the in-place change, as it would after a torch in-place op.
@@ -199,10 +177,14 @@ def accumulate_(acc: ImpLike | ParamsLike, grads: ImpLike, scale: float = 1.0, m
     touching ``acc`` if anything is off: gradients must be finite, which one read pass checks
     before anything is written (the update writes every element and cannot be undone in
     float32); ``validated=True`` skips that pass for gradients the caller vouches for.
+    Tensors that share memory (an accumulator twice, overlapping views, an accumulator that is
+    also a gradient) are refused on every path: they would add twice. Not differentiable:
+    tensors that require grad are read and written through detached views.
     """
     if mode not in ("sq", "abs"):
         raise ValueError(f"mode: expected 'sq' or 'abs', got {mode!r}")
     scale = _checks.real("scale", scale)
+    validated = _checks.flag("validated", validated)
     names, accs = _named("acc", acc)
     for i, a in enumerate(accs):
         _checks.tensor(f"acc[{i}]", a, dtype=torch.float32)
@@ -214,7 +196,7 @@ def accumulate_(acc: ImpLike | ParamsLike, grads: ImpLike, scale: float = 1.0, m
             raise ValueError(f"grads: names do not match acc (unexpected {extra[:3]})")
         glist = [grads.get(n) for n in names]
     else:
-        glist = list(grads)  # type: ignore[arg-type]
+        glist = _checks.tensor_list("grads", grads)
         if len(glist) != len(accs):
             raise ValueError(f"grads: expected {len(accs)} tensors (one per accumulator), got {len(glist)}")
     pairs = []
@@ -228,6 +210,8 @@ def accumulate_(acc: ImpLike | ParamsLike, grads: ImpLike, scale: float = 1.0, m
     if not pairs:
         return
     a_l, g_l = [a for a, _ in pairs], [g for _, g in pairs]
+    # Every path (kernels and reference): an accumulator aliasing another or a gradient would add twice.
+    _checks.disjoint("acc", a_l, {"grads": g_l})
     backend = _backend.dispatch("importance.accumulate_", a_l[0].device, cuda_kernel=True,
                                 unsupported=_unsupported("acc", a_l))
     if not validated:
@@ -236,12 +220,10 @@ def accumulate_(acc: ImpLike | ParamsLike, grads: ImpLike, scale: float = 1.0, m
     if backend == _backend.CUDA:
         # float16/bfloat16 gradients are widened in the kernel (no float32 copy); others copied
         g_l = [g if g.dtype in (torch.float32, torch.float16, torch.bfloat16) else g.to(torch.float32) for g in g_l]
-        _check_disjoint("acc", a_l, g_l)
         _cuda.accumulate_(a_l, g_l, scale, mode)
         _bump_version(a_l)
     elif backend == _backend.RUST:
         g_l = [g.to(torch.float32) for g in g_l]
-        _check_disjoint("acc", a_l, g_l)
         _core.accumulate_([_checks.numpy_view(a) for a in a_l],
                           [_checks.numpy_view(g.contiguous()) for g in g_l], scale, mode)
         _bump_version(a_l)
@@ -263,8 +245,12 @@ def ssd_dampen_(params: ParamsLike, imp_full: ImpLike, imp_forget: ImpLike, alph
     ``params``: a module, a name -> tensor dict, named pairs or a list; ``imp_full`` and
     ``imp_forget``: float32 importances of the same shapes (dicts keyed by the parameter names
     when ``params`` is named, as :func:`fisher_diagonal` returns them). ``alpha`` and ``lam``
-    are finite and >= 0. Importances must be finite and non-negative; checking that costs one
-    read pass, which ``validated=True`` skips (for importances :func:`fisher_diagonal` made).
+    are finite and >= 0. Importances must be finite and non-negative and parameters finite;
+    checking that costs read passes (before anything is written), which ``validated=True`` skips
+    (for importances :func:`fisher_diagonal` made and parameters the caller vouches for).
+    Parameters that share memory with each other or with an importance are refused on every
+    path (they would be dampened twice). Not differentiable: parameters that require grad are
+    updated in place under ``no_grad`` (their version counters are bumped).
 
     Returns the number of selected elements per tensor, an int64 tensor on the parameters'
     device. float32 results are bit-identical to ``reference.ssd_dampen_``. If it raises, no
@@ -272,6 +258,7 @@ def ssd_dampen_(params: ParamsLike, imp_full: ImpLike, imp_forget: ImpLike, alph
     """
     alpha = _checks.real("alpha", alpha, low=0.0)
     lam = _checks.real("lam", lam, low=0.0)
+    validated = _checks.flag("validated", validated)
     names, plist = _named("params", params)
     _check_params("params", plist)
     full = _match("imp_full", imp_full, names, plist)
@@ -282,9 +269,11 @@ def ssd_dampen_(params: ParamsLike, imp_full: ImpLike, imp_forget: ImpLike, alph
     backend = _backend.dispatch("importance.ssd_dampen_", device, cuda_kernel=True,
                                 unsupported=_unsupported("params", plist))
     use_rust, use_cuda = backend == _backend.RUST, backend == _backend.CUDA
-    if use_rust or use_cuda:
-        _check_disjoint("params", plist, full + forget)
+    # Every path: a parameter given twice (or overlapping another / an importance) would be dampened twice.
+    _checks.disjoint("params", plist, {"imp_full": full, "imp_forget": forget})
     if not validated:
+        # NaN/inf parameters would pass through the dampening silently: one read pass, before any write.
+        _check_finite("params", plist, list(range(len(plist))), names, use_rust)
         _validate("imp_full", full, names, use_rust, use_cuda)
         _validate("imp_forget", forget, names, use_rust, use_cuda)
     with torch.no_grad():

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import importance, kvscore, subspace
+from . import _checks, importance, kvscore, subspace
 
 __all__ = [
     "project_out_", "project_out", "accumulate_", "ssd_dampen_", "kv_accumulate_",
@@ -130,30 +130,69 @@ def _detached(ts: Iterable[torch.Tensor | None]) -> list[Any]:
     return [t.detach() if isinstance(t, torch.Tensor) else t for t in ts]
 
 
+def _tensors(name: str, v: Any) -> list[torch.Tensor]:
+    """A list of tensors for an op's ``Tensor[]`` argument: anything else is a TypeError naming
+    ``name`` here, not torch's schema ``RuntimeError`` (which names the op, not the argument)."""
+    out = _checks.tensor_list(name, v)
+    for i, t in enumerate(out):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}]: expected a torch.Tensor, got {_checks.describe(t)}")
+    return out
+
+
+def _one_device(**lists: list[torch.Tensor]) -> None:
+    """Every tensor on one device, checked before the op dispatches: torch sends a call with any
+    meta tensor to the op's fake implementation, which checks nothing."""
+    first = next((t.device for ts in lists.values() for t in ts), None)
+    for name, ts in lists.items():
+        for i, t in enumerate(ts):
+            if t.device != first:
+                raise ValueError(f"{name}[{i}]: expected every tensor on {first}, got {_checks.describe(t)}")
+
+
 def project_out_(grads: Sequence[torch.Tensor], bases: Sequence[torch.Tensor], *, check: bool = True) -> None:
     """``G <- G - (G U) U^T`` in place for (out, in) gradients and (in, rank) bases, as a torch op."""
+    grads, bases, check = _tensors("grads", grads), _tensors("bases", bases), _checks.flag("check", check)
+    _one_device(grads=grads, bases=bases)
     with torch.no_grad():
-        torch.ops.forgetcore.project_out_(list(grads), _detached(bases), bool(check))
+        torch.ops.forgetcore.project_out_(grads, _detached(bases), check)
 
 
 def project_out(grad: torch.Tensor, basis: torch.Tensor, *, check: bool = True) -> torch.Tensor:
     """A new tensor ``g - (g U) U^T``, ``g`` being ``grad`` viewed as (rows, dim); same shape as ``grad``."""
-    return torch.ops.forgetcore.project_out(grad.detach(), basis.detach(), bool(check))
+    _checks.tensor("grad", grad)
+    _checks.tensor("basis", basis)
+    if grad.device != basis.device:
+        raise ValueError(f"basis: expected a tensor on {grad.device}, got {_checks.describe(basis)}")
+    return torch.ops.forgetcore.project_out(grad.detach(), basis.detach(), _checks.flag("check", check))
 
 
 def accumulate_(acc: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], scale: float = 1.0,
                 mode: str = "sq") -> None:
-    """``acc[t] += scale * g[t]**2`` (or ``|g[t]|`` for ``mode="abs"``) over lists of tensors, as a torch op."""
+    """``acc[t] += scale * g[t]**2`` (or ``|g[t]|`` for ``mode="abs"``) over lists of tensors, as a torch op.
+
+    Unlike :func:`forgetcore.importance.accumulate_`, ``grads`` cannot hold ``None`` (the op's
+    schema takes ``Tensor[]``): leave such pairs out of both lists.
+    """
+    acc, grads = _tensors("acc", acc), _tensors("grads", grads)
+    _one_device(acc=acc, grads=grads)
+    scale = _checks.real("scale", scale)
+    if not isinstance(mode, str):
+        raise TypeError(f"mode: expected a str, got {type(mode).__name__}")
     with torch.no_grad():
-        torch.ops.forgetcore.accumulate_(list(acc), _detached(grads), float(scale), str(mode))
+        torch.ops.forgetcore.accumulate_(acc, _detached(grads), scale, mode)
 
 
 def ssd_dampen_(params: Sequence[torch.Tensor], imp_full: Sequence[torch.Tensor], imp_forget: Sequence[torch.Tensor],
                 alpha: float, lam: float = 1.0, *, validated: bool = False) -> torch.Tensor:
     """SSD's dampening over lists of parameters and importances, as a torch op; returns the counts."""
+    params, imp_full, imp_forget = _tensors("params", params), _tensors("imp_full", imp_full), \
+        _tensors("imp_forget", imp_forget)
+    alpha, lam = _checks.real("alpha", alpha, low=0.0), _checks.real("lam", lam, low=0.0)
+    _one_device(params=params, imp_full=imp_full, imp_forget=imp_forget)
     with torch.no_grad():
-        return torch.ops.forgetcore.ssd_dampen_(list(params), _detached(imp_full), _detached(imp_forget),
-                                                float(alpha), float(lam), bool(validated))
+        return torch.ops.forgetcore.ssd_dampen_(params, _detached(imp_full), _detached(imp_forget),
+                                                alpha, lam, _checks.flag("validated", validated))
 
 
 def kv_accumulate_(scores: torch.Tensor, attn: torch.Tensor, alpha: float, group: int = 1, *,

@@ -13,6 +13,9 @@ kappa <= 5e4); matrices whose Gram estimate of kappa exceeds 5e4 are recomputed 
 SVD, so every result is within ~1e-6 relative of a float64 SVD of the same float32 matrix.
 kappa is +inf for a matrix that is singular to working precision
 (``sigma_min <= max(m, n) * eps64 * sigma_max``, the zero matrix included).
+
+Not differentiable: inputs that require grad are read through detached views, and NaN/inf
+inputs are a ``ValueError`` naming the matrix.
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ def spectral_norm(matrices: Sequence[torch.Tensor], *, tol: float = 1e-6, max_it
     """
     tol = _checks.real("tol", tol, low=0.0, low_open=True)
     max_iter = _checks.positive_int("max_iter", max_iter)
-    seed = _checks.positive_int("seed", seed, allow_zero=True)
+    seed = _checks.seed(seed)
     mats = _check_all(matrices, "auto")
     for i, w in enumerate(mats):
         if w.numel() == 0:
@@ -128,7 +131,8 @@ def _check_all(matrices: Any, method: str) -> list[torch.Tensor]:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if isinstance(matrices, torch.Tensor) or not isinstance(matrices, Sequence):
         raise TypeError(f"matrices: expected a sequence of tensors, got {_checks.describe(matrices)}")
-    mats = [_matrix(f"matrices[{i}]", w) for i, w in enumerate(matrices)]
+    # Not differentiable: matrices that require grad are read through detached views.
+    mats = [_matrix(f"matrices[{i}]", w).detach() for i, w in enumerate(matrices)]
     for i, w in enumerate(mats):
         _checks.finite(f"matrices[{i}]", w)
     return mats

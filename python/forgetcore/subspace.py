@@ -68,10 +68,14 @@ def project_out_(grads: Sequence[torch.Tensor], bases: Sequence[torch.Tensor], *
     """``G <- G - (G U) U^T`` in place for every (out, in) gradient and its (in, rank) basis.
 
     Every argument is checked before anything is written: a NaN gradient, a basis of the wrong
-    dimension or one that is not orthonormal (a cheap O(in * rank) probe when ``check``) raises
-    and leaves all gradients unchanged. Non-contiguous gradients are projected through a copy.
+    dimension or one that is not orthonormal (a cheap O(in * rank) probe when ``check``), or two
+    gradients that share memory (the same tensor twice, overlapping views: it would project
+    twice) raises and leaves all gradients unchanged. Non-contiguous gradients are projected
+    through a copy. Not differentiable: gradients and bases that require grad are written and
+    read through detached views (``forgetcore.ops.project_grad`` is the differentiable form).
     """
-    grads, bases = list(grads), list(bases)
+    grads, bases = _checks.tensor_list("grads", grads), _checks.tensor_list("bases", bases)
+    check = _checks.flag("check", check)
     if len(grads) != len(bases):
         raise ValueError(f"bases: expected one basis per gradient ({len(grads)}), got {len(bases)}")
     if not grads:
@@ -87,7 +91,11 @@ def project_out_(grads: Sequence[torch.Tensor], bases: Sequence[torch.Tensor], *
                              f"columns), got {_checks.describe(u)}")
         if u.shape[1] > u.shape[0]:
             raise ValueError(f"bases[{i}]: rank {u.shape[1]} exceeds the dimension {u.shape[0]}")
+    _checks.disjoint("grads", grads, {"bases": bases})
+    grads = [g.detach() for g in grads]  # writes through: same memory, outside autograd
+    bases = [u.detach() for u in bases]
     if _backend.dispatch("subspace.project_out_", device) == _backend.RUST:
+        # The kernel checks every gradient and basis before it writes any (all-or-nothing).
         work = [g if g.is_contiguous() else g.contiguous() for g in grads]
         _core.project_out_([_checks.numpy_view(g) for g in work],
                            [_checks.numpy_view(u.contiguous()) for u in bases], check)
@@ -100,18 +108,26 @@ def project_out_(grads: Sequence[torch.Tensor], bases: Sequence[torch.Tensor], *
     if check:
         for i, u in enumerate(bases):
             check_orthonormal(f"bases[{i}]", u)
-    reference.project_out_(grads, bases)
+    with torch.no_grad():
+        reference.project_out_(grads, bases)
 
 
 def project_out_flat_(g: torch.Tensor, vectors: torch.Tensor, *, check: bool = True) -> None:
-    """``g <- g - V^T (V g)`` in place for a flat (n,) vector and orthonormal rows ``V`` (rank, n)."""
+    """``g <- g - V^T (V g)`` in place for a flat (n,) vector and orthonormal rows ``V`` (rank, n).
+
+    Checked before writing (NaN, orthonormality when ``check``, ``g`` sharing memory with
+    ``vectors``); inputs that require grad are used through detached views (not differentiable).
+    """
     _f32("g", g, 1)
     _f32("vectors", vectors, 2)
+    check = _checks.flag("check", check)
     _same_device("vectors", vectors, g.device)
     if vectors.shape[1] != g.shape[0]:
         raise ValueError(f"vectors: expected shape (*, {g.shape[0]}), got {_checks.describe(vectors)}")
     if g.numel() and vectors.shape[0] > g.shape[0]:
         raise ValueError(f"vectors: rank {vectors.shape[0]} exceeds the dimension {g.shape[0]}")
+    _checks.disjoint("g", [g], {"vectors": [vectors]})
+    g, vectors = g.detach(), vectors.detach()
     unsupported = None if g.is_contiguous() else f"g is not contiguous (stride {g.stride()})"
     if _backend.dispatch("subspace.project_out_flat_", g.device, unsupported=unsupported) == _backend.RUST:
         _core.project_out_flat_(_checks.numpy_view(g), _checks.numpy_view(vectors.contiguous()), check)
@@ -120,7 +136,8 @@ def project_out_flat_(g: torch.Tensor, vectors: torch.Tensor, *, check: bool = T
     _checks.finite("vectors", vectors)
     if check:
         check_orthonormal("vectors", vectors.T)
-    reference.project_out_flat_(g, vectors)
+    with torch.no_grad():
+        reference.project_out_flat_(g, vectors)
 
 
 def orthonormalize(vectors: torch.Tensor, tol: float | None = None) -> tuple[torch.Tensor, list[int]]:
@@ -159,7 +176,7 @@ def extend_bases(
 
     Returns new tensors; the inputs are never modified.
     """
-    bases, reps = list(bases), list(reps)
+    bases, reps = _checks.tensor_list("bases", bases), _checks.tensor_list("reps", reps)
     _check_criterion(criterion, count)
     if len(reps) != len(bases):
         raise ValueError(f"reps: expected one matrix per basis ({len(bases)}), got {len(reps)}")
@@ -235,8 +252,10 @@ class Subspace:
     """
 
     def __init__(self, bases: Mapping[str, torch.Tensor] | None = None, *, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
+        self.device = _checks.device("device", device)
         self._bases: dict[str, torch.Tensor] = {}
+        if bases is not None and not isinstance(bases, Mapping):
+            raise TypeError(f"bases: expected a mapping name -> (dim, rank) tensor, got {type(bases).__name__}")
         for name, u in (bases or {}).items():
             self.set(name, u)
 
@@ -276,14 +295,24 @@ class Subspace:
         Layers not seen before start empty. Returns the number of directions added per layer;
         raises before changing anything.
         """
+        if not isinstance(reps, Mapping):
+            raise TypeError(f"reps: expected a mapping layer name -> (dim, n) tensor, got {type(reps).__name__}")
         names = list(reps)
         for name in names:
+            if not isinstance(name, str):
+                raise TypeError(f"reps: expected str layer names, got {type(name).__name__} {name!r}")
             a = _f32(f"reps[{name!r}]", reps[name], 2)
             if name in self._bases and self._bases[name].shape[0] != a.shape[0]:
                 raise ValueError(f"reps[{name!r}]: expected {self._bases[name].shape[0]} rows, "
                                  f"got {_checks.describe(a)}")
         old = [self._bases.get(n, torch.zeros((reps[n].shape[0], 0), device=self.device)) for n in names]
-        th = [float(threshold[n]) if isinstance(threshold, Mapping) else threshold for n in names]
+        if isinstance(threshold, Mapping):
+            missing = [n for n in names if n not in threshold]
+            if missing:
+                raise ValueError(f"threshold: expected a threshold for every layer of reps, missing {missing[:3]}")
+            th = [threshold[n] for n in names]
+        else:
+            th = [threshold] * len(names)
         rs = None if ratios is None else [ratios.get(n) for n in names]
         new = extend_bases(old, [reps[n].detach().to(self.device) for n in names], th,
                            criterion=criterion, count=count, ratios=rs)
@@ -296,6 +325,8 @@ class Subspace:
 
     def project_(self, grads: Mapping[str, torch.Tensor]) -> None:
         """Remove the span of each named basis from the (out, dim) gradient of the same name."""
+        if not isinstance(grads, Mapping):
+            raise TypeError(f"grads: expected a mapping layer name -> (out, dim) tensor, got {type(grads).__name__}")
         names = [n for n in grads if n in self._bases and self._bases[n].shape[1] > 0]
         if names:
             project_out_([grads[n] for n in names], [self._bases[n] for n in names], check=False)
@@ -304,10 +335,14 @@ class Subspace:
         return {"bases": {k: u.detach().cpu().clone() for k, u in self._bases.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        bases = state.get("bases") if isinstance(state, Mapping) else None
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state: expected a mapping, got {type(state).__name__}")
+        bases = state.get("bases")
         if not isinstance(bases, Mapping):
             raise ValueError("state: expected a mapping with a 'bases' mapping")
-        for name, u in bases.items():
+        for name, u in bases.items():  # everything is checked before anything is replaced
+            if not isinstance(name, str):
+                raise TypeError(f"state['bases']: expected str layer names, got {type(name).__name__} {name!r}")
             check_orthonormal(f"state['bases'][{name!r}]", u)
         self._bases = {k: u.detach().to(self.device).contiguous().clone() for k, u in bases.items()}
 
@@ -401,9 +436,12 @@ class GradientProjector:
         """Input representation matrices (dim, n_columns) of every layer for the inputs ``x``.
 
         Runs the model in eval mode (restored afterwards) and records each layer's input:
-        Linear inputs as columns, Conv2d inputs as unfolded patches.
+        Linear inputs as columns, Conv2d inputs as unfolded patches. ``x`` must be finite, and so
+        must what the model feeds its layers (a NaN there is an error naming ``model``): a basis
+        grown from NaN representations would be NaN.
         """
         _checks.tensor("x", x)
+        _checks.finite("x", x)
         batch_size = _checks.positive_int("batch_size", batch_size)
         cols: dict[str, list[torch.Tensor]] = {n: [] for n in self.layers}
 
@@ -421,9 +459,17 @@ class GradientProjector:
         self.model.eval()
         try:
             for s in range(0, len(x), batch_size):
-                self.model(x[s:s + batch_size])
+                try:
+                    self.model(x[s:s + batch_size])
+                except RuntimeError as e:  # a shape or dtype the model cannot take
+                    raise ValueError(f"x: the model cannot run on x ({_checks.describe(x)}): {e}") from e
         finally:
             for h in handles:
                 h.remove()
             self.model.train(was_training)
-        return {n: torch.cat(c, dim=1).contiguous() for n, c in cols.items() if c}
+        reps = {n: torch.cat(c, dim=1).contiguous() for n, c in cols.items() if c}
+        for n, r in reps.items():
+            if not bool(torch.isfinite(r).all()):
+                raise ValueError(f"model: produced non-finite inputs to layer {n!r} from finite x "
+                                 f"({int((~torch.isfinite(r)).sum())} NaN/inf of {r.numel()})")
+        return reps

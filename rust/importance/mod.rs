@@ -225,6 +225,7 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(crate::parallel::proptest_cases(256))]
         #[test]
         fn chunked_parallel_equals_scalar(
             n in 0usize..(3 * CHUNK + 37),
@@ -250,6 +251,80 @@ mod tests {
             accumulate(&mut accs, &[&f], 0.5, Mode::Sq).unwrap();
             for i in 0..n {
                 prop_assert_eq!(acc[i].to_bits(), (theta[i] + (f[i] * f[i]) * 0.5).to_bits());
+            }
+        }
+    }
+
+    fn vecs(
+        rng: &mut rand_xoshiro::Xoshiro256PlusPlus,
+        lens: &[usize],
+        special: bool,
+    ) -> Vec<Vec<f32>> {
+        use rand::Rng;
+        lens.iter()
+            .map(|&n| {
+                (0..n)
+                    .map(|_| match rng.random_range(0..40) {
+                        0 if special => f32::NAN,
+                        1 if special => f32::INFINITY,
+                        2 if special => -1.0,
+                        _ => rng.random::<f32>() * 4.0,
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn bits(v: &[Vec<f32>]) -> Vec<Vec<u32>> {
+        v.iter()
+            .map(|x| x.iter().map(|f| f.to_bits()).collect())
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(crate::parallel::proptest_cases(256))]
+        /// The entry points with random tensor counts, lengths (often mismatched), special
+        /// values and scalars: an error exactly when the contract is broken, no panic, and
+        /// nothing written when it errs; validation finds exactly the first bad importance.
+        #[test]
+        fn entry_points_refuse_broken_contracts_without_writing(
+            lens in proptest::collection::vec(0usize..300, 0..5),
+            other in proptest::collection::vec(0usize..300, 0..5),
+            same in any::<bool>(),
+            seed in any::<u64>(),
+            scale in prop_oneof![Just(f32::NAN), Just(f32::INFINITY), Just(-1.0f32), 0.0f32..3.0],
+            lam in prop_oneof![Just(f32::NAN), Just(-0.5f32), 0.0f32..3.0],
+        ) {
+            use rand::SeedableRng;
+            let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(seed);
+            let other = if same { lens.clone() } else { other };
+            let acc0 = vecs(&mut rng, &lens, false);
+            let g = vecs(&mut rng, &other, false);
+            let gs: Vec<&[f32]> = g.iter().map(|x| x.as_slice()).collect();
+
+            let mut acc = acc0.clone();
+            let mut accs: Vec<&mut [f32]> = acc.iter_mut().map(|a| a.as_mut_slice()).collect();
+            let ok = lens == other && scale.is_finite();
+            let r = accumulate(&mut accs, &gs, scale, Mode::Abs);
+            prop_assert_eq!(r.is_ok(), ok);
+            if !ok {
+                prop_assert_eq!(bits(&acc), bits(&acc0));
+            }
+
+            let imp = vecs(&mut rng, &other, true);
+            let is: Vec<&[f32]> = imp.iter().map(|x| x.as_slice()).collect();
+            let want = imp.iter().enumerate().find_map(|(t, x)| {
+                x.iter().position(|v| !(*v >= 0.0 && v.is_finite())).map(|i| (t, i))
+            });
+            prop_assert_eq!(validate(&is).map(|(t, i, _)| (t, i)), want);
+
+            let mut p = acc0.clone();
+            let mut ps: Vec<&mut [f32]> = p.iter_mut().map(|a| a.as_mut_slice()).collect();
+            let ok = lens == other && lam.is_finite() && lam >= 0.0;
+            let r = ssd_dampen(&mut ps, &gs, &gs, 1.0, lam);
+            prop_assert_eq!(r.is_ok(), ok);
+            if !ok {
+                prop_assert_eq!(bits(&p), bits(&acc0));
             }
         }
     }

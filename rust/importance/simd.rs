@@ -232,7 +232,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(512))]
+        #![proptest_config(crate::parallel::proptest_cases(512))]
         #[test]
         fn dampen_dispatch_equals_scalar(
             theta in proptest::collection::vec(special(), 0..100),

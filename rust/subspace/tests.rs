@@ -7,24 +7,30 @@ fn randn(rng: &mut Xoshiro256PlusPlus, len: usize) -> Vec<f32> {
     (0..len).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
 }
 
-/// An orthonormal (dim, rank) basis grown from random data with the kernel itself.
+/// An orthonormal (dim, rank) basis grown from random data with the kernel itself. A random
+/// (dim, rank) matrix is now and then rank-deficient to float32 precision (a 3 x 3 one was, at
+/// 2,000 property cases): such a draw is replaced by the next one.
 fn random_basis(rng: &mut Xoshiro256PlusPlus, dim: usize, rank: usize) -> Vec<f32> {
-    let a = randn(rng, dim * rank);
-    let ext = extend_basis(
-        &Basis {
-            data: &[],
-            dim,
-            rank: 0,
-        },
-        &a,
-        rank,
-        1.0,
-        Criterion::Energy(Count::Reach),
-        Par::Seq,
-    )
-    .unwrap();
-    assert_eq!(ext.rank, rank);
-    ext.basis
+    for _ in 0..100 {
+        let a = randn(rng, dim * rank);
+        let ext = extend_basis(
+            &Basis {
+                data: &[],
+                dim,
+                rank: 0,
+            },
+            &a,
+            rank,
+            1.0,
+            Criterion::Energy(Count::Reach),
+            Par::Seq,
+        )
+        .unwrap();
+        if ext.rank == rank {
+            return ext.basis;
+        }
+    }
+    panic!("no random ({dim}, {rank}) matrix of full rank in 100 draws");
 }
 
 fn gram_error(u: &[f32], dim: usize, rank: usize) -> f64 {
@@ -341,7 +347,7 @@ fn flat_projection_removes_span() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(24))]
+    #![proptest_config(crate::parallel::proptest_cases(24))]
     #[test]
     fn extension_spans_contain_the_data_at_threshold_one(d in 1usize..24, n in 1usize..30, r in 0usize..6, seed in 0u64..1000) {
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
@@ -357,6 +363,84 @@ proptest! {
             let mut views = vec![GradMut { data: &mut at, rows: n, cols: d }];
             project_out_(&mut views, &[Basis { data: &ext.basis, dim: d, rank: ext.rank }], true).unwrap();
         }
-        prop_assert!(at.iter().all(|v| v.abs() < 1e-3));
+        // Threshold 1.0 is met in float32 once the energy left is below the ratio's resolution:
+        // a last direction holding < ~5e-7 of the energy may be left out (found at 10,000 cases,
+        // d = 23, n = 24), so the residual is bounded relative to A, not absolutely.
+        let left: f64 = at.iter().map(|v| (*v as f64) * (*v as f64)).sum();
+        let total: f64 = a.iter().map(|v| (*v as f64) * (*v as f64)).sum();
+        prop_assert!(left <= 1e-6 * total.max(f64::MIN_POSITIVE), "energy left {} of {}", left, total);
+    }
+}
+
+proptest! {
+    #![proptest_config(crate::parallel::proptest_cases(64))]
+    /// The entry point with random layers, some of them broken (a NaN or inf in a gradient, a
+    /// basis that is not orthonormal, a dimension that does not match): an error exactly when
+    /// one is broken, and then not one gradient written (all-or-nothing across layers); else
+    /// every projected gradient is orthogonal to its basis.
+    #[test]
+    fn project_out_is_all_or_nothing_across_layers(
+        layers in proptest::collection::vec((0usize..6, 1usize..12, 0usize..4), 1..5),
+        broken in proptest::option::of((0usize..5, 0usize..3)),
+        seed in 0u64..100_000,
+    ) {
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+        let mut gs: Vec<Vec<f32>> = Vec::new();
+        let mut us: Vec<(Vec<f32>, usize, usize)> = Vec::new();
+        for &(rows, cols, r) in &layers {
+            gs.push(randn(&mut rng, rows * cols));
+            let r = r.min(cols);
+            us.push((random_basis(&mut rng, cols, r), cols, r));
+        }
+        let mut bad = false;
+        if let Some((layer, kind)) = broken {
+            let l = layer % layers.len();
+            let (rows, cols, _) = layers[l];
+            match kind {
+                0 if rows > 0 => {
+                    let i = rng.random_range(0..rows * cols);
+                    gs[l][i] = if seed % 2 == 0 { f32::NAN } else { f32::INFINITY };
+                    // an empty basis projects nothing, so a NaN there is not read
+                    bad = us[l].2 > 0;
+                }
+                1 if us[l].2 > 0 => {
+                    // column 0 scaled: squared norm 1.21, refused by the cheap check every time
+                    let r = us[l].2;
+                    for i in 0..cols {
+                        us[l].0[i * r] *= 1.1;
+                    }
+                    bad = true;
+                }
+                2 => {
+                    us[l] = (random_basis(&mut rng, cols + 1, 1), cols + 1, 1);
+                    bad = rows > 0 || cols > 0;
+                }
+                _ => {}
+            }
+        }
+        let before = gs.clone();
+        let mut views: Vec<GradMut> = gs
+            .iter_mut()
+            .zip(&layers)
+            .map(|(g, &(rows, cols, _))| GradMut { data: g.as_mut_slice(), rows, cols })
+            .collect();
+        let bases: Vec<Basis> = us.iter().map(|(u, d, r)| Basis { data: u, dim: *d, rank: *r }).collect();
+        let res = project_out_(&mut views, &bases, true);
+        if bad {
+            prop_assert!(res.is_err());
+        }
+        if res.is_err() {
+            let same = gs.iter().zip(&before).all(|(a, b)| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()));
+            prop_assert!(same, "a gradient was written although the call failed: {:?}", res);
+        } else {
+            for (g, ((u, d, r), &(rows, _, _))) in gs.iter().zip(us.iter().zip(&layers)) {
+                for i in 0..rows {
+                    for k in 0..*r {
+                        let s: f64 = (0..*d).map(|j| g[i * d + j] as f64 * u[j * r + k] as f64).sum();
+                        prop_assert!(s.abs() < 1e-4, "row {} not orthogonal to column {}: {}", i, k, s);
+                    }
+                }
+            }
+        }
     }
 }

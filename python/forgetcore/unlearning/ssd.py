@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from .. import _checks
 from ..importance import MODES, fisher_diagonal, output_norm_loss, ssd_dampen_
@@ -135,8 +136,17 @@ class SSD:
                                      "forget-set accuracy of a retrained model (the harness computes it), or, for "
                                      "class forgetting, pass forget_classes= to UnlearnData" + hint)
                 target = 0.10
+        _check_inputs(data)
         t0 = time.perf_counter()
-        imp_full, imp_forget = self.importances(model, data)
+        try:
+            imp_full, imp_forget = self.importances(model, data)
+        except ValueError as e:
+            if not str(e).startswith("grads["):
+                raise
+            # fisher_diagonal's accumulation refused a NaN/inf gradient: the data were finite.
+            raise ValueError(f"model: produced non-finite gradients on the given data ({e}); "
+                             f"nothing was dampened") from e
+        _check_importances(imp_full, imp_forget)
         t_imp = time.perf_counter() - t0
         params = {n: p for n, p in model.named_parameters() if n in imp_full}
         total = sum(p.numel() for p in params.values())
@@ -168,6 +178,29 @@ class SSD:
         out.update(alpha=alpha, dampened=n, dampened_fraction=n / max(total, 1),
                    seconds_dampen=time.perf_counter() - td, seconds=time.perf_counter() - t0)
         return out
+
+
+def _check_inputs(data: UnlearnData) -> None:
+    """NaN/inf inputs are an error naming the dataset (one read pass over tensor datasets, small
+    next to the Fisher passes): they would make the importances NaN, which select nothing."""
+    for part in ("forget", "retain"):
+        ds = getattr(data, part)
+        if isinstance(ds, TensorDataset):
+            for k, x in enumerate(ds.tensors):
+                if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                    raise ValueError(f"data.{part}: tensor {k} holds {int((~torch.isfinite(x)).sum())} NaN/inf "
+                                     f"values; SSD's importances would be NaN")
+
+
+def _check_importances(imp_full: dict[str, torch.Tensor], imp_forget: dict[str, torch.Tensor]) -> None:
+    """Refuse NaN/inf importances before anything is dampened (they are then passed with
+    ``validated=True``): NaN importances select nothing and ``fit`` would report "dampened 0" as if
+    it had worked. The data were checked, so the model made them."""
+    for which, imps in (("imp_forget", imp_forget), ("imp_full", imp_full)):
+        for n, t in imps.items():
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"model: produced non-finite {which}[{n!r}] on the given data (NaN/inf loss "
+                                 f"or gradients); nothing was dampened")
 
 
 def _choose(sweep: list[dict[str, Any]], target: float) -> float:
