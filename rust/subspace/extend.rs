@@ -136,7 +136,12 @@ pub fn extend_basis(
     let sq = |m: MatRef<f32>| -> f64 {
         // Column by column: contiguous in the column-major matrices used here.
         (0..m.ncols())
-            .map(|j| m.col(j).iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
+            .map(|j| {
+                m.col(j)
+                    .iter()
+                    .map(|&v| (v as f64) * (v as f64))
+                    .sum::<f64>()
+            })
             .sum()
     };
     let total = sq(res.as_ref());
