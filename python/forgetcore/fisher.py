@@ -181,6 +181,12 @@ def fisher_diagonal(
     than one rank) every rank passes its own data; the result is all-reduced so that every rank
     holds the single-process value on the union of the data. In batch mode global batch ``b`` is
     the union of the ranks' batches ``b`` (a rank that runs out contributes nothing).
+
+    Bad input (read-only checks; the model is never modified): NaN/inf inputs or float targets,
+    and labels outside ``[0, classes)`` for the default cross-entropy (or an ``IndexError`` from
+    a custom ``loss_fn``), raise ``ValueError`` naming ``data``; NaN/inf parameters or buffers,
+    and gradients or a result that are not finite on finite data, raise ``ValueError`` naming
+    ``model``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
