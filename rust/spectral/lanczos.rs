@@ -92,12 +92,13 @@ pub fn lanczos_max(
     let (mut alpha, mut beta) = (Vec::new(), Vec::new());
     let mut w = vec![0.0f64; n];
     let steps = max_steps.min(n);
-    for j in 0..steps {
-        apply(&q[j], &mut w);
+    for k in 1..=steps {
+        let qj = q.last().expect("q starts with the start vector");
+        apply(qj, &mut w);
         if w.iter().any(|x| !x.is_finite()) {
             return Some(f64::INFINITY);
         }
-        alpha.push(dot(&w, &q[j]));
+        alpha.push(dot(&w, qj));
         // Full reorthogonalisation, twice (it also removes alpha q_j and beta q_{j-1}).
         for _ in 0..2 {
             for qi in &q {
@@ -108,7 +109,6 @@ pub fn lanczos_max(
         let b = dot(&w, &w).sqrt();
         let scale = alpha.iter().fold(0f64, |m, a| m.max(a.abs()));
         let breakdown = b <= scale * 1e-14;
-        let k = j + 1;
         if breakdown || k == steps || (k >= 4 && k % 4 == 0) {
             let (theta, s_last) = top_ritz(&alpha, &beta)?;
             // An invariant subspace (breakdown) or the whole space: the Ritz values are exact.
@@ -188,7 +188,8 @@ mod tests {
         let mut a = vec![0f32; n * n];
         for i in 0..n {
             for j in 0..n {
-                let q = if i == j { 1.0 } else { 0.0 } - 2.0 * h[i] * h[j] / hh;
+                let delta = if i == j { 1.0 } else { 0.0 };
+                let q = delta - 2.0 * h[i] * h[j] / hh;
                 a[i * n + j] = (q * s[j]) as f32;
             }
         }
