@@ -84,7 +84,7 @@ pub fn lanczos_max(
     max_steps: usize,
     mut apply: impl FnMut(&[f64], &mut [f64]),
 ) -> Option<f64> {
-    let mut rng = Xoshiro256PlusPlus::seed_from_u64(0x6b61_7070_61);
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(0x006b_6170_7061);
     let mut v: Vec<f64> = (0..n).map(|_| rng.random::<f64>() - 0.5).collect();
     let nv = dot(&v, &v).sqrt();
     v.iter_mut().for_each(|x| *x /= nv);
