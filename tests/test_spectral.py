@@ -191,3 +191,16 @@ def test_cuda_tensors_stay_on_device():
     got = spectral.condition_numbers({"w": a.cuda()}, progress=False)
     assert close(got["w"], 9.0, 1e-6)
     assert spectral.singular_values([a.cuda()])[0].device.type == "cuda"
+
+
+def test_large_square_matrices_take_the_lu_path_at_svd_accuracy():
+    """Square matrices from 2048 get kappa from LU + Lanczos under "auto": it must agree with
+    the float64 Gram path where that one is exact (random Gaussian, kappa ~ 1e3-1e4) and give
+    +inf for a matrix with two equal rows."""
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(2048, 2048, generator=g)
+    auto, gram = spectral.kappa([a]).item(), spectral.kappa([a], method="gram").item()
+    assert 1e2 < gram < 5e4
+    assert close(auto, gram, 1e-5)
+    a[1] = a[0]
+    assert math.isinf(spectral.kappa([a]).item())

@@ -15,7 +15,9 @@
 //! * **Svd**: faer's values-only SVD of the float64 copy of `A`; relative error of σ_min about
 //!   ε₆₄·κ, for any κ.
 //! * **Auto** (default): Gram, then Svd again for a matrix whose Gram estimate of κ exceeds
-//!   [`GRAM_MAX_KAPPA`], where the Gram path would lose digits.
+//!   [`GRAM_MAX_KAPPA`], where the Gram path would lose digits. For condition numbers of square
+//!   matrices of at least [`lanczos::MIN_SIZE`], Auto first tries the extreme singular values
+//!   alone (LU + Lanczos, [`lanczos`]): fewer flops, all BLAS-3, and the SVD's accuracy.
 //!
 //! κ = σ_max / σ_min, and κ = +∞ for a matrix that is singular to the working precision of the
 //! path that produced σ_min: σ_min ≤ max(m, n)·ε₆₄·σ_max for the SVD, and the same rule on the
@@ -38,6 +40,8 @@ use rayon::prelude::*;
 
 use crate::error::ensure;
 use crate::{Error, Result};
+
+pub mod lanczos;
 
 /// Above this Gram estimate of κ, `Method::Auto` recomputes with the direct SVD. Measured
 /// against a float64 SVD: a 300×200 matrix with κ = 1e4 is within 2e-9 relative by Gram, with
@@ -325,6 +329,11 @@ pub fn singular_values(mats: &[MatView<'_>], method: Method) -> Result<Vec<Vec<f
 pub fn condition_numbers(mats: &[MatView<'_>], method: Method) -> Result<Vec<f64>> {
     check(mats, false)?;
     schedule(mats, |a, par| {
+        if method == Method::Auto && a.rows == a.cols && a.rows >= lanczos::MIN_SIZE {
+            if let Some(k) = lanczos::kappa_lu(a, par) {
+                return Ok(k);
+            }
+        }
         let (s, res) = sv_one(a, method, par)?;
         Ok(kappa_from_singular_values(&s, res))
     })

@@ -4,6 +4,7 @@ use faer::diag::Diag;
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::evd::{self_adjoint_evd, self_adjoint_evd_scratch, ComputeEigenvectors};
 use faer::linalg::matmul::matmul;
+use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::{Accum, Mat, MatRef, Par};
 use rayon::prelude::*;
 
@@ -120,61 +121,69 @@ pub fn extend_basis(
     if r0 >= d || n == 0 {
         return Ok(unchanged());
     }
-    let am = MatRef::from_row_major_slice(a, d, n);
-    // Residual R = A - U (U^T A).
-    let mut res = am.to_owned();
+    // Normalise first: the criteria are scale-invariant, but the f32 Gram matrix is not (its
+    // entries are squares: A ~ 1e19 overflows it, A ~ 1e-20 underflows it, and the QR below
+    // drops columns of norm <= 1e-12). A power of two scales exactly, so an input whose largest
+    // entry is already in [1, 2) gives the same basis as before, and every other scale gives
+    // that same basis too.
+    let amax = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+    if amax == 0.0 {
+        return Ok(unchanged());
+    }
+    let scale = 2f64.powi(-(amax as f64).log2().floor() as i32);
+    // Residual R = A - U (U^T A), on the scaled A (column-major, as faer's kernels prefer).
+    let mut res = Mat::<f32>::from_fn(d, n, |i, j| (a[i * n + j] as f64 * scale) as f32);
+    let sq = |m: MatRef<f32>| -> f64 {
+        // Column by column: contiguous in the column-major matrices used here.
+        (0..m.ncols())
+            .map(|j| {
+                m.col(j)
+                    .iter()
+                    .map(|&v| (v as f64) * (v as f64))
+                    .sum::<f64>()
+            })
+            .sum()
+    };
+    let total = sq(res.as_ref());
     if r0 > 0 {
         let mut c = Mat::<f32>::zeros(r0, n);
         matmul(
             c.as_mut(),
             Accum::Replace,
             u.view().transpose(),
-            am,
+            res.as_ref(),
             1.0f32,
             par,
         );
         matmul(res.as_mut(), Accum::Add, u.view(), c.as_ref(), -1.0f32, par);
     }
-    let sq = |m: MatRef<f32>| -> f64 {
-        let mut s = 0f64;
-        for j in 0..m.ncols() {
-            for i in 0..m.nrows() {
-                let v = m[(i, j)] as f64;
-                s += v * v;
-            }
-        }
-        s
-    };
-    let total = sq(am);
     let res_e = sq(res.as_ref());
     if total == 0.0 || res_e <= total * 1e-12 {
         return Ok(unchanged());
     }
     // Gram matrix of the smaller side and its eigendecomposition, in f32 (as torch/LAPACK ssyevd
     // would); directions below the rounding floor are dropped and the chosen ones are
-    // re-orthonormalised in f64 below.
+    // re-orthonormalised in f64 below. Only the lower triangle is formed (half the flops of a
+    // full product): the symmetric eigensolver reads only that half.
     let wide = d <= n;
     let m = if wide { d } else { n };
     let mut gram = Mat::<f32>::zeros(m, m);
-    if wide {
-        matmul(
-            gram.as_mut(),
-            Accum::Replace,
-            res.as_ref(),
-            res.as_ref().transpose(),
-            1.0f32,
-            par,
-        );
+    let (lhs, rhs) = if wide {
+        (res.as_ref(), res.as_ref().transpose())
     } else {
-        matmul(
-            gram.as_mut(),
-            Accum::Replace,
-            res.as_ref().transpose(),
-            res.as_ref(),
-            1.0f32,
-            par,
-        );
-    }
+        (res.as_ref().transpose(), res.as_ref())
+    };
+    triangular::matmul(
+        gram.as_mut(),
+        BlockStructure::TriangularLower,
+        Accum::Replace,
+        lhs,
+        BlockStructure::Rectangular,
+        rhs,
+        BlockStructure::Rectangular,
+        1.0f32,
+        par,
+    );
     let mut s = Diag::<f32>::zeros(m);
     let mut vecs = Mat::<f32>::zeros(m, m);
     {
@@ -304,5 +313,46 @@ pub fn extend_bases(
         (0..l).into_par_iter().map(run).collect()
     } else {
         (0..l).map(run).collect()
+    }
+}
+
+#[cfg(test)]
+mod scale_tests {
+    use super::*;
+
+    /// Rank-2 data (dim 6, 5 samples) with energies 1 and 0.25: the energy criterion at 0.97
+    /// keeps both directions whatever the overall scale (regression: 1e19 and 1e-20 raised from
+    /// the eigensolver, 1e-30 gave rank 0).
+    #[test]
+    fn extension_is_scale_invariant() {
+        let (d, n) = (6usize, 5usize);
+        let a: Vec<f32> = (0..d * n)
+            .map(|k| {
+                let (i, j) = (k / n, k % n);
+                let u1 = [1.0f32, 1.0, 0.0, 0.0, 1.0, 0.0][i];
+                let u2 = [0.0f32, 1.0, -1.0, 1.0, 0.0, 0.0][i];
+                u1 * [1.0f32, -1.0, 2.0, 0.5, 1.0][j] + 0.5 * u2 * [0.3f32, 1.0, -0.7, 0.2, 0.9][j]
+            })
+            .collect();
+        let empty = Basis {
+            data: &[],
+            dim: d,
+            rank: 0,
+        };
+        let crit = Criterion::Energy(Count::Reach);
+        let want = extend_basis(&empty, &a, n, 0.97, crit, Par::Seq).unwrap();
+        assert_eq!(want.rank, 2);
+        for s in [1e19f32, 1e-20, 1e-30, 3.0e30, 1e-38] {
+            let b: Vec<f32> = a.iter().map(|x| x * s).collect();
+            let got = extend_basis(&empty, &b, n, 0.97, crit, Par::Seq).unwrap();
+            assert_eq!(got.rank, 2, "scale {s}");
+            // Same span: the projector U U^T agrees.
+            for i in 0..d {
+                for k in 0..d {
+                    let p = |u: &[f32]| (0..2).map(|c| u[i * 2 + c] * u[k * 2 + c]).sum::<f32>();
+                    assert!((p(&got.basis) - p(&want.basis)).abs() < 1e-5, "scale {s}");
+                }
+            }
+        }
     }
 }
