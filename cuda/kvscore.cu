@@ -43,11 +43,12 @@ struct AttnView {
 
 #define ROWSUM_THREADS 256
 
-// inv[(b * q_heads + h) * q + i] = 1 / sum_j valid A[b, h, i, j] (0 where the sum is 0): the
-// renormalisation over the keys still kept (A2SF's lm-eval rule). One block per attention row.
+// rsum[(b * q_heads + h) * q + i] = sum_j valid A[b, h, i, j]: the renormalisation over the keys
+// still kept (A2SF's lm-eval rule), applied by kv_accumulate (`renorm_weight`). One block per
+// attention row.
 extern "C" __global__ void __launch_bounds__(ROWSUM_THREADS)
 kv_rowsum(AttnView a, const unsigned char* __restrict__ valid, int kv_heads, int group, int q,
-          int T, float* __restrict__ inv) {
+          int T, float* __restrict__ rsum) {
     const i64 r = blockIdx.x;
     const int i = static_cast<int>(r % q);
     const int h = static_cast<int>((r / q) % ((i64)kv_heads * group));
@@ -67,20 +68,30 @@ kv_rowsum(AttnView a, const unsigned char* __restrict__ valid, int kv_heads, int
         float s = threadIdx.x < ROWSUM_THREADS / 32 ? warp_sums[threadIdx.x] : 0.0f;
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
-        if (threadIdx.x == 0) inv[r] = s > 0.0f ? 1.0f / s : 0.0f;
+        if (threadIdx.x == 0) rsum[r] = s;
     }
 }
 
 #define ACC_THREADS 256
 
-// S <- alpha^q S + sum_i alpha^(q-1-i) sum_g w[g, i] A[g, i] as the recurrence, one thread per
-// slot: for each new query row i, S *= alpha (alpha == 0: finite entries become 0, +inf stays,
-// the simulation's "evicted" sentinel), then S += w * A for each query head of the group, in
-// head order, on valid slots only. w = inv[...] (renormalisation) or 1 when inv == nullptr.
+// A renormalised probability y / sum as the Rust kernel computes it: y * (1 / sum), or y / sum
+// where 1 / sum overflows (a row of subnormal probabilities would otherwise become +inf, the
+// "evicted" marker); 0 for a row that sums to 0.
+__device__ __forceinline__ float renorm_weight(float y, float sum) {
+    if (!(sum > 0.0f)) return 0.0f;
+    const float w = 1.0f / sum;
+    return isinf(w) ? y / sum : w * y;
+}
+
+// S <- alpha^q S + sum_i alpha^(q-1-i) sum_g A[g, i] / rsum[g, i] as the recurrence, one thread
+// per slot: for each new query row i, S *= alpha (alpha == 0: finite entries become 0, +inf
+// stays, the simulation's "evicted" sentinel), then S += A (renormalised by the row sums of
+// kv_rowsum when rsum != nullptr) for each query head of the group, in head order, on valid
+// slots only.
 // Grid: rows * ceil(T / ACC_THREADS) blocks, row-major over (row, tile).
 extern "C" __global__ void __launch_bounds__(ACC_THREADS)
 kv_accumulate(float* __restrict__ scores, AttnView a, const unsigned char* __restrict__ valid,
-              const float* __restrict__ inv, int kv_heads, int group, int q, int T, float alpha) {
+              const float* __restrict__ rsum, int kv_heads, int group, int q, int T, float alpha) {
     const int tiles = (T + ACC_THREADS - 1) / ACC_THREADS;
     const i64 row = blockIdx.x / tiles;
     const int j = (blockIdx.x % tiles) * ACC_THREADS + threadIdx.x;
@@ -100,8 +111,7 @@ kv_accumulate(float* __restrict__ scores, AttnView a, const unsigned char* __res
         for (int g = 0; g < group; ++g) {
             const int h = kh * group + g;
             const float y = attn_at(a.p, a.dt, b * a.sb + h * a.sh + i * a.sq + j * a.st);
-            const float w = inv ? inv[(b * q_heads + h) * q + i] : 1.0f;
-            s += w * y;
+            s += rsum ? renorm_weight(y, rsum[(b * q_heads + h) * q + i]) : y;
         }
     }
     scores[row * T + j] = s;

@@ -1,39 +1,19 @@
 //! Launchers of `cuda/kvscore.cu`: score accumulation and keep/evict selection.
 //!
-//! Shapes are checked here (they are plain integers); pointers and dtypes by the caller
-//! (`forgetcore._cuda`), which takes them from torch tensors on one device.
+//! Arguments go through the same contract as the CPU kernels (`kvscore::contract`), then the
+//! launch limits of a GPU (32-bit counts, shared memory) are checked here; pointers and dtypes
+//! are the caller's (`forgetcore._cuda`), which takes them from torch tensors on one device.
 
 use super::{arg, launch, Result};
-use crate::error::{ensure, Error};
+use crate::error::ensure;
+use crate::kvscore::{contract, Dims};
 
 /// Threads per block of each kernel; must equal the .cu file's defines.
 const ROWSUM_THREADS: u32 = 256;
 const ACC_THREADS: u32 = 256;
 const SEL_THREADS: u32 = 1024;
 
-/// Attention storage (the .cu file's `DT_*`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(i32)]
-pub enum Dtype {
-    F32 = 0,
-    F16 = 1,
-    Bf16 = 2,
-}
-
-impl Dtype {
-    pub fn parse(s: &str) -> Result<Dtype> {
-        match s {
-            "float32" => Ok(Dtype::F32),
-            "float16" => Ok(Dtype::F16),
-            "bfloat16" => Ok(Dtype::Bf16),
-            other => Err(Error::type_(
-                "attn",
-                format!("expected float32, float16 or bfloat16, got {other}"),
-            )
-            .into()),
-        }
-    }
-}
+pub use crate::kvscore::Dtype;
 
 /// The kernel argument `AttnView`: data pointer, dtype and strides of (batch, q_head, q, slot).
 #[repr(C)]
@@ -55,6 +35,12 @@ pub struct Shape {
     pub slots: i64,
 }
 
+/// A dimension as the contract takes it (`usize`): never negative.
+fn count(name: &str, v: i64) -> Result<usize> {
+    ensure(v >= 0, name, || format!("expected an int >= 0, got {v}"))?;
+    Ok(v as usize)
+}
+
 fn small(name: &str, v: i64) -> Result<i32> {
     ensure((0..=i32::MAX as i64).contains(&v), name, || {
         format!("expected an int in [0, 2^31), got {v}")
@@ -70,12 +56,12 @@ fn grid(name: &str, blocks: i64) -> Result<u32> {
 }
 
 /// `S <- alpha^q S + sum_i alpha^(q-1-i) A_i` with the group's query heads summed; with
-/// `inv` (a float32 buffer of batch * q_heads * q elements), each query head's row is first
+/// `rsum` (a float32 buffer of batch * q_heads * q elements), each query head's row is first
 /// renormalised over the valid slots (A2SF), without it added as is (H2O).
 ///
 /// # Safety
 /// `scores` (f32), `valid` (u8, or 0 for all valid) hold batch * kv_heads * slots elements,
-/// `attn` addresses every element of its shape through its strides, `inv` (or 0) holds
+/// `attn` addresses every element of its shape through its strides, `rsum` (or 0) holds
 /// batch * kv_heads * group * q float32; all on `device`.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn accumulate(
@@ -84,18 +70,16 @@ pub unsafe fn accumulate(
     scores: u64,
     attn: AttnView,
     valid: u64,
-    inv: u64,
+    rsum: u64,
     shape: Shape,
     alpha: f32,
 ) -> Result<()> {
-    ensure(
-        alpha.is_finite() && (0.0..=1.0).contains(&alpha),
-        "alpha",
-        || format!("expected a number in [0, 1], got {alpha}"),
-    )?;
-    ensure(shape.group >= 1, "group", || {
-        format!("expected an int >= 1, got {}", shape.group)
-    })?;
+    let dims = Dims {
+        batch: count("batch", shape.batch)?,
+        heads: count("kv_heads", shape.kv_heads)?,
+        slots: count("slots", shape.slots)?,
+    };
+    contract::accumulate(dims, count("group", shape.group)?, count("q", shape.q)?, alpha)?;
     let kv_heads = small("kv_heads", shape.kv_heads)?;
     let group = small("group", shape.group)?;
     let q = small("q", shape.q)?;
@@ -105,9 +89,9 @@ pub unsafe fn accumulate(
     if rows == 0 || t == 0 || q == 0 {
         return Ok(());
     }
-    let (mut attn, mut valid, mut inv) = (attn, valid, inv);
+    let (mut attn, mut valid, mut rsum) = (attn, valid, rsum);
     let (mut kv_heads, mut group, mut q, mut t) = (kv_heads, group, q, t);
-    if inv != 0 {
+    if rsum != 0 {
         let blocks = grid("attn", rows * shape.group * shape.q)?;
         let mut params = [
             arg(&mut attn),
@@ -116,7 +100,7 @@ pub unsafe fn accumulate(
             arg(&mut group),
             arg(&mut q),
             arg(&mut t),
-            arg(&mut inv),
+            arg(&mut rsum),
         ];
         launch(
             device,
@@ -135,7 +119,7 @@ pub unsafe fn accumulate(
         arg(&mut scores),
         arg(&mut attn),
         arg(&mut valid),
-        arg(&mut inv),
+        arg(&mut rsum),
         arg(&mut kv_heads),
         arg(&mut group),
         arg(&mut q),
@@ -185,19 +169,21 @@ pub unsafe fn select_keep(
     n_recent: i64,
     out: u64,
 ) -> Result<()> {
+    let dims = Dims {
+        batch: count("scores", rows)?,
+        heads: 1,
+        slots: count("slots", slots)?,
+    };
+    contract::select_keep(
+        dims,
+        count("budget", budget)?,
+        count("n_sink", n_sink)?,
+        count("n_recent", n_recent)?,
+    )?;
     let t = small("slots", slots)?;
     let b = small("budget", budget)?;
     let ns = small("n_sink", n_sink)?;
     let nr = small("n_recent", n_recent)?;
-    ensure(budget <= slots, "budget", || {
-        format!("expected at most the {slots} cached slots, got {budget}")
-    })?;
-    ensure(n_sink + n_recent <= budget, "budget", || {
-        format!(
-            "expected at least n_sink + n_recent = {}, got {budget}",
-            n_sink + n_recent
-        )
-    })?;
     if rows == 0 || budget == 0 {
         return Ok(());
     }
@@ -243,6 +229,11 @@ pub unsafe fn evict_one(
     n_recent: i64,
     out: u64,
 ) -> Result<()> {
+    contract::evict_one(Dims {
+        batch: count("scores", rows)?,
+        heads: 1,
+        slots: count("slots", slots)?,
+    })?;
     let t = small("slots", slots)?;
     let ns = small("n_sink", n_sink)?;
     let nr = small("n_recent", n_recent)?;
@@ -306,7 +297,7 @@ mod tests {
         assert!(e.to_string().starts_with("budget:"));
         let e = unsafe { select_keep(0, 0, 0, 0, 0, 1, 4, 2, 2, 1, 0) }.unwrap_err();
         assert!(e.to_string().starts_with("budget:"));
-        assert!(Dtype::parse("float64").is_err());
+        assert!("float64".parse::<Dtype>().is_err());
         // Nothing to do: no launch, no driver needed.
         assert!(unsafe { select_keep(0, 0, 0, 0, 0, 0, 4, 2, 1, 1, 0) }.is_ok());
     }

@@ -89,45 +89,17 @@ fn check(
     alpha: f32,
     tol: f32,
 ) -> Result<()> {
-    ensure(
-        d.kv_heads > 0 && d.q_heads % d.kv_heads == 0,
-        "query",
-        || {
-            format!(
-                "expected query heads to be a multiple of the {} key heads, got {}",
-                d.kv_heads, d.q_heads
-            )
-        },
-    )?;
-    ensure(
-        alpha.is_finite() && (0.0..=1.0).contains(&alpha),
-        "alpha",
-        || format!("expected a number in [0, 1], got {alpha}"),
-    )?;
-    ensure(scaling.is_finite(), "scaling", || {
-        format!("expected a finite number, got {scaling}")
-    })?;
-    ensure(tol.is_finite() && tol >= 0.0, "tol", || {
-        format!("expected a finite number >= 0, got {tol}")
-    })?;
+    super::contract::attention_scores(d, scaling, alpha, tol)?;
     let kv = d.batch * d.kv_heads * d.slots;
-    for (name, n, want) in [
+    super::contract::lengths(&[
         ("scores", scores.len(), kv),
-        (
-            "query",
-            query.len(),
-            d.batch * d.q_heads * d.q_len * d.head_dim,
-        ),
+        ("query", query.len(), d.batch * d.q_heads * d.q_len * d.head_dim),
         ("keys", keys.len(), kv * d.head_dim),
         ("key_pos", key_pos.len(), kv),
         ("key_valid", key_valid.len(), kv),
         ("query_pos", query_pos.len(), d.batch * d.q_len),
         ("query_valid", query_valid.len(), d.batch * d.q_len),
-    ] {
-        ensure(n == want, name, || {
-            format!("expected {want} elements for {d:?}, got {n}")
-        })?;
-    }
+    ])?;
     ensure(!scores.iter().any(|s| s.is_nan()), "scores", || {
         "expected no NaN".into()
     })?;

@@ -177,7 +177,7 @@ fn cuda_kv_accumulate_(
 ) -> PyResult<()> {
     let view = kvscore::AttnView {
         ptr: attn,
-        dtype: kvscore::Dtype::parse(attn_dtype)? as i32,
+        dtype: attn_dtype.parse::<kvscore::Dtype>()? as i32,
         strides: attn_strides,
     };
     let [batch, kv_heads, group, q, slots] = shape;
