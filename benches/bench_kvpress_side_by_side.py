@@ -148,6 +148,8 @@ def main() -> None:
     t0 = time.perf_counter()
     fc, chosen = _forgetcore(args.n, args.tokens, args.seed)
     t_fc = time.perf_counter() - t0
+    # forgetcore's side as soon as it is known: the kvpress side (batch 1) takes as long again
+    print("forgetcore (test counts; chosen on dev):", json.dumps({"test": fc, "chosen": chosen}), flush=True)
     kp: dict = {}
     if args.kvpress_site or args.kvpress_python:
         env = dict(os.environ, HF_HUB_OFFLINE="1")
