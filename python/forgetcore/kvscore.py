@@ -31,13 +31,12 @@ NaN scores are a ``ValueError`` naming the argument, found by a read-only pass b
 anything is written; ``scores`` sharing memory with an input it is computed from is refused.
 
 CPU tensors run the Rust kernels (rayon, GIL released), CUDA tensors the NVRTC kernels of
-``cuda/kvscore.cu`` on torch's current stream (bit-identical to Rust without ``renorm``; with
-it within float32 rounding of the row sums); other devices run ``reference.py``.
+``cuda/kvscore.cu`` on torch's current stream (``accumulate_`` bit-identical to Rust without
+``renorm``, within float32 rounding of the row sums with it; ``attention_scores_`` within
+float32 rounding: another summation order and exp); other devices run ``reference.py``.
 """
 
 from __future__ import annotations
-
-import logging
 
 import numpy as np
 import torch
@@ -48,8 +47,6 @@ __all__ = ["accumulate_", "attention_scores_", "evict_one", "rows_needed", "sele
 
 _ATTN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-log = logging.getLogger(__name__)
-_LOGGED: set[str] = set()
 
 
 
@@ -275,7 +272,7 @@ def attention_scores_(scores: torch.Tensor, query: torch.Tensor, keys: torch.Ten
     query, keys = query.detach(), keys.detach()
     _disjoint(scores, query=query, keys=keys, positions=positions, valid=valid, query_positions=query_positions,
               query_valid=query_valid)
-    backend = _backend.dispatch("kvscore.attention_scores_", scores.device,
+    backend = _backend.dispatch("kvscore.attention_scores_", scores.device, cuda_kernel=True,
                                 unsupported=None if scores.is_contiguous() else "non-contiguous scores")
     if backend == _backend.RUST:
         _core.kv_attention_scores_(
@@ -286,9 +283,11 @@ def attention_scores_(scores: torch.Tensor, query: torch.Tensor, keys: torch.Ten
         return out
     _checks.finite("query", query)
     _checks.finite("keys", keys)
-    if scores.device.type not in _LOGGED:   # no CUDA kernel for this one yet: say so once
-        _LOGGED.add(scores.device.type)
-        log.info("kvscore.attention_scores_: %s tensors run the blocked torch reference", scores.device.type)
+    if backend == _backend.CUDA:
+        _cuda.kv_attention_scores_(scores, query.float().contiguous(), keys.float().contiguous(),
+                                   positions.contiguous(), valid.contiguous(), query_positions.contiguous(),
+                                   query_valid.contiguous(), scaling, alpha, tol)
+        return out
     reference.kv_attention_scores_(scores, query, keys, scaling, alpha, positions, valid,
                                    query_positions, query_valid, tol=tol)
     return out

@@ -6,12 +6,15 @@
 
 use super::{arg, launch, Result};
 use crate::error::ensure;
-use crate::kvscore::{contract, Dims};
+use crate::kvscore::{contract, rows_needed, AttnDims, Dims};
 
 /// Threads per block of each kernel; must equal the .cu file's defines.
 const ROWSUM_THREADS: u32 = 256;
 const ACC_THREADS: u32 = 256;
 const SEL_THREADS: u32 = 1024;
+const FUSED_THREADS: u32 = 128;
+/// The .cu file's `FUSED_MAX_D`: the query row staged in shared memory.
+const FUSED_MAX_D: usize = 256;
 
 pub use crate::kvscore::Dtype;
 
@@ -132,6 +135,107 @@ pub unsafe fn accumulate(
         "kv_accumulate",
         (blocks, 1, 1),
         ACC_THREADS,
+        0,
+        &mut params,
+    )
+}
+
+/// Fused scoring (`crate::kvscore::attention_scores` on the GPU): `kv_row_stats` then
+/// `kv_colsum` over the newest `rows_needed(alpha, tol, q_len)` query rows; see the .cu file.
+///
+/// # Safety
+/// `scores` (f32, B*Hkv*S), `query` (f32, B*Hq*Lq*D), `keys` (f32, B*Hkv*S*D), `key_pos` (i64)
+/// and `key_valid` (u8) (B*Hkv*S), `query_pos` (i64) and `query_valid` (u8) (B*Lq), `stats`
+/// (f32, 2*B*Hq*rows_needed) are contiguous, on `device`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn attention_scores(
+    device: i32,
+    stream: u64,
+    ptrs: [u64; 8],
+    d: AttnDims,
+    scaling: f32,
+    alpha: f32,
+    tol: f32,
+) -> Result<()> {
+    contract::attention_scores(d, scaling, alpha, tol)?;
+    ensure(d.head_dim <= FUSED_MAX_D, "query", || {
+        format!(
+            "expected head_dim <= {FUSED_MAX_D} on the GPU, got {}",
+            d.head_dim
+        )
+    })?;
+    let mut qh = small("query", d.q_heads as i64)?;
+    let mut kvh = small("keys", d.kv_heads as i64)?;
+    let mut lq = small("query", d.q_len as i64)?;
+    let mut s = small("keys", d.slots as i64)?;
+    let mut dh = small("query", d.head_dim as i64)?;
+    if d.batch == 0 || d.slots == 0 || d.q_len == 0 {
+        return Ok(());
+    }
+    let w = rows_needed(alpha, tol, d.q_len);
+    let (mut first, mut w32) = ((d.q_len - w) as i32, w as i32);
+    let decay = if alpha == 0.0 {
+        0.0
+    } else {
+        alpha.powi(d.q_len as i32)
+    };
+    let [mut sc, mut q, mut k, mut kp, mut kv, mut qp, mut qv, mut st] = ptrs;
+    let (mut scaling, mut alpha, mut decay) = (scaling, alpha, decay);
+    let blocks = grid("query", (d.batch * d.q_heads * w) as i64)?;
+    let mut params = [
+        arg(&mut q),
+        arg(&mut k),
+        arg(&mut kp),
+        arg(&mut kv),
+        arg(&mut qp),
+        arg(&mut qv),
+        arg(&mut qh),
+        arg(&mut kvh),
+        arg(&mut lq),
+        arg(&mut s),
+        arg(&mut dh),
+        arg(&mut first),
+        arg(&mut w32),
+        arg(&mut scaling),
+        arg(&mut st),
+    ];
+    launch(
+        device,
+        stream,
+        "kv_row_stats",
+        (blocks, 1, 1),
+        FUSED_THREADS,
+        0,
+        &mut params,
+    )?;
+    let tiles = d.slots.div_ceil(FUSED_THREADS as usize);
+    let blocks = grid("scores", (d.batch * d.kv_heads * tiles) as i64)?;
+    let mut params = [
+        arg(&mut sc),
+        arg(&mut q),
+        arg(&mut k),
+        arg(&mut kp),
+        arg(&mut kv),
+        arg(&mut qp),
+        arg(&mut qv),
+        arg(&mut st),
+        arg(&mut qh),
+        arg(&mut kvh),
+        arg(&mut lq),
+        arg(&mut s),
+        arg(&mut dh),
+        arg(&mut first),
+        arg(&mut w32),
+        arg(&mut scaling),
+        arg(&mut alpha),
+        arg(&mut decay),
+    ];
+    launch(
+        device,
+        stream,
+        "kv_colsum",
+        (blocks, 1, 1),
+        FUSED_THREADS,
         0,
         &mut params,
     )
@@ -298,6 +402,19 @@ mod tests {
         let e = unsafe { select_keep(0, 0, 0, 0, 0, 1, 4, 2, 2, 1, 0) }.unwrap_err();
         assert!(e.to_string().starts_with("budget:"));
         assert!("float64".parse::<Dtype>().is_err());
+        let d = AttnDims {
+            batch: 1,
+            q_heads: 2,
+            kv_heads: 1,
+            q_len: 3,
+            slots: 4,
+            head_dim: 300,
+        };
+        let e = unsafe { attention_scores(0, 0, [0; 8], d, 1.0, 0.5, 0.0) }.unwrap_err();
+        assert!(e.to_string().starts_with("query:"));
+        let e = unsafe { attention_scores(0, 0, [0; 8], AttnDims { head_dim: 8, ..d }, 1.0, 2.0, 0.0) }
+            .unwrap_err();
+        assert!(e.to_string().starts_with("alpha:"));
         // Nothing to do: no launch, no driver needed.
         assert!(unsafe { select_keep(0, 0, 0, 0, 0, 0, 4, 2, 1, 1, 0) }.is_ok());
     }
