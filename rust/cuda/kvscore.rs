@@ -82,7 +82,12 @@ pub unsafe fn accumulate(
         heads: count("kv_heads", shape.kv_heads)?,
         slots: count("slots", shape.slots)?,
     };
-    contract::accumulate(dims, count("group", shape.group)?, count("q", shape.q)?, alpha)?;
+    contract::accumulate(
+        dims,
+        count("group", shape.group)?,
+        count("q", shape.q)?,
+        alpha,
+    )?;
     let kv_heads = small("kv_heads", shape.kv_heads)?;
     let group = small("group", shape.group)?;
     let q = small("q", shape.q)?;
@@ -412,8 +417,9 @@ mod tests {
         };
         let e = unsafe { attention_scores(0, 0, [0; 8], d, 1.0, 0.5, 0.0) }.unwrap_err();
         assert!(e.to_string().starts_with("query:"));
-        let e = unsafe { attention_scores(0, 0, [0; 8], AttnDims { head_dim: 8, ..d }, 1.0, 2.0, 0.0) }
-            .unwrap_err();
+        let e =
+            unsafe { attention_scores(0, 0, [0; 8], AttnDims { head_dim: 8, ..d }, 1.0, 2.0, 0.0) }
+                .unwrap_err();
         assert!(e.to_string().starts_with("alpha:"));
         // Nothing to do: no launch, no driver needed.
         assert!(unsafe { select_keep(0, 0, 0, 0, 0, 0, 4, 2, 1, 1, 0) }.is_ok());

@@ -46,11 +46,16 @@ fn ro<'py, T: Element>(obj: &Bound<'py, PyAny>, arg: &str) -> PyResult<PyReadonl
 }
 
 /// Borrow `obj` for writing, or name `arg`; call before the read-only borrows.
-fn rw<'py, T: Element>(obj: &Bound<'py, PyAny>, arg: &str) -> PyResult<PyReadwriteArrayDyn<'py, T>> {
+fn rw<'py, T: Element>(
+    obj: &Bound<'py, PyAny>,
+    arg: &str,
+) -> PyResult<PyReadwriteArrayDyn<'py, T>> {
     array::<T>(obj, arg)?.try_readwrite().map_err(|e| {
         Error::value(
             arg,
-            format!("expected a writable array that shares no memory with the other arguments ({e})"),
+            format!(
+                "expected a writable array that shares no memory with the other arguments ({e})"
+            ),
         )
         .into()
     })
@@ -244,7 +249,10 @@ fn kv_attention_scores_(
 ) -> PyResult<()> {
     let mut scores = rw::<f32>(scores, "scores")?;
     let (query, keys) = (ro::<f32>(query, "query")?, ro::<f32>(keys, "keys")?);
-    let (key_pos, key_valid) = (ro::<i64>(key_pos, "key_pos")?, ro::<bool>(key_valid, "key_valid")?);
+    let (key_pos, key_valid) = (
+        ro::<i64>(key_pos, "key_pos")?,
+        ro::<bool>(key_valid, "key_valid")?,
+    );
     let (query_pos, query_valid) = (
         ro::<i64>(query_pos, "query_pos")?,
         ro::<bool>(query_valid, "query_valid")?,
