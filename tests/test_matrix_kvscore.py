@@ -195,6 +195,13 @@ def test_attention_scores_bad_arguments(kw, arg):
     clean(lambda: kvscore.attention_scores_(scores, q, k, sc, al, **args), arg, [scores])
 
 
+def test_attention_scores_refuses_logits_that_overflow():
+    # regression: finite queries and keys whose logits overflow float32 gave NaN scores silently
+    scores = torch.rand(1, 1, 3)
+    q, k = torch.full((1, 1, 1, 2), 1e30), torch.full((1, 1, 3, 2), 1e30)
+    clean(lambda: kvscore.attention_scores_(scores, q, k, 1.0, 0.5), "keys", [scores])
+
+
 def test_attention_scores_refuses_keys_aliasing_scores():
     buf = torch.rand(1 * 1 * 4 * 2)
     scores = buf[:4].view(1, 1, 4)

@@ -205,8 +205,8 @@ fn check(
     ensure(!scores.iter().any(|s| s.is_nan()), "scores", || {
         "expected no NaN".into()
     })?;
-    super::contract::finite("query", query)?;
-    super::contract::finite("keys", keys)
+    // the keys are checked where they are read, through their logits (see the task)
+    super::contract::finite("query", query)
 }
 
 /// Add the alpha-weighted attention column sums of `query` over `keys` to `scores` (see the
@@ -309,6 +309,14 @@ pub fn attention_scores(
                         Par::Seq,
                     );
                 }
+                // the keys' finiteness check, fused: a NaN or infinite key makes its logit
+                // non-finite (the query was checked), and so does a logit that overflows
+                if super::contract::finite("keys", &tile[..nr * lim]).is_err() {
+                    return Err(crate::Error::value(
+                        "keys",
+                        "expected finite keys whose logits (scaling * q . k) fit in float32",
+                    ));
+                }
                 for r in 0..nr {
                     let i = i0 + r;
                     if !query_valid[b * lq + i] {
@@ -336,14 +344,18 @@ pub fn attention_scores(
             }
             i0 = i1;
         }
-        acc
+        Ok(acc)
     };
     // a decode step is microseconds of work: waking the thread pool would cost more
     let small = rows * w * s * dh * group < 1 << 20;
+    // scores are written only after every task succeeded: a failed call changes nothing
     let partials: Vec<Vec<f32>> = if small {
-        (0..rows * n_parts).map(task).collect()
+        (0..rows * n_parts).map(task).collect::<Result<_>>()?
     } else {
-        (0..rows * n_parts).into_par_iter().map(task).collect()
+        (0..rows * n_parts)
+            .into_par_iter()
+            .map(task)
+            .collect::<Result<_>>()?
     };
     let finish = |(row, sc): (usize, &mut [f32])| {
         if alpha == 0.0 {
@@ -568,6 +580,24 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().starts_with("alpha:"));
+        // a NaN key, and finite inputs whose logit overflows: both found where they are read
+        for (q, k) in [(1.0f32, [f32::NAN, 1.0f32]), (1e30, [1e30, 1.0])] {
+            let e = attention_scores(
+                &mut s,
+                &[q],
+                &k,
+                &[0, 0],
+                &[true; 2],
+                &[0],
+                &[true],
+                d,
+                1.0,
+                0.5,
+                0.0,
+            )
+            .unwrap_err();
+            assert!(e.to_string().starts_with("keys:"), "{e}");
+        }
         assert_eq!(s, vec![1.0, 2.0]);
     }
 }
