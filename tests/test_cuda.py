@@ -435,6 +435,20 @@ def test_emulated_kv_accumulate(emu, dtype):
 
 
 @needs_cxx
+def test_emulated_kv_accumulate_renormalises_subnormal_rows(emu):
+    # regression: 1 / (row sum) overflowed for rows of subnormal probabilities, giving +inf
+    fn = emu["kvscore"].emu_kv_accumulate
+    fn.argtypes = [P, P, I32, P, P, P, I32, I32, I32, I32, I32, F32]
+    for tiny in (1e-40, 1e-44, 3e-39):
+        scores, attn = torch.zeros(1, 1, 4), torch.full((1, 1, 1, 4), tiny)
+        rsum = torch.empty(1)
+        strides = torch.tensor(attn.stride(), dtype=torch.int64)
+        fn(_ptr(scores), _ptr(attn), _cuda._DTYPE_CODE[torch.float32], _ptr(strides), None, _ptr(rsum),
+           1, 1, 1, 1, 4, 0.5)
+        torch.testing.assert_close(scores, torch.full((1, 1, 4), 0.25))
+
+
+@needs_cxx
 @pytest.mark.parametrize("seed", [11, 12, 13])
 def test_emulated_fused_attention_scores_match_the_rust_kernel(emu, seed):
     """cuda/kvscore.cu's fused scoring (kv_row_stats + kv_colsum) against the Rust fused kernel
