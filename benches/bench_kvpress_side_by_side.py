@@ -39,9 +39,31 @@ KEEPS = (0.5, 0.2)
 
 
 def _items(tok, n, tokens, seed):
+    """(dev, test): 2n prompts of one seed, alternate ones to each side, so the two sets use
+    disjoint prose windows and span the same needle depths."""
     from forgetcore.kvcache.evaluation import needle_items
 
-    return needle_items(tok, n, tokens, seed=seed)
+    both = needle_items(tok, 2 * n, tokens, seed=seed)
+    return both[0::2], both[1::2]
+
+
+def _grids(keep: float) -> dict:
+    """Each forgetcore press's hyper-parameter candidates (fixed before any result was seen);
+    the first is the default, which also wins ties."""
+    from forgetcore.kvcache import A2SF, H2O, TOVA, ExpectedAttention, Knorm, RecentWindow, SnapKV
+
+    r = 1 - keep
+    return {
+        "SnapKV": {f"window={w}": SnapKV(compression_ratio=r, window=w) for w in (64, 8, 16, 32)},
+        "TOVA": {f"n_sink={s}": TOVA(compression_ratio=r, n_sink=s) for s in (0, 4)},
+        "Knorm": {f"n_sink={s}": Knorm(compression_ratio=r, n_sink=s) for s in (4, 0)},
+        "ExpectedAttention": {f"n_queries={nq},use_vnorm={v}": ExpectedAttention(compression_ratio=r, n_queries=nq,
+                                                                                  use_vnorm=v)
+                              for nq in (64, 16) for v in (True, False)},
+        "StreamingLLM": {"-": RecentWindow(compression_ratio=r)},
+        "H2O": {"-": H2O(compression_ratio=r)},
+        "A2SF": {f"alpha={a}": A2SF(a, compression_ratio=r) for a in (0.9, 0.5, 0.8, 0.95, 0.99)},
+    }
 
 
 def _kvpress_child(n, tokens, seed) -> dict:
@@ -51,7 +73,7 @@ def _kvpress_child(n, tokens, seed) -> dict:
     from forgetcore.models import load_smollm2
 
     model, tok = load_smollm2()
-    items = _items(tok, n, tokens, seed)
+    items = _items(tok, n, tokens, seed)[1]
     from importlib.metadata import version
 
     out: dict = {"kvpress_version": version("kvpress")}
@@ -82,26 +104,31 @@ def _kvpress_child(n, tokens, seed) -> dict:
     return out
 
 
-def _forgetcore(n, tokens, seed) -> dict:
-    from forgetcore.kvcache import A2SF, H2O, TOVA, ExpectedAttention, Knorm, RecentWindow, SnapKV
+def _forgetcore(n, tokens, seed) -> tuple[dict, dict]:
+    """Per press and budget: the candidate with the most dev prompts answered, then its count
+    on the test prompts. Returns (test counts, {press@keep: (chosen, dev count)})."""
     from forgetcore.kvcache.evaluation import recall_correct
     from forgetcore.models import load_smollm2
 
     model, tok = load_smollm2()
     tok.padding_side = "left"
-    items = _items(tok, n, tokens, seed)
+    dev, test = _items(tok, n, tokens, seed)
+    chosen: dict = {}
     names, presses = ["full cache@1.0"], [None]
     for keep in KEEPS:
-        r = 1 - keep
-        for name, p in {"SnapKV": SnapKV(compression_ratio=r, window=32), "TOVA": TOVA(compression_ratio=r),
-                        "Knorm": Knorm(compression_ratio=r),
-                        "ExpectedAttention": ExpectedAttention(compression_ratio=r),
-                        "StreamingLLM": RecentWindow(compression_ratio=r), "H2O": H2O(compression_ratio=r),
-                        "A2SF(0.9)": A2SF(0.9, compression_ratio=r)}.items():
+        grids = _grids(keep)
+        flat = [(name, label, p) for name, g in grids.items() for label, p in g.items()]
+        ok = recall_correct(model, tok, dev, [p for _, _, p in flat], batch_size=8)
+        for name in grids:
+            best = max(((label, p, sum(o)) for (nm, label, p), o in zip(flat, ok) if nm == name),
+                       key=lambda x: x[2])          # max keeps the first of equals: the default
+            chosen[f"{name}@{keep}"] = (best[0], best[2])
             names.append(f"{name}@{keep}")
-            presses.append(p)
-    ok = recall_correct(model, tok, items, presses, batch_size=8)
-    return {k: sum(v) for k, v in zip(names, ok)}
+            presses.append(best[1])
+    full_dev = sum(recall_correct(model, tok, dev, [None], batch_size=8)[0])
+    chosen["full cache@1.0"] = ("-", full_dev)
+    ok = recall_correct(model, tok, test, presses, batch_size=8)
+    return {k: sum(v) for k, v in zip(names, ok)}, chosen
 
 
 def main() -> None:
@@ -119,8 +146,10 @@ def main() -> None:
         print(json.dumps(_kvpress_child(args.n, args.tokens, args.seed)))
         return
     t0 = time.perf_counter()
-    fc = _forgetcore(args.n, args.tokens, args.seed)
+    fc, chosen = _forgetcore(args.n, args.tokens, args.seed)
     t_fc = time.perf_counter() - t0
+    # forgetcore's side as soon as it is known: the kvpress side (batch 1) takes as long again
+    print("forgetcore (test counts; chosen on dev):", json.dumps({"test": fc, "chosen": chosen}), flush=True)
     kp: dict = {}
     if args.kvpress_site or args.kvpress_python:
         env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -135,11 +164,13 @@ def main() -> None:
         else:
             kp = json.loads(p.stdout.strip().splitlines()[-1])
         t_kp = time.perf_counter() - t0
-    print(f"Passkey retrieval, {args.n} prompts of ~{args.tokens} prose tokens (seed {args.seed}), SmolLM2-135M; "
-          f"prompts answered (of {args.n}), question appended after compression")
+    print(f"Passkey retrieval, {args.n} test prompts of ~{args.tokens} prose tokens (seed {args.seed}, odd items; "
+          f"the even items are the {args.n} dev prompts), SmolLM2-135M; test prompts answered (of {args.n}), "
+          "question appended after compression; forgetcore's hyper-parameters chosen on the dev prompts "
+          "(chosen value, dev count), kvpress's at its defaults")
     cols = [f"{int(k * 100)}% kept" for k in KEEPS]
     print(f"{'press':22s}" + "".join(f"{c + ' fc':>14s}{c + ' kvpress':>19s}" for c in cols))
-    names = ["full cache", "SnapKV", "TOVA", "Knorm", "ExpectedAttention", "StreamingLLM", "H2O", "A2SF(0.9)"]
+    names = ["full cache", "SnapKV", "TOVA", "Knorm", "ExpectedAttention", "StreamingLLM", "H2O", "A2SF"]
     for name in names:
         row = f"{name:22s}"
         for k in KEEPS:
@@ -147,6 +178,8 @@ def main() -> None:
             a, b = fc.get(f"{name}@{kk}"), kp.get(f"{name}@{kk}")
             row += f"{'-' if a is None else a:>14}{'-' if b is None else b:>19}"
         print(row)
+    for k, (label, n_dev) in chosen.items():
+        print(f"  chosen on dev: {k:28s} {label:34s} dev {n_dev}/{args.n}")
     print(f"(forgetcore {t_fc:.0f} s" + (f", kvpress {kp.get('kvpress_version', '?')} {t_kp:.0f} s)" if kp else ")"))
 
 

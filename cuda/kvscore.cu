@@ -43,11 +43,12 @@ struct AttnView {
 
 #define ROWSUM_THREADS 256
 
-// inv[(b * q_heads + h) * q + i] = 1 / sum_j valid A[b, h, i, j] (0 where the sum is 0): the
-// renormalisation over the keys still kept (A2SF's lm-eval rule). One block per attention row.
+// rsum[(b * q_heads + h) * q + i] = sum_j valid A[b, h, i, j]: the renormalisation over the keys
+// still kept (A2SF's lm-eval rule), applied by kv_accumulate (`renorm_weight`). One block per
+// attention row.
 extern "C" __global__ void __launch_bounds__(ROWSUM_THREADS)
 kv_rowsum(AttnView a, const unsigned char* __restrict__ valid, int kv_heads, int group, int q,
-          int T, float* __restrict__ inv) {
+          int T, float* __restrict__ rsum) {
     const i64 r = blockIdx.x;
     const int i = static_cast<int>(r % q);
     const int h = static_cast<int>((r / q) % ((i64)kv_heads * group));
@@ -67,20 +68,30 @@ kv_rowsum(AttnView a, const unsigned char* __restrict__ valid, int kv_heads, int
         float s = threadIdx.x < ROWSUM_THREADS / 32 ? warp_sums[threadIdx.x] : 0.0f;
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
-        if (threadIdx.x == 0) inv[r] = s > 0.0f ? 1.0f / s : 0.0f;
+        if (threadIdx.x == 0) rsum[r] = s;
     }
 }
 
 #define ACC_THREADS 256
 
-// S <- alpha^q S + sum_i alpha^(q-1-i) sum_g w[g, i] A[g, i] as the recurrence, one thread per
-// slot: for each new query row i, S *= alpha (alpha == 0: finite entries become 0, +inf stays,
-// the simulation's "evicted" sentinel), then S += w * A for each query head of the group, in
-// head order, on valid slots only. w = inv[...] (renormalisation) or 1 when inv == nullptr.
+// A renormalised probability y / sum as the Rust kernel computes it: y * (1 / sum), or y / sum
+// where 1 / sum overflows (a row of subnormal probabilities would otherwise become +inf, the
+// "evicted" marker); 0 for a row that sums to 0.
+__device__ __forceinline__ float renorm_weight(float y, float sum) {
+    if (!(sum > 0.0f)) return 0.0f;
+    const float w = 1.0f / sum;
+    return isinf(w) ? y / sum : w * y;
+}
+
+// S <- alpha^q S + sum_i alpha^(q-1-i) sum_g A[g, i] / rsum[g, i] as the recurrence, one thread
+// per slot: for each new query row i, S *= alpha (alpha == 0: finite entries become 0, +inf
+// stays, the simulation's "evicted" sentinel), then S += A (renormalised by the row sums of
+// kv_rowsum when rsum != nullptr) for each query head of the group, in head order, on valid
+// slots only.
 // Grid: rows * ceil(T / ACC_THREADS) blocks, row-major over (row, tile).
 extern "C" __global__ void __launch_bounds__(ACC_THREADS)
 kv_accumulate(float* __restrict__ scores, AttnView a, const unsigned char* __restrict__ valid,
-              const float* __restrict__ inv, int kv_heads, int group, int q, int T, float alpha) {
+              const float* __restrict__ rsum, int kv_heads, int group, int q, int T, float alpha) {
     const int tiles = (T + ACC_THREADS - 1) / ACC_THREADS;
     const i64 row = blockIdx.x / tiles;
     const int j = (blockIdx.x % tiles) * ACC_THREADS + threadIdx.x;
@@ -100,11 +111,160 @@ kv_accumulate(float* __restrict__ scores, AttnView a, const unsigned char* __res
         for (int g = 0; g < group; ++g) {
             const int h = kh * group + g;
             const float y = attn_at(a.p, a.dt, b * a.sb + h * a.sh + i * a.sq + j * a.st);
-            const float w = inv ? inv[(b * q_heads + h) * q + i] : 1.0f;
-            s += w * y;
+            s += rsum ? renorm_weight(y, rsum[(b * q_heads + h) * q + i]) : y;
         }
     }
     scores[row * T + j] = s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused scoring: alpha-weighted softmax column sums from queries and keys, no (q x slots) matrix
+// ---------------------------------------------------------------------------------------------
+//
+// The semantics of rust/kvscore/fused.rs (`attention_scores`): over the newest W query rows
+// (rows [first, Lq), W = rows_needed(alpha, tol, Lq) on the host: older rows move no score by
+// more than group * tol),
+//   S <- alpha^Lq S + sum_i alpha^(Lq-1-i) sum_{g in group} softmax_j(scaling * q_{g,i} . k_j)
+// with query row i seeing slot j when key_valid[j] and key_pos[j] <= query_pos[i]; rows with
+// query_valid false, or that see nothing, add nothing. Two passes, memory O(rows x W):
+//   kv_row_stats: one block per (batch, query head, needed row): the row's max logit m and
+//                 1 / sum_j exp(l_j - m) (the log-sum-exp, split as the Rust kernel keeps it);
+//   kv_colsum:    one thread per slot, blocks over (batch * kv head, slot tile): for each needed
+//                 row and each query head of the group (the query row staged in shared memory),
+//                 adds w_i / z_i * exp(l_ij - m_i), then S = decay * S + sum (alpha = 0: finite S
+//                 becomes 0, +inf, the evicted sentinel, stays).
+// Logits are recomputed in the second pass (2x the dot products) instead of being stored: that
+// is what keeps memory at O(W) per row, never O(W x slots). float32 throughout; summation order
+// and exp differ from the Rust kernel (blocked GEMM, polynomial exp), so the two agree within
+// float32 rounding, not bit for bit. queries/keys: contiguous float32 (B, Hq, Lq, D) and
+// (B, Hkv, S, D); key_pos/key_valid (B, Hkv, S); query_pos/query_valid (B, Lq).
+
+#ifndef FUSED_THREADS
+#define FUSED_THREADS 128
+#endif
+#define FUSED_MAX_D 256  // head_dim limit (rust/cuda/kvscore.rs checks it)
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+__device__ __forceinline__ float dot_d(const float* a, const float* __restrict__ b, int d) {
+    float s = 0.0f;
+    for (int k = 0; k < d; ++k) s += a[k] * b[k];
+    return s;
+}
+
+// Max (is_max) or sum of v over the block; every thread gets the result. red holds
+// FUSED_THREADS / 32 + 1 floats of shared memory.
+__device__ float block_reduce(float v, bool is_max, float* red) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        const float o = __shfl_down_sync(0xffffffffu, v, off);
+        v = is_max ? fmaxf(v, o) : v + o;
+    }
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float x = threadIdx.x < FUSED_THREADS / 32 ? red[threadIdx.x] : (is_max ? neg_inf() : 0.0f);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) {
+            const float o = __shfl_down_sync(0xffffffffu, x, off);
+            x = is_max ? fmaxf(x, o) : x + o;
+        }
+        if (threadIdx.x == 0) red[FUSED_THREADS / 32] = x;
+    }
+    __syncthreads();
+    const float r = red[FUSED_THREADS / 32];
+    __syncthreads();  // red is reused by the next reduction
+    return r;
+}
+
+// stats[2 r] = m, stats[2 r + 1] = 1 / z for r = (b * Hq + qh) * W + (i - first); (0, 0) for a
+// row that adds nothing. Grid: B * Hq * W blocks.
+extern "C" __global__ void __launch_bounds__(FUSED_THREADS)
+kv_row_stats(const float* __restrict__ query, const float* __restrict__ keys, const i64* __restrict__ key_pos,
+             const unsigned char* __restrict__ key_valid, const i64* __restrict__ query_pos,
+             const unsigned char* __restrict__ query_valid, int q_heads, int kv_heads, int q_len, int S, int D,
+             int first, int W, float scaling, float* __restrict__ stats) {
+    __shared__ float qs[FUSED_MAX_D];
+    __shared__ float red[FUSED_THREADS / 32 + 1];
+    const i64 r = blockIdx.x;
+    const int ii = static_cast<int>(r % W);
+    const int qh = static_cast<int>((r / W) % q_heads);
+    const i64 b = r / ((i64)W * q_heads);
+    const int i = first + ii;
+    const i64 row = b * kv_heads + qh / (q_heads / kv_heads);
+    const float* qrow = query + ((b * q_heads + qh) * q_len + i) * (i64)D;
+    for (int k = threadIdx.x; k < D; k += FUSED_THREADS) qs[k] = qrow[k];
+    __syncthreads();
+    const bool qv = query_valid[b * q_len + i] != 0;
+    const i64 qp = query_pos[b * q_len + i];
+    float m = neg_inf();
+    if (qv) {
+        for (int j = threadIdx.x; j < S; j += FUSED_THREADS) {
+            if (key_valid[row * S + j] && key_pos[row * S + j] <= qp)
+                m = fmaxf(m, scaling * dot_d(qs, keys + (row * S + j) * D, D));
+        }
+    }
+    m = block_reduce(m, true, red);
+    float z = 0.0f;
+    if (qv && m > neg_inf()) {
+        for (int j = threadIdx.x; j < S; j += FUSED_THREADS) {
+            if (key_valid[row * S + j] && key_pos[row * S + j] <= qp)
+                z += expf(scaling * dot_d(qs, keys + (row * S + j) * D, D) - m);
+        }
+    }
+    z = block_reduce(z, false, red);
+    if (threadIdx.x == 0) {
+        const bool adds = qv && m > neg_inf() && z > 0.0f;
+        stats[2 * r] = adds ? m : 0.0f;
+        stats[2 * r + 1] = adds ? 1.0f / z : 0.0f;
+    }
+}
+
+// See the section comment. decay = alpha^Lq (the host's powi, as the Rust kernel). Grid:
+// B * Hkv * ceil(S / FUSED_THREADS) blocks, row-major over (row, tile).
+extern "C" __global__ void __launch_bounds__(FUSED_THREADS)
+kv_colsum(float* __restrict__ scores, const float* __restrict__ query, const float* __restrict__ keys,
+          const i64* __restrict__ key_pos, const unsigned char* __restrict__ key_valid,
+          const i64* __restrict__ query_pos, const unsigned char* __restrict__ query_valid,
+          const float* __restrict__ stats, int q_heads, int kv_heads, int q_len, int S, int D, int first, int W,
+          float scaling, float alpha, float decay) {
+    __shared__ float qs[FUSED_MAX_D];
+    const int tiles = (S + FUSED_THREADS - 1) / FUSED_THREADS;
+    const i64 row = blockIdx.x / tiles;
+    const int j = (blockIdx.x % tiles) * FUSED_THREADS + threadIdx.x;
+    const i64 b = row / kv_heads;
+    const int kh = static_cast<int>(row % kv_heads);
+    const int group = q_heads / kv_heads;
+    const bool slot = j < S && key_valid[row * S + j];
+    const i64 kp = slot ? key_pos[row * S + j] : 0;
+    const float* krow = keys + (row * S + (slot ? j : 0)) * (i64)D;
+    float acc = 0.0f;
+    float w = 1.0f;  // alpha^(Lq-1-i): the newest row first, then times alpha per older row
+    for (int ii = W - 1; ii >= 0; --ii) {
+        const int i = first + ii;
+        const bool qv = query_valid[b * q_len + i] != 0;
+        const i64 qp = query_pos[b * q_len + i];
+        for (int g = 0; g < group; ++g) {
+            const int qh = kh * group + g;
+            const float* qrow = query + ((b * q_heads + qh) * q_len + i) * (i64)D;
+            __syncthreads();
+            for (int k = threadIdx.x; k < D; k += FUSED_THREADS) qs[k] = qrow[k];
+            __syncthreads();
+            const i64 r = (b * q_heads + qh) * W + ii;
+            const float c = stats[2 * r + 1];
+            if (slot && qv && kp <= qp && c > 0.0f && w > 0.0f)
+                acc += (w * c) * expf(scaling * dot_d(qs, krow, D) - stats[2 * r]);
+        }
+        w = alpha == 0.0f ? 0.0f : w * alpha;
+    }
+    if (j >= S) return;
+    float s = scores[row * S + j];
+    if (alpha == 0.0f) {
+        if (isfinite(s)) s = 0.0f;
+    } else {
+        s *= decay;
+    }
+    scores[row * S + j] = s + acc;
 }
 
 // ---------------------------------------------------------------------------------------------

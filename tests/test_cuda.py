@@ -66,6 +66,8 @@ def test_ptx_defines_every_kernel():
         "kv_accumulate",
         "kv_select_keep",
         "kv_evict_one",
+        "kv_row_stats",
+        "kv_colsum",
     }
 
 
@@ -326,6 +328,7 @@ def _emu_build(tmp: Path, source: str) -> ctypes.CDLL:
             "-fPIC",
             f"-DEMU_{source.upper()}",
             "-DSEL_THREADS=64",
+            "-DFUSED_THREADS=64",
             "-I",
             str(tmp),
             str(tmp / "harness.cpp"),
@@ -429,6 +432,59 @@ def test_emulated_kv_accumulate(emu, dtype):
             torch.testing.assert_close(scores, want, rtol=1e-5, atol=1e-6)
         else:
             assert torch.equal(scores, want), (alpha, group)
+
+
+@needs_cxx
+def test_emulated_kv_accumulate_renormalises_subnormal_rows(emu):
+    # regression: 1 / (row sum) overflowed for rows of subnormal probabilities, giving +inf
+    fn = emu["kvscore"].emu_kv_accumulate
+    fn.argtypes = [P, P, I32, P, P, P, I32, I32, I32, I32, I32, F32]
+    for tiny in (1e-40, 1e-44, 3e-39):
+        scores, attn = torch.zeros(1, 1, 4), torch.full((1, 1, 1, 4), tiny)
+        rsum = torch.empty(1)
+        strides = torch.tensor(attn.stride(), dtype=torch.int64)
+        fn(_ptr(scores), _ptr(attn), _cuda._DTYPE_CODE[torch.float32], _ptr(strides), None, _ptr(rsum),
+           1, 1, 1, 1, 4, 0.5)
+        torch.testing.assert_close(scores, torch.full((1, 1, 4), 0.25))
+
+
+@needs_cxx
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_emulated_fused_attention_scores_match_the_rust_kernel(emu, seed):
+    """cuda/kvscore.cu's fused scoring (kv_row_stats + kv_colsum) against the Rust fused kernel
+    on seeded cases: GQA, causal prefill, a chunk over older slots out of token order with
+    invalid slots, left-padded queries, alpha 1 / 0.9 / 0.5 / 0, row skipping (tol > 0)."""
+    from forgetcore import kvscore
+
+    fn = emu["kvscore"].emu_kv_attention_scores
+    fn.argtypes = [P, P, P, P, P, P, P, P, I32, I32, I32, I32, I32, I32, I32, F32, F32, F32]
+    g = torch.Generator().manual_seed(seed)
+    for alpha, tol in [(1.0, 0.0), (0.9, 0.0), (0.5, 1e-2), (0.0, 0.0)]:   # 0.5, 1e-2: 8 of 13 rows
+        b, hkv, group, q, old, d = 2, 2, 2, 13, 9, 12    # small: every emulated thread is an OS thread
+        s = old + q
+        query = torch.randn(b, hkv * group, q, d, generator=g)
+        keys = torch.randn(b, hkv, s, d, generator=g)
+        pos = torch.stack([torch.randperm(s, generator=g) for _ in range(b * hkv)]).view(b, hkv, s)
+        valid = torch.rand(b, hkv, s, generator=g) > 0.15
+        qpos = (old + torch.arange(q)).expand(b, q).contiguous()
+        qvalid = torch.ones(b, q, dtype=torch.bool)
+        qvalid[1, :5] = False                           # left padding in the second row
+        scores = torch.rand(b, hkv, s, generator=g)
+        scores[0, 1, 3] = float("inf")                  # the evicted sentinel
+        want = kvscore.attention_scores_(scores.clone(), query, keys, 0.25, alpha, positions=pos, valid=valid,
+                                         query_positions=qpos, query_valid=qvalid, tol=tol)
+        first = q - kvscore.rows_needed(alpha, tol, q)
+        stats = torch.full((2 * b * hkv * group * (q - first),), float("nan"))
+        decay = float(torch.tensor(alpha, dtype=torch.float32) ** q)
+        got = scores.clone()
+        fn(_ptr(got), _ptr(query), _ptr(keys), _ptr(pos), _ptr(valid), _ptr(qpos), _ptr(qvalid), _ptr(stats),
+           b, hkv * group, hkv, q, s, d, first, 0.25, alpha, decay)
+        assert got[0, 1, 3] == float("inf") or alpha != 0.0
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)
+        # the kept set is the Rust kernel's (scores away from ties by far more than the tolerance)
+        budget = s // 3
+        assert torch.equal(kvscore.select_keep(got, budget, positions=pos, valid=valid),
+                           kvscore.select_keep(want, budget, positions=pos, valid=valid))
 
 
 @needs_cxx
@@ -555,6 +611,27 @@ def test_kvscore_primitives_on_cuda_equal_the_reference():
         got = kvscore.accumulate_(dev[0].clone(), attn.cuda(), 0.8, 2, renorm=renorm, valid=dev[2])
         ref = reference.kv_accumulate_(scores.clone(), attn, 0.8, 2, renorm=renorm, valid=valid)
         torch.testing.assert_close(got.cpu(), ref, rtol=1e-5, atol=1e-5)  # closed form vs recurrence
+
+
+@gpu
+@pytest.mark.parametrize("alpha, tol", [(1.0, 0.0), (0.9, 1e-7), (0.0, 0.0)])
+def test_fused_attention_scores_on_cuda_equal_the_rust_kernel(alpha, tol):
+    from forgetcore import kvscore
+
+    g = torch.Generator().manual_seed(10)
+    b, hkv, group, q, s, d = 2, 2, 3, 300, 700, 64
+    query, keys = torch.randn(b, hkv * group, q, d, generator=g), torch.randn(b, hkv, s, d, generator=g)
+    pos = torch.stack([torch.randperm(s, generator=g) for _ in range(b * hkv)]).view(b, hkv, s)
+    valid = torch.rand(b, hkv, s, generator=g) > 0.1
+    qpos = (s - q + torch.arange(q)).expand(b, q).contiguous()
+    qvalid = torch.ones(b, q, dtype=torch.bool)
+    qvalid[0, :7] = False
+    scores = torch.rand(b, hkv, s, generator=g)
+    kw = dict(positions=pos, valid=valid, query_positions=qpos, query_valid=qvalid, tol=tol)
+    want = kvscore.attention_scores_(scores.clone(), query, keys, d**-0.5, alpha, **kw)
+    got = kvscore.attention_scores_(scores.cuda(), query.cuda(), keys.cuda(), d**-0.5, alpha,
+                                    **{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+    torch.testing.assert_close(got.cpu(), want, rtol=2e-5, atol=2e-6)
 
 
 @gpu

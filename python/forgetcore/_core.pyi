@@ -152,6 +152,16 @@ def _cuda_kv_evict_one(
     out: int,
 ) -> None: ...
 
+def _cuda_kv_attention_scores_(
+    device: int,
+    stream: int,
+    ptrs: list[int],
+    dims: list[int],
+    scaling: float,
+    alpha: float,
+    tol: float,
+) -> None: ...
+
 # importance
 
 def accumulate_(

@@ -41,6 +41,7 @@ __all__ = [
     "find_invalid_importance",
     "is_available",
     "kv_accumulate_",
+    "kv_attention_scores_",
     "kv_evict_one",
     "kv_select_keep",
     "load_nvrtc",
@@ -346,6 +347,33 @@ def kv_accumulate_(scores: torch.Tensor, attn: torch.Tensor, alpha: float, group
     _call(_core._cuda_kv_accumulate_, device.index, _stream(device), scores.data_ptr(), attn.data_ptr(),
           str(attn.dtype).removeprefix("torch."), list(attn.stride()), valid_ptr,
           0 if inv is None else inv.data_ptr(), [b, kvh, group, q, t], alpha)
+    return scores
+
+
+def kv_attention_scores_(scores: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
+                         valid: torch.Tensor, query_positions: torch.Tensor, query_valid: torch.Tensor,
+                         scaling: float, alpha: float, tol: float) -> torch.Tensor:
+    """The fused scoring of ``cuda/kvscore.cu`` (``kv_row_stats`` + ``kv_colsum``): the alpha-weighted
+    softmax column sums of ``query`` over ``keys`` added to ``scores`` in place, as the Rust
+    kernel computes them (within float32 rounding), never holding a (q x slots) matrix.
+    Contiguous tensors on one device: scores float32 (B, Hkv, S), query float32 (B, Hq, Lq, D),
+    keys float32 (B, Hkv, S, D), positions/valid (B, Hkv, S), query_positions/query_valid (B, Lq).
+    Returns ``scores``."""
+    device = scores.device
+    _cuda_tensor("scores", scores, torch.float32, None)
+    for name, t, dt in [("query", query, torch.float32), ("keys", keys, torch.float32),
+                        ("positions", positions, torch.int64), ("valid", valid, torch.bool),
+                        ("query_positions", query_positions, torch.int64), ("query_valid", query_valid, torch.bool)]:
+        _cuda_tensor(name, t, dt, device)
+    b, hq, lq, d = query.shape
+    _, hkv, s = scores.shape
+    from . import kvscore  # the same row count the Rust kernel uses (scratch size)
+
+    w = kvscore.rows_needed(alpha, tol, lq)
+    stats = torch.empty(2 * b * hq * w, dtype=torch.float32, device=device)
+    ptrs = [t.data_ptr() for t in (scores, query, keys, positions, valid, query_positions, query_valid, stats)]
+    _call(_core._cuda_kv_attention_scores_, device.index, _stream(device), ptrs, [b, hq, hkv, lq, s, d],
+          scaling, alpha, tol)
     return scores
 
 

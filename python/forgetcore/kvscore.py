@@ -19,16 +19,24 @@ The primitive family behind :mod:`forgetcore.kvcache` (A2SF, H2O, RecentWindow):
 Slots carry their token ``positions`` and a ``valid`` mask (B, H, T), because a cache that
 overwrites evicted slots in place is no longer in token order and left padding puts pads
 where sinks would be: sinks are the first ``n_sink`` valid positions, the recent window the
-``n_recent`` highest, and invalid slots are never scored or kept ahead of a valid one.
+``n_recent`` highest, and invalid slots are never scored or kept ahead of a valid one. The
+valid slots of a row hold distinct positions (a cache never holds a token twice; with
+duplicates "the first" and "the most recent" are undefined): a repeat is a ``ValueError``
+naming ``positions`` (``validated=True`` skips that check on the torch paths for a caller
+that vouches for it, as the cache does; the Rust kernel's O(slots) check always runs).
+
+Bad input: none of these functions is differentiable, so inputs that require grad are
+detached (``scores`` is still written in place); NaN or inf attention, queries or keys and
+NaN scores are a ``ValueError`` naming the argument, found by a read-only pass before
+anything is written; ``scores`` sharing memory with an input it is computed from is refused.
 
 CPU tensors run the Rust kernels (rayon, GIL released), CUDA tensors the NVRTC kernels of
-``cuda/kvscore.cu`` on torch's current stream (bit-identical to Rust without ``renorm``; with
-it within float32 rounding of the row sums); other devices run ``reference.py``.
+``cuda/kvscore.cu`` on torch's current stream (``accumulate_`` bit-identical to Rust without
+``renorm``, within float32 rounding of the row sums with it; ``attention_scores_`` within
+float32 rounding: another summation order and exp); other devices run ``reference.py``.
 """
 
 from __future__ import annotations
-
-import logging
 
 import numpy as np
 import torch
@@ -39,18 +47,61 @@ __all__ = ["accumulate_", "attention_scores_", "evict_one", "rows_needed", "sele
 
 _ATTN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-log = logging.getLogger(__name__)
-_LOGGED: set[str] = set()
 
-rows_needed = reference.kv_rows_needed
+
+
+def rows_needed(alpha: float, tol: float, q_len: int) -> int:
+    """Newest query rows that can move alpha-weighted scores by more than ``tol``: the smallest W
+    with alpha^W / (1 - alpha) <= tol (``q_len`` for alpha = 1 or tol = 0; 1 for alpha = 0)."""
+    alpha = _checks.real("alpha", alpha, low=0.0, high=1.0)
+    tol = _checks.real("tol", tol, low=0.0)
+    q_len = _checks.positive_int("q_len", q_len, allow_zero=True)
+    return reference.kv_rows_needed(alpha, tol, q_len)
 
 
 def _scores(scores: torch.Tensor) -> torch.Tensor:
+    """Checked and detached (not differentiable: a scores tensor that requires grad is still
+    written in place, through a detached view of the same memory)."""
     _checks.tensor("scores", scores, dtype=torch.float32, ndim=3)
+    if scores.device.type == "meta":
+        raise ValueError(f"scores: expected a tensor that holds data (CPU, CUDA, ...), got {_checks.describe(scores)}")
     # the Rust kernels check NaN themselves (one pass, no temporary); the reference needs it here
     if _backend.choose(scores.device) != _backend.RUST and scores.numel() and bool(torch.isnan(scores).any()):
         raise ValueError("scores: expected no NaN (+inf marks evicted slots), got NaN")
-    return scores
+    return scores.detach()
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last) byte addresses that ``t``'s elements occupy."""
+    lo = t.data_ptr()
+    return lo, lo + (sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def _disjoint(scores: torch.Tensor, **inputs) -> None:
+    """Refuse an input that shares memory with ``scores`` (written in place while it is read)."""
+    if scores.numel() == 0:
+        return
+    lo, hi = _extent(scores)
+    for name, t in inputs.items():
+        if t is None or t.numel() == 0 or t.untyped_storage().data_ptr() != scores.untyped_storage().data_ptr():
+            continue
+        a, b = _extent(t)
+        if a < hi and lo < b:
+            raise ValueError(f"{name}: expected memory disjoint from scores (written in place), got an "
+                             "overlapping view; pass a copy (.clone())")
+
+
+def _unique_positions(positions: torch.Tensor, valid: torch.Tensor) -> None:
+    """The torch paths' form of the Rust kernel's check: distinct positions among valid slots."""
+    if positions.shape[-1] < 2:
+        return
+    order = positions.argsort(dim=-1, stable=True)
+    order = order.gather(-1, (~valid.gather(-1, order)).to(torch.uint8).argsort(dim=-1, stable=True))
+    p, v = positions.gather(-1, order), valid.gather(-1, order)      # valid first, by position
+    dup = (p[..., 1:] == p[..., :-1]) & v[..., 1:]
+    if bool(dup.any()):
+        raise ValueError(f"positions: expected distinct positions among the valid slots of each row, got "
+                         f"{int(p[..., 1:][dup][0])} twice")
 
 
 def _slots(scores: torch.Tensor, positions, valid):
@@ -81,7 +132,7 @@ def accumulate_(scores: torch.Tensor, attn: torch.Tensor, alpha: float, group: i
         renorm: divide each query head's row by its sum over ``valid`` slots (A2SF lm-eval).
         valid: bool (batch, kv_heads, T); invalid slots receive nothing.
     """
-    _scores(scores)
+    out, scores = scores, _scores(scores)
     alpha = _checks.real("alpha", alpha, low=0.0, high=1.0)
     group = _checks.positive_int("group", group)
     b, h, t = scores.shape
@@ -91,6 +142,9 @@ def accumulate_(scores: torch.Tensor, attn: torch.Tensor, alpha: float, group: i
                          f"got {_checks.describe(attn)}")
     if valid is not None:
         _checks.tensor("valid", valid, dtype=torch.bool, shape=(b, h, t), device=scores.device)
+        valid = valid.detach()
+    attn = attn.detach()
+    _disjoint(scores, attn=attn, valid=valid)
     backend = _backend.dispatch("kvscore.accumulate_", scores.device, cuda_kernel=True,
                                 unsupported=None if scores.is_contiguous()
                                 else f"scores is not contiguous (strides {scores.stride()})")
@@ -100,24 +154,26 @@ def accumulate_(scores: torch.Tensor, attn: torch.Tensor, alpha: float, group: i
         arr = a.numpy() if a.dtype == torch.float32 else a.view(torch.int16).numpy()
         v = None if valid is None else _checks.numpy_view(valid.contiguous())
         _core.kv_accumulate_(_checks.numpy_view(scores), arr, name, v, group, alpha, bool(renorm))
-        return scores
+        return out
     _checks.finite("attn", attn)
-    if scores.numel() and bool(torch.isnan(scores).any()):
-        raise ValueError("scores: expected no NaN (+inf marks evicted slots), got NaN")
     if backend == _backend.CUDA:
-        return _cuda.kv_accumulate_(scores, attn, alpha, group, renorm=bool(renorm),
-                                    valid=None if valid is None else valid.contiguous())
-    return reference.kv_accumulate_(scores, attn, alpha, group, renorm=renorm, valid=valid)
+        _cuda.kv_accumulate_(scores, attn, alpha, group, renorm=bool(renorm),
+                             valid=None if valid is None else valid.contiguous())
+    else:
+        reference.kv_accumulate_(scores, attn, alpha, group, renorm=renorm, valid=valid)
+    return out
 
 
 def select_keep(scores: torch.Tensor, budget: int, n_sink: int = 0, n_recent: int = 0,
-                positions: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, valid: torch.Tensor | None = None, *,
+                validated: bool = False) -> torch.Tensor:
     """The ``budget`` slots to keep per (batch, kv-head), ascending: int64 (batch, kv_heads, budget).
 
     ``budget >= T`` keeps everything (a documented no-op: returns ``arange(T)``).
-    ``budget < n_sink + n_recent`` is an error. Ties in score keep the later token.
+    ``budget < n_sink + n_recent`` is an error. Ties in score keep the later token; the valid
+    slots of a row must hold distinct positions (``validated=True``: the caller vouches).
     """
-    _scores(scores)
+    scores = _scores(scores)
     n_sink, n_recent = _counts(n_sink, n_recent)
     budget = _checks.positive_int("budget", budget, allow_zero=True)
     if budget < n_sink + n_recent:
@@ -128,6 +184,8 @@ def select_keep(scores: torch.Tensor, budget: int, n_sink: int = 0, n_recent: in
     if budget >= t:
         return torch.arange(t, device=scores.device).expand(b, h, t).clone()
     backend = _backend.dispatch("kvscore.select_keep", scores.device, cuda_kernel=True)
+    if backend != _backend.RUST and not validated:
+        _unique_positions(positions, valid)
     if backend == _backend.CUDA:
         return _cuda.kv_select_keep(scores.contiguous(), budget, n_sink, n_recent,
                                     *(None if x is None else x.contiguous() for x in given))
@@ -139,14 +197,20 @@ def select_keep(scores: torch.Tensor, budget: int, n_sink: int = 0, n_recent: in
 
 
 def evict_one(scores: torch.Tensor, n_sink: int = 0, n_recent: int = 0,
-              positions: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+              positions: torch.Tensor | None = None, valid: torch.Tensor | None = None, *,
+              validated: bool = False) -> torch.Tensor:
     """Per (batch, kv-head) the lowest-scoring valid slot that is neither sink nor recent
-    (ties: the older token), or -1 where none: int64 (batch, kv_heads)."""
-    _scores(scores)
+    (ties: the older token), or -1 where none: int64 (batch, kv_heads). The valid slots of a
+    row must hold distinct positions (``validated=True``: the caller vouches)."""
+    scores = _scores(scores)
     n_sink, n_recent = _counts(n_sink, n_recent)
+    # protecting more than every slot protects every slot: clamp, so any int reaches the kernels
+    n_sink, n_recent = min(n_sink, scores.shape[-1]), min(n_recent, scores.shape[-1])
     given = positions, valid
     positions, valid = _slots(scores, positions, valid)
     backend = _backend.dispatch("kvscore.evict_one", scores.device, cuda_kernel=True)
+    if backend != _backend.RUST and not validated:
+        _unique_positions(positions, valid)
     if backend == _backend.CUDA:
         return _cuda.kv_evict_one(scores.contiguous(), n_sink, n_recent,
                                   *(None if x is None else x.contiguous() for x in given))
@@ -186,7 +250,7 @@ def attention_scores_(scores: torch.Tensor, query: torch.Tensor, keys: torch.Ten
             (``slots - q + i``) / all valid.
         tol: absolute bound on the skipped rows' total weight (>= 0).
     """
-    _scores(scores)
+    out, scores = scores, _scores(scores)
     alpha = _checks.real("alpha", alpha, low=0.0, high=1.0)
     scaling = _checks.real("scaling", scaling)
     tol = _checks.real("tol", tol, low=0.0)
@@ -205,7 +269,10 @@ def attention_scores_(scores: torch.Tensor, query: torch.Tensor, keys: torch.Ten
     if query_valid is None:
         query_valid = torch.ones(b, q, dtype=torch.bool, device=scores.device)
     _checks.tensor("query_valid", query_valid, dtype=torch.bool, shape=(b, q), device=scores.device)
-    backend = _backend.dispatch("kvscore.attention_scores_", scores.device,
+    query, keys = query.detach(), keys.detach()
+    _disjoint(scores, query=query, keys=keys, positions=positions, valid=valid, query_positions=query_positions,
+              query_valid=query_valid)
+    backend = _backend.dispatch("kvscore.attention_scores_", scores.device, cuda_kernel=True,
                                 unsupported=None if scores.is_contiguous() else "non-contiguous scores")
     if backend == _backend.RUST:
         _core.kv_attention_scores_(
@@ -213,13 +280,14 @@ def attention_scores_(scores: torch.Tensor, query: torch.Tensor, keys: torch.Ten
             _checks.numpy_view(positions.contiguous()), _checks.numpy_view(valid.contiguous()),
             _checks.numpy_view(query_positions.contiguous()), _checks.numpy_view(query_valid.contiguous()),
             scaling, alpha, tol)
-        return scores
+        return out
     _checks.finite("query", query)
     _checks.finite("keys", keys)
-    if scores.numel() and bool(torch.isnan(scores).any()):
-        raise ValueError("scores: expected no NaN (+inf marks evicted slots), got NaN")
-    if scores.device.type not in _LOGGED:   # no CUDA kernel for this one yet: say so once
-        _LOGGED.add(scores.device.type)
-        log.info("kvscore.attention_scores_: %s tensors run the blocked torch reference", scores.device.type)
-    return reference.kv_attention_scores_(scores, query, keys, scaling, alpha, positions, valid,
-                                          query_positions, query_valid, tol=tol)
+    if backend == _backend.CUDA:
+        _cuda.kv_attention_scores_(scores, query.float().contiguous(), keys.float().contiguous(),
+                                   positions.contiguous(), valid.contiguous(), query_positions.contiguous(),
+                                   query_valid.contiguous(), scaling, alpha, tol)
+        return out
+    reference.kv_attention_scores_(scores, query, keys, scaling, alpha, positions, valid,
+                                   query_positions, query_valid, tol=tol)
+    return out

@@ -341,7 +341,8 @@ def kv_accumulate_(scores: torch.Tensor, attn: torch.Tensor, alpha: float, group
         a = a * valid[:, :, None, None, :]
     if renorm:
         total = a.sum(-1, keepdim=True)
-        a = torch.where(total > 0, a / total.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(a))
+        # a / total even for subnormal totals (a clamp would shrink such rows below summing to 1)
+        a = torch.where(total > 0, a / total, torch.zeros_like(a))
     rows = a.sum(2)  # (B, H, q, T)
     if q == 0:
         return scores

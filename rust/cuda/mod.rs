@@ -387,7 +387,8 @@ impl Drop for Current {
 fn source_of(kernel: &str) -> Option<&'static str> {
     match kernel {
         "accumulate" | "ssd_dampen" | "find_invalid" => Some("importance"),
-        "kv_accumulate" | "kv_rowsum" | "kv_select_keep" | "kv_evict_one" => Some("kvscore"),
+        "kv_accumulate" | "kv_rowsum" | "kv_select_keep" | "kv_evict_one" | "kv_row_stats"
+        | "kv_colsum" => Some("kvscore"),
         _ => None,
     }
 }
@@ -589,6 +590,8 @@ mod tests {
             "kv_rowsum",
             "kv_select_keep",
             "kv_evict_one",
+            "kv_row_stats",
+            "kv_colsum",
         ] {
             let s = source_of(k).unwrap();
             let (_, code) = SOURCES.iter().find(|(n, _)| *n == s).unwrap();

@@ -75,6 +75,104 @@ fn exp_neg(x: f32) -> f32 {
     f32::from_bits(((n as i32 + 127) as u32) << 23) * p
 }
 
+/// Query rows per block below which the logits are plain dot products, not a GEMM call.
+const FEW_ROWS: usize = 4;
+
+/// `out[j] = scaling * q . k_j` for the first `out.len()` keys (rows of `keys`, `q.len()` wide).
+#[inline(always)]
+fn logits_body(q: &[f32], keys: &[f32], out: &mut [f32], scaling: f32) {
+    let dh = q.len();
+    for (j, o) in out.iter_mut().enumerate() {
+        let k = &keys[j * dh..(j + 1) * dh];
+        // eight independent lanes: a sum the compiler may vectorise without reordering it
+        let mut l = [0.0f32; 8];
+        for (qc, kc) in q.chunks_exact(8).zip(k.chunks_exact(8)) {
+            for x in 0..8 {
+                l[x] += qc[x] * kc[x];
+            }
+        }
+        let tail = dh - dh % 8;
+        for x in tail..dh {
+            l[0] += q[x] * k[x];
+        }
+        *o = scaling * (((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7])));
+    }
+}
+
+/// One query row of logits `t` (overwritten with its probabilities): mask the slots it cannot
+/// see (`kp[j] > qp`) to -inf, subtract the max, exponentiate, and add `wi / z` times the
+/// probabilities to `acc`. A row that sees nothing adds nothing. The max and the sum run in
+/// eight lanes so that both loops vectorise (a single float accumulator cannot be reordered).
+#[inline(always)]
+fn row_body(t: &mut [f32], kp: &[i64], qp: i64, acc: &mut [f32], wi: f32) {
+    const NEG: f32 = f32::NEG_INFINITY;
+    let n = t.len() - t.len() % 8;
+    let mut mx = [NEG; 8];
+    for (tc, kc) in t[..n].chunks_exact_mut(8).zip(kp[..n].chunks_exact(8)) {
+        for l in 0..8 {
+            let v = if kc[l] <= qp { tc[l] } else { NEG };
+            tc[l] = v;
+            mx[l] = mx[l].max(v);
+        }
+    }
+    for j in n..t.len() {
+        t[j] = if kp[j] <= qp { t[j] } else { NEG };
+        mx[0] = mx[0].max(t[j]);
+    }
+    let m = mx.iter().fold(NEG, |a, &b| a.max(b));
+    if m == NEG {
+        return; // sees nothing
+    }
+    let mut zs = [0.0f32; 8];
+    for tc in t[..n].chunks_exact_mut(8) {
+        for l in 0..8 {
+            // masked slots (-inf) get exactly 0, not exp(-87)
+            let e = if tc[l] > NEG { exp_neg(tc[l] - m) } else { 0.0 };
+            tc[l] = e;
+            zs[l] += e;
+        }
+    }
+    for x in t[n..].iter_mut() {
+        *x = if *x > NEG { exp_neg(*x - m) } else { 0.0 };
+        zs[0] += *x;
+    }
+    let z = ((zs[0] + zs[1]) + (zs[2] + zs[3])) + ((zs[4] + zs[5]) + (zs[6] + zs[7]));
+    let c = wi / z;
+    acc.iter_mut().zip(t.iter()).for_each(|(a, &p)| *a += c * p);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    /// `logits_body` compiled for AVX2 (8-wide lanes; no FMA: the same roundings as portable).
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn logits(q: &[f32], keys: &[f32], out: &mut [f32], scaling: f32) {
+        super::logits_body(q, keys, out, scaling)
+    }
+    /// `row_body` compiled for AVX2 (vector round and int conversion for the exp).
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn row(t: &mut [f32], kp: &[i64], qp: i64, acc: &mut [f32], wi: f32) {
+        super::row_body(t, kp, qp, acc, wi)
+    }
+}
+
+fn logits(q: &[f32], keys: &[f32], out: &mut [f32], scaling: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { x86::logits(q, keys, out, scaling) };
+    }
+    logits_body(q, keys, out, scaling)
+}
+
+fn row_add(t: &mut [f32], kp: &[i64], qp: i64, acc: &mut [f32], wi: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { x86::row(t, kp, qp, acc, wi) };
+    }
+    row_body(t, kp, qp, acc, wi)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn check(
     scores: &[f32],
@@ -89,29 +187,9 @@ fn check(
     alpha: f32,
     tol: f32,
 ) -> Result<()> {
-    ensure(
-        d.kv_heads > 0 && d.q_heads % d.kv_heads == 0,
-        "query",
-        || {
-            format!(
-                "expected query heads to be a multiple of the {} key heads, got {}",
-                d.kv_heads, d.q_heads
-            )
-        },
-    )?;
-    ensure(
-        alpha.is_finite() && (0.0..=1.0).contains(&alpha),
-        "alpha",
-        || format!("expected a number in [0, 1], got {alpha}"),
-    )?;
-    ensure(scaling.is_finite(), "scaling", || {
-        format!("expected a finite number, got {scaling}")
-    })?;
-    ensure(tol.is_finite() && tol >= 0.0, "tol", || {
-        format!("expected a finite number >= 0, got {tol}")
-    })?;
+    super::contract::attention_scores(d, scaling, alpha, tol)?;
     let kv = d.batch * d.kv_heads * d.slots;
-    for (name, n, want) in [
+    super::contract::lengths(&[
         ("scores", scores.len(), kv),
         (
             "query",
@@ -123,23 +201,12 @@ fn check(
         ("key_valid", key_valid.len(), kv),
         ("query_pos", query_pos.len(), d.batch * d.q_len),
         ("query_valid", query_valid.len(), d.batch * d.q_len),
-    ] {
-        ensure(n == want, name, || {
-            format!("expected {want} elements for {d:?}, got {n}")
-        })?;
-    }
+    ])?;
     ensure(!scores.iter().any(|s| s.is_nan()), "scores", || {
         "expected no NaN".into()
     })?;
-    // x - x is 0 for finite x and NaN otherwise: one vectorisable pass per input
-    #[allow(clippy::eq_op)]
-    let bad = |c: &[f32]| c.iter().map(|&x| x - x).sum::<f32>() != 0.0;
-    ensure(!query.chunks(4096).any(bad), "query", || {
-        "expected finite values".into()
-    })?;
-    ensure(!keys.chunks(4096).any(bad), "keys", || {
-        "expected finite values".into()
-    })
+    // the keys are checked where they are read, through their logits (see the task)
+    super::contract::finite("query", query)
 }
 
 /// Add the alpha-weighted attention column sums of `query` over `keys` to `scores` (see the
@@ -197,6 +264,10 @@ pub fn attention_scores(
         let (kpos, kval) = (&key_pos[kr.clone()], &key_valid[kr]);
         let k = MatRef::from_row_major_slice(&keys[row * s * dh..(row + 1) * s * dh], s, dh);
         let mut acc = vec![0.0f32; s];
+        // the slot's position, or i64::MAX where invalid: visibility becomes one compare
+        let kp_eff: Vec<i64> = (0..s)
+            .map(|j| if kval[j] { kpos[j] } else { i64::MAX })
+            .collect();
         let p0 = first + part * PART;
         let p1 = (p0 + PART).min(lq);
         let mut tile = vec![0.0f32; BLOCK.min(p1 - p0) * s];
@@ -220,39 +291,36 @@ pub fn attention_scores(
             for g in 0..group {
                 let qh = kh * group + g;
                 let qoff = ((b * d.q_heads + qh) * lq + i0) * dh;
-                let qm = MatRef::from_row_major_slice(&query[qoff..qoff + nr * dh], nr, dh);
-                let tm = MatMut::from_row_major_slice_mut(&mut tile[..nr * lim], nr, lim);
-                matmul(
-                    tm,
-                    Accum::Replace,
-                    qm,
-                    k.subrows(0, lim).transpose(),
-                    scaling,
-                    Par::Seq,
-                );
+                let qs = &query[qoff..qoff + nr * dh];
+                if nr <= FEW_ROWS {
+                    // decode: a GEMM call's set-up costs more than these few dot products
+                    for (r, t) in tile[..nr * lim].chunks_exact_mut(lim).enumerate() {
+                        logits(&qs[r * dh..(r + 1) * dh], &keys[row * s * dh..], t, scaling);
+                    }
+                } else {
+                    let qm = MatRef::from_row_major_slice(qs, nr, dh);
+                    let tm = MatMut::from_row_major_slice_mut(&mut tile[..nr * lim], nr, lim);
+                    matmul(
+                        tm,
+                        Accum::Replace,
+                        qm,
+                        k.subrows(0, lim).transpose(),
+                        scaling,
+                        Par::Seq,
+                    );
+                }
+                // the keys' finiteness check, fused: a NaN or infinite key makes its logit
+                // non-finite (the query was checked), and so does a logit that overflows
+                if super::contract::finite("keys", &tile[..nr * lim]).is_err() {
+                    return Err(crate::Error::value(
+                        "keys",
+                        "expected finite keys whose logits (scaling * q . k) fit in float32",
+                    ));
+                }
                 for r in 0..nr {
                     let i = i0 + r;
                     if !query_valid[b * lq + i] {
                         continue;
-                    }
-                    let qp = query_pos[b * lq + i];
-                    let t = &mut tile[r * lim..(r + 1) * lim];
-                    // mask to -inf, then max, sum of exp, and the weighted add
-                    let mut m = f32::NEG_INFINITY;
-                    for j in 0..lim {
-                        let vis = kval[j] && kpos[j] <= qp;
-                        t[j] = if vis { t[j] } else { f32::NEG_INFINITY };
-                        m = m.max(t[j]);
-                    }
-                    if m == f32::NEG_INFINITY {
-                        continue; // sees nothing
-                    }
-                    let mut z = 0.0f32;
-                    for x in t.iter_mut() {
-                        // masked slots (-inf) get exactly 0, not exp(-87)
-                        let e = exp_neg(*x - m);
-                        *x = if *x > f32::NEG_INFINITY { e } else { 0.0 };
-                        z += *x;
                     }
                     // weight alpha^(Lq-1-i), newest row 1; alpha == 0 keeps the last row only
                     let wi = if alpha == 0.0 {
@@ -264,23 +332,30 @@ pub fn attention_scores(
                     } else {
                         alpha.powi((lq - 1 - i) as i32)
                     };
-                    let c = wi / z;
-                    acc[..lim]
-                        .iter_mut()
-                        .zip(t.iter())
-                        .for_each(|(a, &p)| *a += c * p);
+                    let t = &mut tile[r * lim..(r + 1) * lim];
+                    row_add(
+                        t,
+                        &kp_eff[..lim],
+                        query_pos[b * lq + i],
+                        &mut acc[..lim],
+                        wi,
+                    );
                 }
             }
             i0 = i1;
         }
-        acc
+        Ok(acc)
     };
     // a decode step is microseconds of work: waking the thread pool would cost more
     let small = rows * w * s * dh * group < 1 << 20;
+    // scores are written only after every task succeeded: a failed call changes nothing
     let partials: Vec<Vec<f32>> = if small {
-        (0..rows * n_parts).map(task).collect()
+        (0..rows * n_parts).map(task).collect::<Result<_>>()?
     } else {
-        (0..rows * n_parts).into_par_iter().map(task).collect()
+        (0..rows * n_parts)
+            .into_par_iter()
+            .map(task)
+            .collect::<Result<_>>()?
     };
     let finish = |(row, sc): (usize, &mut [f32])| {
         if alpha == 0.0 {
@@ -400,6 +475,44 @@ mod tests {
     }
 
     #[test]
+    fn decode_rows_take_the_dot_product_path_and_match() {
+        // q_len <= FEW_ROWS: logits by plain dot products (odd head_dim: the lane tail too),
+        // slots out of order with one invalid
+        for (q_len, dh, seed) in [(1usize, 13usize, 21u64), (3, 64, 22), (4, 8, 23)] {
+            let d = AttnDims {
+                batch: 2,
+                q_heads: 4,
+                kv_heads: 2,
+                q_len,
+                slots: 37,
+                head_dim: dh,
+            };
+            let q = rnd(d.batch * d.q_heads * q_len * dh, seed);
+            let k = rnd(d.batch * d.kv_heads * d.slots * dh, seed + 1);
+            let kpos: Vec<i64> = (0..d.batch * d.kv_heads)
+                .flat_map(|r| (0..d.slots as i64).map(move |j| (j * 7 + r as i64) % 37))
+                .collect();
+            let mut kval = vec![true; kpos.len()];
+            kval[5] = false;
+            let qpos: Vec<i64> = (0..d.batch)
+                .flat_map(|_| (0..q_len as i64).map(|i| 33 + i))
+                .collect();
+            let qval = vec![true; qpos.len()];
+            let mut s = vec![0.0f32; kpos.len()];
+            attention_scores(&mut s, &q, &k, &kpos, &kval, &qpos, &qval, d, 0.3, 0.9, 0.0).unwrap();
+            let kp_masked: Vec<i64> = kpos
+                .iter()
+                .zip(&kval)
+                .map(|(&p, &v)| if v { p } else { i64::MAX })
+                .collect();
+            let want = naive(&q, &k, &kp_masked, &qpos, d, 0.3, 0.9);
+            for (a, b) in s.iter().zip(&want) {
+                assert!((a - b).abs() < 2e-5 * (1.0 + b.abs()), "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
     fn skipped_rows_stay_within_the_bound() {
         let d = AttnDims {
             batch: 1,
@@ -467,6 +580,24 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().starts_with("alpha:"));
+        // a NaN key, and finite inputs whose logit overflows: both found where they are read
+        for (q, k) in [(1.0f32, [f32::NAN, 1.0f32]), (1e30, [1e30, 1.0])] {
+            let e = attention_scores(
+                &mut s,
+                &[q],
+                &k,
+                &[0, 0],
+                &[true; 2],
+                &[0],
+                &[true],
+                d,
+                1.0,
+                0.5,
+                0.0,
+            )
+            .unwrap_err();
+            assert!(e.to_string().starts_with("keys:"), "{e}");
+        }
         assert_eq!(s, vec![1.0, 2.0]);
     }
 }

@@ -13,10 +13,12 @@
 
 use rayon::prelude::*;
 
+pub mod contract;
 mod fused;
+pub use contract::Dtype;
 pub use fused::{attention_scores, rows_needed, AttnDims};
 
-use crate::error::{ensure, Error, Result};
+use crate::error::{ensure, Result};
 
 /// Below this many elements of work a kernel runs on the calling thread: a decode step is
 /// microseconds of work, and waking a thread pool (on a busy machine, waiting for it) costs more.
@@ -107,34 +109,12 @@ pub fn accumulate(
     alpha: f32,
     renorm: bool,
 ) -> Result<()> {
-    ensure(group >= 1, "group", || {
-        format!("expected an int >= 1, got {group}")
-    })?;
-    ensure(
-        alpha.is_finite() && (0.0..=1.0).contains(&alpha),
-        "alpha",
-        || format!("expected a number in [0, 1], got {alpha}"),
-    )?;
-    ensure(scores.len() == dims.len(), "scores", || {
-        format!(
-            "expected {} elements for {:?}, got {}",
-            dims.len(),
-            dims,
-            scores.len()
-        )
-    })?;
-    let want = dims.rows() * group * q * dims.slots;
-    ensure(attn.len() == want, "attn", || {
-        format!(
-            "expected {want} elements (batch, kv_heads*group, q, slots), got {}",
-            attn.len()
-        )
-    })?;
-    if let Some(v) = valid {
-        ensure(v.len() == dims.len(), "valid", || {
-            format!("expected {} elements, got {}", dims.len(), v.len())
-        })?;
-    }
+    contract::accumulate(dims, group, q, alpha)?;
+    contract::lengths(&[
+        ("scores", scores.len(), dims.len()),
+        ("attn", attn.len(), dims.rows() * group * q * dims.slots),
+        ("valid", valid.map_or(dims.len(), <[bool]>::len), dims.len()),
+    ])?;
     ensure(!scores.iter().any(|s| s.is_nan()), "scores", || {
         "expected no NaN".into()
     })?;
@@ -143,12 +123,10 @@ pub fn accumulate(
         return Ok(());
     }
     // Check the attention for NaN/inf before touching the scores (a failed call changes nothing).
-    // x - x is 0 for finite x and NaN otherwise: a branch-free, vectorisable check
-    #[allow(clippy::eq_op)]
-    let chunk_bad = |c: &[f32]| c.iter().map(|&x| x - x).sum::<f32>() != 0.0;
+    let chunk_bad = |c: &[f32]| contract::finite("attn", c).is_err();
     let bad = match attn {
-        Attn::F32(a) if a.len() < PAR_MIN => a.chunks(4096).any(chunk_bad),
-        Attn::F32(a) => a.par_chunks(1 << 16).any(|c| c.chunks(4096).any(chunk_bad)),
+        Attn::F32(a) if a.len() < PAR_MIN => chunk_bad(a),
+        Attn::F32(a) => a.par_chunks(1 << 16).any(chunk_bad),
         _ if attn.len() < PAR_MIN => (0..attn.len()).any(|i| !attn.get(i).is_finite()),
         _ => (0..attn.len())
             .into_par_iter()
@@ -159,10 +137,14 @@ pub fn accumulate(
     })?;
     let body = |(row, s): (usize, &mut [f32])| {
         let v = valid.map(|v| &v[row * t..(row + 1) * t]);
+        // per head of the group: multiply by inv[g], then divide by div[g] (1 unless 1 / sum
+        // overflows: a row of subnormal probabilities must renormalise to finite values, not to
+        // +inf, the "evicted" marker)
         let mut inv = vec![1.0f32; group];
+        let mut div = vec![1.0f32; group];
         for i in 0..q {
             if renorm {
-                for (g, w) in inv.iter_mut().enumerate() {
+                for g in 0..group {
                     let base = ((row * group + g) * q + i) * t;
                     let mut sum = 0.0f32;
                     for j in 0..t {
@@ -170,7 +152,14 @@ pub fn accumulate(
                             sum += attn.get(base + j);
                         }
                     }
-                    *w = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+                    let w = 1.0 / sum;
+                    (inv[g], div[g]) = if sum <= 0.0 {
+                        (0.0, 1.0)
+                    } else if w.is_infinite() {
+                        (1.0, sum)
+                    } else {
+                        (w, 1.0)
+                    };
                 }
             }
             if alpha == 0.0 {
@@ -181,11 +170,11 @@ pub fn accumulate(
             #[allow(clippy::needless_range_loop)] // g also indexes attn's rows
             for g in 0..group {
                 let base = ((row * group + g) * q + i) * t;
-                let w = inv[g];
+                let (w, dv) = (inv[g], div[g]);
                 // the first head of the group carries the decay, fused into one pass over s
                 let decay = if g == 0 && alpha != 0.0 { alpha } else { 1.0 };
                 match (attn, v) {
-                    (Attn::F32(a), None) => {
+                    (Attn::F32(a), None) if dv == 1.0 => {
                         let a = &a[base..base + t];
                         s.iter_mut()
                             .zip(a)
@@ -194,7 +183,8 @@ pub fn accumulate(
                     _ => {
                         for j in 0..t {
                             let add = if v.is_none_or(|v| v[j]) {
-                                w * attn.get(base + j)
+                                // dv == 1 unless renormalising a subnormal row: exact no-op
+                                w * attn.get(base + j) / dv
                             } else {
                                 0.0
                             };
@@ -213,19 +203,33 @@ pub fn accumulate(
     Ok(())
 }
 
+/// Lengths, no NaN score, and distinct positions among each row's valid slots (see
+/// [`contract::unique_positions`]): a read-only pass before any selection.
 fn check_select(scores: &[f32], positions: &[i64], valid: &[bool], dims: Dims) -> Result<()> {
-    for (name, n) in [
-        ("scores", scores.len()),
-        ("positions", positions.len()),
-        ("valid", valid.len()),
-    ] {
-        ensure(n == dims.len(), name, || {
-            format!("expected {} elements for {:?}, got {n}", dims.len(), dims)
-        })?;
-    }
+    contract::lengths(&[
+        ("scores", scores.len(), dims.len()),
+        ("positions", positions.len(), dims.len()),
+        ("valid", valid.len(), dims.len()),
+    ])?;
     ensure(!scores.iter().any(|s| s.is_nan()), "scores", || {
         "expected no NaN".into()
-    })
+    })?;
+    let t = dims.slots;
+    if t == 0 {
+        return Ok(());
+    }
+    let row = |scratch: &mut Vec<u64>, r: usize| {
+        let rr = r * t..(r + 1) * t;
+        contract::unique_positions(&positions[rr.clone()], &valid[rr], scratch)
+    };
+    if dims.len() < PAR_MIN {
+        let mut scratch = Vec::new();
+        (0..dims.rows()).try_for_each(|r| row(&mut scratch, r))
+    } else {
+        (0..dims.rows())
+            .into_par_iter()
+            .try_for_each_init(Vec::new, row)
+    }
 }
 
 /// Per row: which slots are protected (sinks, recent) and which are candidates.
@@ -274,7 +278,7 @@ fn better(s: &[f32], pos: &[i64], a: usize, b: usize) -> std::cmp::Ordering {
 }
 
 /// The `budget` slots to keep in each (batch, kv-head) row, ascending slot order, written to
-/// `out` (batch, kv_heads, budget). Valid sinks and recent tokens first, then the highest
+/// `out` (batch, kv_heads, budget). The valid slots of a row must hold distinct positions. Valid sinks and recent tokens first, then the highest
 /// scores among the other valid slots; a row with fewer valid slots than `budget` keeps all
 /// of them and pads with its lowest invalid slots (the caller's validity keeps them masked).
 #[allow(clippy::too_many_arguments)]
@@ -288,19 +292,8 @@ pub fn select_keep(
     n_recent: usize,
     out: &mut [i64],
 ) -> Result<()> {
+    contract::select_keep(dims, budget, n_sink, n_recent)?;
     check_select(scores, positions, valid, dims)?;
-    ensure(budget <= dims.slots, "budget", || {
-        format!(
-            "expected at most the {} cached slots, got {budget}",
-            dims.slots
-        )
-    })?;
-    ensure(n_sink + n_recent <= budget, "budget", || {
-        format!(
-            "expected at least n_sink + n_recent = {}, got {budget}",
-            n_sink + n_recent
-        )
-    })?;
     ensure(out.len() == dims.rows() * budget, "out", || {
         format!(
             "expected {} elements, got {}",
@@ -358,6 +351,7 @@ pub fn select_keep(
 /// Step-wise eviction: per (batch, kv-head) row the one slot to evict, the lowest score among
 /// the valid slots that are neither sinks nor recent (ties: the older token), or -1 where no
 /// slot is evictable. O(slots) per row; the caller overwrites that slot with the next token.
+/// The valid slots of a row must hold distinct positions (so the choice is unique).
 pub fn evict_one(
     scores: &[f32],
     positions: &[i64],
@@ -367,6 +361,7 @@ pub fn evict_one(
     n_recent: usize,
     out: &mut [i64],
 ) -> Result<()> {
+    contract::evict_one(dims)?;
     check_select(scores, positions, valid, dims)?;
     ensure(out.len() == dims.rows(), "out", || {
         format!("expected {} elements, got {}", dims.rows(), out.len())
@@ -392,14 +387,6 @@ pub fn evict_one(
             .for_each_init(|| (vec![false; t], Vec::with_capacity(t)), body);
     }
     Ok(())
-}
-
-/// Type-checks shared with the bindings: name the dtype that came.
-pub fn unsupported_dtype(arg: &str, got: &str) -> Error {
-    Error::type_(
-        arg,
-        format!("expected float32, float16 or bfloat16, got {got}"),
-    )
 }
 
 #[cfg(test)]

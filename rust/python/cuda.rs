@@ -177,7 +177,7 @@ fn cuda_kv_accumulate_(
 ) -> PyResult<()> {
     let view = kvscore::AttnView {
         ptr: attn,
-        dtype: kvscore::Dtype::parse(attn_dtype)? as i32,
+        dtype: attn_dtype.parse::<kvscore::Dtype>()? as i32,
         strides: attn_strides,
     };
     let [batch, kv_heads, group, q, slots] = shape;
@@ -243,6 +243,35 @@ fn cuda_kv_evict_one(
     })?)
 }
 
+/// Fused scoring; ``ptrs`` = scores, query, keys, key_pos, key_valid, query_pos, query_valid,
+/// stats; ``dims`` = batch, q_heads, kv_heads, q_len, slots, head_dim.
+#[pyfunction(name = "_cuda_kv_attention_scores_")]
+#[allow(clippy::too_many_arguments)]
+fn cuda_kv_attention_scores_(
+    py: Python<'_>,
+    device: i32,
+    stream: u64,
+    ptrs: [u64; 8],
+    dims: [usize; 6],
+    scaling: f32,
+    alpha: f32,
+    tol: f32,
+) -> PyResult<()> {
+    let [batch, q_heads, kv_heads, q_len, slots, head_dim] = dims;
+    let d = crate::kvscore::AttnDims {
+        batch,
+        q_heads,
+        kv_heads,
+        q_len,
+        slots,
+        head_dim,
+    };
+    // SAFETY: forgetcore._cuda passes pointers of live contiguous CUDA tensors of these shapes.
+    Ok(py.detach(|| unsafe {
+        kvscore::attention_scores(device, stream, ptrs, d, scaling, alpha, tol)
+    })?)
+}
+
 /// Attach a function under its (underscore) name without listing it in `__all__`.
 fn private<'py>(m: &Bound<'py, PyModule>, f: Bound<'py, pyo3::types::PyCFunction>) -> PyResult<()> {
     let name: String = f.getattr("__name__")?.extract()?;
@@ -266,5 +295,6 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     private(m, wrap_pyfunction!(cuda_kv_accumulate_, m)?)?;
     private(m, wrap_pyfunction!(cuda_kv_select_keep, m)?)?;
     private(m, wrap_pyfunction!(cuda_kv_evict_one, m)?)?;
+    private(m, wrap_pyfunction!(cuda_kv_attention_scores_, m)?)?;
     Ok(())
 }

@@ -1,13 +1,65 @@
 //! Bindings for `crate::kvscore`: numpy in (zero-copy), GIL released around the kernels.
+//!
+//! Arrays come in as plain objects and are borrowed here with the fallible calls (a wrong dtype
+//! is a `TypeError`, an array that another argument also borrows a `ValueError`, each naming the
+//! argument), never through numpy's extraction, which panics on a borrow conflict. Every check
+//! of values and shapes is the kernels' own (`crate::kvscore::contract`).
 
 use numpy::{
-    IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods,
+    Element, IntoPyArray, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn,
+    PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 
 use super::{as_slice, as_slice_mut, detached};
-use crate::kvscore::{self, Attn, AttnDims, Dims};
+use crate::kvscore::{self, contract, Attn, AttnDims, Dims, Dtype};
 use crate::Error;
+
+fn array<'a, 'py, T: Element>(
+    obj: &'a Bound<'py, PyAny>,
+    arg: &str,
+) -> PyResult<&'a Bound<'py, PyArrayDyn<T>>> {
+    obj.cast::<PyArrayDyn<T>>().map_err(|_| {
+        let got = obj
+            .getattr("dtype")
+            .map_or_else(|_| obj.get_type().to_string(), |d| d.to_string());
+        Error::type_(
+            arg,
+            format!(
+                "expected a numpy array of {}, got {got}",
+                std::any::type_name::<T>()
+            ),
+        )
+        .into()
+    })
+}
+
+/// Borrow `obj` for reading, or name `arg` (wrong type; shares memory with a written array).
+fn ro<'py, T: Element>(obj: &Bound<'py, PyAny>, arg: &str) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
+    array::<T>(obj, arg)?.try_readonly().map_err(|e| {
+        Error::value(
+            arg,
+            format!("expected an array that shares no memory with an array written in place ({e})"),
+        )
+        .into()
+    })
+}
+
+/// Borrow `obj` for writing, or name `arg`; call before the read-only borrows.
+fn rw<'py, T: Element>(
+    obj: &Bound<'py, PyAny>,
+    arg: &str,
+) -> PyResult<PyReadwriteArrayDyn<'py, T>> {
+    array::<T>(obj, arg)?.try_readwrite().map_err(|e| {
+        Error::value(
+            arg,
+            format!(
+                "expected a writable array that shares no memory with the other arguments ({e})"
+            ),
+        )
+        .into()
+    })
+}
 
 fn dims3(shape: &[usize], arg: &str) -> PyResult<Dims> {
     match shape {
@@ -46,48 +98,58 @@ fn same_shape(shape: &[usize], want: &Dims, arg: &str) -> PyResult<()> {
 #[allow(clippy::too_many_arguments)]
 fn kv_accumulate_(
     py: Python<'_>,
-    mut scores: PyReadwriteArrayDyn<'_, f32>,
+    scores: &Bound<'_, PyAny>,
     attn: &Bound<'_, PyAny>,
     attn_dtype: &str,
-    valid: Option<PyReadonlyArrayDyn<'_, bool>>,
+    valid: Option<&Bound<'_, PyAny>>,
     group: usize,
     alpha: f32,
     renorm: bool,
 ) -> PyResult<()> {
+    let dtype: Dtype = attn_dtype.parse()?;
+    let mut scores = rw::<f32>(scores, "scores")?;
     let dims = dims3(scores.shape(), "scores")?;
+    let valid = valid.map(|v| ro::<bool>(v, "valid")).transpose()?;
     if let Some(v) = &valid {
         same_shape(v.shape(), &dims, "valid")?;
     }
     let (a32, a16);
-    let (ashape, view): (Vec<usize>, Attn<'_>) = match attn_dtype {
-        "float32" => {
-            a32 = attn.extract::<PyReadonlyArrayDyn<'_, f32>>()?;
+    let (ashape, view): (Vec<usize>, Attn<'_>) = match dtype {
+        Dtype::F32 => {
+            a32 = ro::<f32>(attn, "attn")?;
             (a32.shape().to_vec(), Attn::F32(as_slice(&a32, "attn")?))
         }
-        "float16" | "bfloat16" => {
-            a16 = attn.extract::<PyReadonlyArrayDyn<'_, i16>>()?;
+        Dtype::F16 | Dtype::Bf16 => {
+            a16 = ro::<i16>(attn, "attn")?;
             let s = as_slice(&a16, "attn")?;
-            // i16 and u16 have the same layout; the kernel reads raw bits
+            // SAFETY: i16 and u16 have the same size and alignment; the kernel reads raw bits
             let bits: &[u16] =
                 unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u16, s.len()) };
-            let v = if attn_dtype == "float16" {
+            let v = if dtype == Dtype::F16 {
                 Attn::F16(bits)
             } else {
                 Attn::Bf16(bits)
             };
             (a16.shape().to_vec(), v)
         }
-        other => return Err(kvscore::unsupported_dtype("attn", other).into()),
     };
     let q = match ashape.as_slice() {
-        [b, hq, q, t] if *b == dims.batch && *hq == dims.heads * group && *t == dims.slots => *q,
+        [b, hq, q, t]
+            if *b == dims.batch
+                && Some(*hq) == dims.heads.checked_mul(group)
+                && *t == dims.slots =>
+        {
+            *q
+        }
         _ => {
-            let (b, hq, t) = (dims.batch, dims.heads * group, dims.slots);
+            let (b, t) = (dims.batch, dims.slots);
+            let hq = dims.heads as u128 * group as u128;
             let want =
                 format!("expected shape ({b}, {hq}, q, {t}) (batch, kv_heads*group, q, slots)");
             return Err(Error::value("attn", format!("{want}, got {ashape:?}")).into());
         }
     };
+    contract::accumulate(dims, group, q, alpha)?;
     let vs = match &valid {
         Some(v) => Some(as_slice(v, "valid")?),
         None => None,
@@ -103,22 +165,29 @@ fn kv_accumulate_(
 #[pyfunction]
 fn kv_select_keep<'py>(
     py: Python<'py>,
-    scores: PyReadonlyArrayDyn<'py, f32>,
-    positions: PyReadonlyArrayDyn<'py, i64>,
-    valid: PyReadonlyArrayDyn<'py, bool>,
+    scores: &Bound<'py, PyAny>,
+    positions: &Bound<'py, PyAny>,
+    valid: &Bound<'py, PyAny>,
     budget: usize,
     n_sink: usize,
     n_recent: usize,
 ) -> PyResult<Bound<'py, PyArrayDyn<i64>>> {
+    let (scores, positions, valid) = (
+        ro::<f32>(scores, "scores")?,
+        ro::<i64>(positions, "positions")?,
+        ro::<bool>(valid, "valid")?,
+    );
     let dims = dims3(scores.shape(), "scores")?;
     same_shape(positions.shape(), &dims, "positions")?;
     same_shape(valid.shape(), &dims, "valid")?;
+    // before the output is allocated: budget <= slots bounds it by the inputs' size
+    contract::select_keep(dims, budget, n_sink, n_recent)?;
     let (s, p, v) = (
         as_slice(&scores, "scores")?,
         as_slice(&positions, "positions")?,
         as_slice(&valid, "valid")?,
     );
-    let mut out = vec![0i64; dims.batch * dims.heads * budget.min(dims.slots)];
+    let mut out = vec![0i64; dims.batch * dims.heads * budget];
     detached(py, || {
         kvscore::select_keep(s, p, v, dims, budget, n_sink, n_recent, &mut out)
     })?;
@@ -131,15 +200,21 @@ fn kv_select_keep<'py>(
 #[pyfunction]
 fn kv_evict_one<'py>(
     py: Python<'py>,
-    scores: PyReadonlyArrayDyn<'py, f32>,
-    positions: PyReadonlyArrayDyn<'py, i64>,
-    valid: PyReadonlyArrayDyn<'py, bool>,
+    scores: &Bound<'py, PyAny>,
+    positions: &Bound<'py, PyAny>,
+    valid: &Bound<'py, PyAny>,
     n_sink: usize,
     n_recent: usize,
 ) -> PyResult<Bound<'py, PyArrayDyn<i64>>> {
+    let (scores, positions, valid) = (
+        ro::<f32>(scores, "scores")?,
+        ro::<i64>(positions, "positions")?,
+        ro::<bool>(valid, "valid")?,
+    );
     let dims = dims3(scores.shape(), "scores")?;
     same_shape(positions.shape(), &dims, "positions")?;
     same_shape(valid.shape(), &dims, "valid")?;
+    contract::evict_one(dims)?;
     let (s, p, v) = (
         as_slice(&scores, "scores")?,
         as_slice(&positions, "positions")?,
@@ -161,17 +236,27 @@ fn kv_evict_one<'py>(
 #[allow(clippy::too_many_arguments)]
 fn kv_attention_scores_(
     py: Python<'_>,
-    mut scores: PyReadwriteArrayDyn<'_, f32>,
-    query: PyReadonlyArrayDyn<'_, f32>,
-    keys: PyReadonlyArrayDyn<'_, f32>,
-    key_pos: PyReadonlyArrayDyn<'_, i64>,
-    key_valid: PyReadonlyArrayDyn<'_, bool>,
-    query_pos: PyReadonlyArrayDyn<'_, i64>,
-    query_valid: PyReadonlyArrayDyn<'_, bool>,
+    scores: &Bound<'_, PyAny>,
+    query: &Bound<'_, PyAny>,
+    keys: &Bound<'_, PyAny>,
+    key_pos: &Bound<'_, PyAny>,
+    key_valid: &Bound<'_, PyAny>,
+    query_pos: &Bound<'_, PyAny>,
+    query_valid: &Bound<'_, PyAny>,
     scaling: f32,
     alpha: f32,
     tol: f32,
 ) -> PyResult<()> {
+    let mut scores = rw::<f32>(scores, "scores")?;
+    let (query, keys) = (ro::<f32>(query, "query")?, ro::<f32>(keys, "keys")?);
+    let (key_pos, key_valid) = (
+        ro::<i64>(key_pos, "key_pos")?,
+        ro::<bool>(key_valid, "key_valid")?,
+    );
+    let (query_pos, query_valid) = (
+        ro::<i64>(query_pos, "query_pos")?,
+        ro::<bool>(query_valid, "query_valid")?,
+    );
     let sd = dims3(scores.shape(), "scores")?;
     let d = match (query.shape(), keys.shape()) {
         ([b, hq, lq, dq], [bk, hk, sk, dk])
@@ -210,6 +295,7 @@ fn kv_attention_scores_(
             return Err(Error::value(name, msg).into());
         }
     }
+    contract::attention_scores(d, scaling, alpha, tol)?;
     let (q, k, kp, kv, qp, qv) = (
         as_slice(&query, "query")?,
         as_slice(&keys, "keys")?,

@@ -35,6 +35,25 @@ extern "C" void emu_kv_accumulate(float* scores, const void* attn, int dt, const
                [=] { kv_accumulate(scores, a, valid, inv, kv_heads, group, q, T, alpha); });
 }
 
+// rust/cuda/kvscore.rs `attention_scores`: stats holds 2 * batch * q_heads * W floats.
+extern "C" void emu_kv_attention_scores(float* scores, const float* query, const float* keys, const i64* key_pos,
+                                        const unsigned char* key_valid, const i64* query_pos,
+                                        const unsigned char* query_valid, float* stats, int batch, int q_heads,
+                                        int kv_heads, int q_len, int S, int D, int first, float scaling,
+                                        float alpha, float decay) {
+    const int W = q_len - first;
+    if (W <= 0 || S == 0) return;
+    emu_launch((i64)batch * q_heads * W, FUSED_THREADS, 0, [=] {
+        kv_row_stats(query, keys, key_pos, key_valid, query_pos, query_valid, q_heads, kv_heads, q_len, S, D, first,
+                     W, scaling, stats);
+    });
+    const i64 tiles = (S + FUSED_THREADS - 1) / FUSED_THREADS;
+    emu_launch((i64)batch * kv_heads * tiles, FUSED_THREADS, 0, [=] {
+        kv_colsum(scores, query, keys, key_pos, key_valid, query_pos, query_valid, stats, q_heads, kv_heads, q_len,
+                  S, D, first, W, scaling, alpha, decay);
+    });
+}
+
 extern "C" void emu_kv_select_keep(const float* s, const i64* pos, const unsigned char* valid, i64 rows, int T,
                                    int budget, int n_sink, int n_recent, i64* out) {
     if (budget == 0) return;

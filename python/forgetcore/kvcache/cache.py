@@ -225,13 +225,15 @@ class KVCache(Cache):
         if n_valid <= budget:
             return
         if step and n_valid == budget + 1:
-            ev = kvscore.evict_one(lay.scores, n_sink, n_recent, lay.pos, lay.valid).to(lay.pos.device)  # (B, H)
+            ev = kvscore.evict_one(lay.scores, n_sink, n_recent, lay.pos, lay.valid,
+                                   validated=True).to(lay.pos.device)  # (B, H)
             rows = (lay.valid.sum(-1) > budget) & (ev >= 0)   # rows under budget keep everything
             e = torch.where(rows, ev, torch.zeros_like(ev))[..., None]
             lay.valid.scatter_(-1, e, lay.valid.gather(-1, e) & ~rows[..., None])
             lay.pos.scatter_(-1, e, torch.where(rows[..., None], torch.full_like(e, -1), lay.pos.gather(-1, e)))
             return
-        keep = kvscore.select_keep(lay.scores, budget, n_sink, n_recent, lay.pos, lay.valid).to(lay.keys.device)
+        keep = kvscore.select_keep(lay.scores, budget, n_sink, n_recent, lay.pos, lay.valid,
+                                    validated=True).to(lay.keys.device)
         d, dv = lay.keys.shape[-1], lay.values.shape[-1]
         lay.keys = lay.keys.gather(2, keep[..., None].expand(*keep.shape, d))
         lay.values = lay.values.gather(2, keep[..., None].expand(*keep.shape, dv))
