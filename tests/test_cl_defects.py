@@ -72,9 +72,9 @@ def test_fot_weighted_passes_sample_fractions(monkeypatch):
     seen = []
     real = fot_mod.server_step
 
-    def spy(g, c, b, *, client_fractions=None):
+    def spy(g, c, b, *, client_fractions=None, **kw):
         seen.append(client_fractions)
-        return real(g, c, b, client_fractions=client_fractions)
+        return real(g, c, b, client_fractions=client_fractions, **kw)
 
     monkeypatch.setattr(fot_mod, "server_step", spy)
     sc = scenarios.split("digits", n_tasks=5, mode="class", seed=0)
