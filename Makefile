@@ -20,7 +20,7 @@ PYTEST_ARGS ?=
 MYPY_FILES = $(addprefix python/forgetcore/,_backend.py _checks.py replay.py power_law.py replay_samplers.py \
 	importance.py fisher.py subspace.py kvscore.py spectral.py reference.py)
 
-.PHONY: all build install demo test lint test-rust typecheck stubtest test-python test-slow bench bench-quick bench-rust wheel
+.PHONY: all build install demo test lint test-rust typecheck stubtest test-python test-slow fuzz bench bench-quick bench-rust wheel
 .PHONY: clean
 
 all: test
@@ -68,6 +68,15 @@ PROPTEST_SLOW_CASES ?= 4096
 test-slow: build
 	PYTHONPATH=python $(PY) -m pytest -m slow_ci --durations=25 $(PYTEST_ARGS) || [ $$? -eq 5 ]
 	PROPTEST_CASES=$(PROPTEST_SLOW_CASES) cargo test --release --quiet --lib -- importance:: subspace::
+
+# cargo-fuzz on the kernel crate's entry points (fuzz/): no panic on any input, and an error
+# leaves every output buffer unchanged. Needs a nightly toolchain and cargo-fuzz
+# (`rustup toolchain install nightly`, `cargo install cargo-fuzz`); outside CI.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= importance subspace kvscore replay
+fuzz:
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  cargo +nightly fuzz run -O $$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 || exit 1; done
 
 # Every benches/bench_*.py in one run, ending with one summary table: each ratio, its target,
 # met or missed (run it alone on the machine: the triad and load average are printed with it).

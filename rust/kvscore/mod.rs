@@ -302,7 +302,9 @@ pub fn select_keep(
         )
     })?;
     let t = dims.slots;
-    if budget == 0 {
+    // No rows (an empty batch or no heads): nothing to select, and no per-row scratch of
+    // `slots` entries to allocate (an empty tensor may declare any number of slots).
+    if budget == 0 || dims.rows() == 0 {
         return Ok(());
     }
     let body = |(keep, scratch): &mut (Vec<bool>, Vec<usize>), (row, o): (usize, &mut [i64])| {
@@ -367,6 +369,9 @@ pub fn evict_one(
         format!("expected {} elements, got {}", dims.rows(), out.len())
     })?;
     let t = dims.slots;
+    if dims.rows() == 0 {
+        return Ok(()); // as in select_keep: no rows, no scratch
+    }
     let body = |(keep, scratch): &mut (Vec<bool>, Vec<usize>), (row, o): (usize, &mut i64)| {
         let r = row * t..(row + 1) * t;
         let (s, pos, val) = (&scores[r.clone()], &positions[r.clone()], &valid[r]);
@@ -400,6 +405,15 @@ mod tests {
             heads: h,
             slots: t,
         }
+    }
+
+    #[test]
+    fn no_rows_allocate_nothing_whatever_the_slots() {
+        // Found by the fuzz target: an empty batch declaring 2^50 slots made the per-row
+        // scratch allocate 2^50 entries (an abort, not an error).
+        let dims = d(0, 1, 1 << 50);
+        select_keep(&[], &[], &[], dims, 4, 0, 0, &mut []).unwrap();
+        evict_one(&[], &[], &[], dims, 0, 0, &mut []).unwrap();
     }
 
     #[test]
