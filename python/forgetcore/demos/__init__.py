@@ -54,7 +54,8 @@ DEMOS: dict[str, Demo] = {
     "unlearn": Demo("unlearning", "SSD, IAU, GS-LoRA(++), random labels vs Retrain/Finetune/GradientAscent, "
                     "with MIA; SafeEraser, CUPID and memorisation studies",
                     (Option("--iau-gr", "train IAU its gradient-restricted original (slower)"),)),
-    "kv": Demo("kvcache", "KV-cache eviction on SmolLM2: A2SF, H2O, RecentWindow; every press on passkey retrieval"),
+    "kv": Demo("kvcache", "KV-cache eviction on SmolLM2: A2SF, H2O, RecentWindow; every press on passkey retrieval "
+                          "(at most 18 minutes on 2 cores; --quick about 1.5)"),
     "subspace": Demo("subspace", "Permuted-Digits: GPM vs Finetune vs ER; federated FOT vs FedAvg",
                      (Option("--flower", "also run FOT on Flower's deployment engine on localhost "
                              "(1 SuperLink, 2 SuperNodes; needs forgetcore[fl])"),), jobs=True),
