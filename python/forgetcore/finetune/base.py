@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .. import _checks
+
 __all__ = ["FinetuneCallback", "FinetuneMethod", "FinetunePlugin", "check_state", "trainable_parameters"]
 
 
@@ -36,12 +38,8 @@ def check_state(state: Any, need: set[str], ints: dict[str, int] = {}) -> None: 
     if not isinstance(state, dict) or not need <= state.keys():
         got = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"state: expected keys {sorted(need)}, got {got}")
-    for key, low in ints.items():
-        v = state[key]
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"state: {key} must be an int, got {type(v).__name__}")
-        if v < low:
-            raise ValueError(f"state: {key} must be >= {low}, got {v}")
+    for key, low in ints.items():  # seeds reach 2**64 - 1, as `_checks.seed` allows
+        _checks.state_int(f"state[{key!r}]", state[key], low=low, high=2**64 - 1)
 
 
 class FinetuneMethod:
